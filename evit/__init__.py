@@ -1,0 +1,1 @@
+"""EViT: token reorganization for vision transformers (Liang et al., ICLR 2022)."""
