@@ -1,0 +1,26 @@
+"""The `evit` command line. Each module contributes its subcommands through `add_commands(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `add_commands(subparsers)`; each subparser sets `func` to a callable taking the args.
+COMMAND_MODULES = ("evit.benchmark",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
