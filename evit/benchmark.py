@@ -1,0 +1,275 @@
+"""MACs and inference throughput of DeiT / EViT models (`evit macs`, `evit bench`).
+
+Models are named by spec strings: a timm model name, optionally followed by `:key=value,...` keyword
+arguments for `timm.create_model`, e.g. `evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import platform
+import re
+import socket
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import timm
+import torch
+import yaml
+from torch import nn
+
+import evit  # noqa: F401  (registers the EViT models)
+from evit.models import EViT, num_kept
+
+PAPER_MACS_SPECS = [
+    "deit_small_patch16_224",
+    *[f"evit_deit_small_patch16_224:keep_rate={r},fuse_token=true" for r in (0.9, 0.8, 0.7, 0.6, 0.5)],
+    "evit_deit_small_patch16_272:keep_rate=0.7,fuse_token=true",
+    "evit_deit_small_patch16_288:keep_rate=0.6,fuse_token=true",
+    "evit_deit_small_patch16_304:keep_rate=0.5,fuse_token=true",
+    "deit_base_patch16_224",
+    "evit_deit_base_patch16_224:keep_rate=0.7,fuse_token=true",
+]
+DEFAULT_BENCH_SPECS = [
+    "deit_small_patch16_224",
+    "evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true",
+    "evit_deit_small_patch16_224:keep_rate=0.5,fuse_token=true",
+]
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """`arch[:key=value,...]` -> (arch, kwargs); values are parsed as YAML (numbers, booleans, lists)."""
+    arch, _, rest = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad model spec {spec!r}: expected key=value, got {item!r}")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    if arch not in timm.list_models():
+        raise ValueError(f"bad model spec {spec!r}: unknown timm model {arch!r}")
+    return arch, kwargs
+
+
+def create_model(spec: str, **overrides) -> nn.Module:
+    arch, kwargs = parse_model_spec(spec)
+    return timm.create_model(arch, **{**kwargs, **overrides})
+
+
+class BlockTokens(NamedTuple):
+    attn: int  # tokens into attention, CLS (and any earlier fused token) included
+    mlp: int  # tokens into the MLP
+    reorganized: bool
+    fused: bool
+
+
+def token_counts(model: nn.Module, keep_rate: float | None = None) -> list[BlockTokens]:
+    """Token counts per block of a timm ViT or EViT, at its own keep rate or the given override."""
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    counts = []
+    for block in model.blocks:
+        n_attn, reorganized, fused = n, False, False
+        if isinstance(model, EViT):
+            rate = block.keep_rate if (keep_rate is None or block.keep_rate >= 1) else keep_rate
+            k = num_kept(n - 1, rate)
+            if k < n - 1:
+                reorganized, fused = True, block.fuse_token
+                n = 1 + k + int(fused)
+        counts.append(BlockTokens(n_attn, n, reorganized, fused))
+    return counts
+
+
+def count_macs(model: nn.Module, keep_rate: float | None = None) -> int:
+    """Multiply-accumulates of one image's forward pass, attention matmuls included.
+
+    Analytic, for timm ViTs and EViT: patch embedding, qkv/proj/MLP linears, QK^T and AV, the CLS
+    attention row and the fused token in reorganizing blocks, and the head.
+    """
+    pe = model.patch_embed.proj
+    macs = model.patch_embed.num_patches * pe.out_channels * pe.in_channels * math.prod(pe.kernel_size)
+    dim = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    for t in token_counts(model, keep_rate):
+        macs += t.attn * 4 * dim * dim + 2 * t.attn * t.attn * dim  # qkv + proj; QK^T + AV
+        if t.reorganized:
+            macs += t.attn * dim  # the CLS attention row
+        if t.fused:
+            macs += (t.attn - 1) * dim  # the fused token's weighted sum
+        macs += t.mlp * 2 * dim * hidden
+    if isinstance(model.head, nn.Linear):
+        macs += model.head.in_features * model.head.out_features
+    return macs
+
+
+def macs_table(specs: list[str]) -> pd.DataFrame:
+    rows = []
+    for spec in specs:
+        with torch.device("meta"):  # shapes only: no memory, no weight init
+            model = create_model(spec)
+        rows.append({
+            "model": spec,
+            "img_size": model.patch_embed.img_size[0],
+            "gmacs": count_macs(model) / 1e9,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "tokens_per_block": " ".join(str(t.mlp - 1) for t in token_counts(model)),
+        })
+    return pd.DataFrame(rows)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _timed_batches(model, x, iters: int, device: torch.device, autocast) -> float:
+    """Seconds for `iters` forward passes, with the device synchronized at both ends."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with autocast:
+            for _ in range(iters):
+                model(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    with autocast:
+        for _ in range(iters):
+            model(x)
+    return time.perf_counter() - t0
+
+
+def benchmark(
+    specs: list[str],
+    labels: list[str] | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    amp: str = "fp32",
+    compile: bool = False,
+    warmup: int = 2,
+    rounds: int = 7,
+    iters: int = 1,
+    log=print,
+) -> pd.DataFrame:
+    """Throughput of each model, measured interleaved (A B C A B C ...) in this one process.
+
+    Each round times `iters` batches per model; the median and spread over rounds are reported, with the
+    speedup of each model over the first one.
+    """
+    labels = labels or specs
+    if len(labels) != len(specs):
+        raise ValueError(f"got {len(labels)} labels for {len(specs)} models")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    if amp != "fp32" and dev.type != "cuda":
+        raise ValueError(f"amp={amp} is for CUDA; on {device} benchmark fp32")
+    autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
+    gen = torch.Generator().manual_seed(0)
+    entries = []
+    for spec, label in zip(specs, labels):
+        model = create_model(spec).eval().to(dev)
+        img = model.patch_embed.img_size
+        x = torch.randn(batch_size, 3, *img, generator=gen).to(dev)
+        entries.append(dict(
+            label=label, spec=spec, model=torch.compile(model) if compile else model, raw=model, x=x,
+            img_size=img[0], times=[],
+        ))
+    with torch.inference_mode():
+        log(f"warm-up: {warmup} batch(es) per model, batch {batch_size}, {device}, {amp}")
+        for e in entries:
+            _timed_batches(e["model"], e["x"], warmup, dev, autocast)
+        for r in range(rounds):
+            for e in entries:
+                e["times"].append(_timed_batches(e["model"], e["x"], iters, dev, autocast))
+            log(f"round {r + 1}/{rounds}: " + "  ".join(
+                f"{e['label']} {batch_size * iters / e['times'][-1]:.1f}" for e in entries) + " img/s")
+    meta = dict(
+        device=device_name(dev), device_type=dev.type, threads=torch.get_num_threads(), batch_size=batch_size,
+        dtype=amp, compile=compile, rounds=rounds, iters_per_round=iters, torch=torch.__version__,
+        timm=timm.__version__, python=platform.python_version(), host=socket.gethostname(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    rows = []
+    for e in entries:
+        rates = [batch_size * iters / t for t in e["times"]]
+        q1, _, q3 = statistics.quantiles(rates, n=4) if len(rates) > 1 else (rates[0],) * 3
+        rows.append(dict(
+            label=e["label"], spec=e["spec"], img_size=e["img_size"], gmacs=count_macs(e["raw"]) / 1e9,
+            img_s=statistics.median(rates), img_s_q1=q1, img_s_q3=q3, img_s_min=min(rates),
+            img_s_max=max(rates), **meta,
+        ))
+    df = pd.DataFrame(rows)
+    df.insert(df.columns.get_loc("img_s_q1"), "speedup", df["img_s"] / df["img_s"].iloc[0])
+    return df
+
+
+def _cmd_macs(args) -> int:
+    df = macs_table(args.models or PAPER_MACS_SPECS)
+    print(df.to_markdown(index=False, floatfmt=".3f"))
+    if args.out:
+        _write_table(df, args.out)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    df = benchmark(
+        args.models or DEFAULT_BENCH_SPECS, labels=args.labels, batch_size=args.batch_size,
+        device=args.device, amp=args.amp, compile=args.compile, warmup=args.warmup, rounds=args.rounds,
+        iters=args.iters, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    cols = ["label", "img_size", "gmacs", "img_s", "speedup", "img_s_q1", "img_s_q3"]
+    print(df[cols].to_markdown(index=False, floatfmt=".2f"))
+    print(f"\n{df['device'][0]}, {df['threads'][0]} threads, batch {args.batch_size}, {args.amp}, "
+          f"torch {torch.__version__}, timm {timm.__version__}")
+    if args.out:
+        _write_table(df, args.out)
+    return 0
+
+
+def _write_table(df: pd.DataFrame, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        df.to_json(path, orient="records", indent=1)
+    elif path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    else:
+        raise ValueError(f"--out {out}: expected a .csv or .json file")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    spec_help = "model specs ARCH[:key=value,...], e.g. evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true"
+    p = sub.add_parser("macs", help="GMACs per model, attention matmuls included")
+    p.add_argument("models", nargs="*", help=spec_help + " (default: the paper's DeiT-S/B and EViT grid)")
+    p.add_argument("--out", help="also write the table to this .csv or .json file")
+    p.set_defaults(func=_cmd_macs)
+
+    p = sub.add_parser("bench", help="inference throughput, all models interleaved in one process")
+    p.add_argument("models", nargs="*", help=spec_help + " (default: DeiT-S, EViT-S 0.7 and 0.5); the first is the baseline")
+    p.add_argument("--labels", nargs="+", help="one name per model for the output (default: the specs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default="fp32", help="autocast dtype (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model first")
+    p.add_argument("--warmup", type=int, default=2, help="batches per model before timing")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument("--iters", type=int, default=1, help="batches per model per round")
+    p.add_argument("--out", help="also write one row per model to this .csv or .json file")
+    p.set_defaults(func=_cmd_bench)

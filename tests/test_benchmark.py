@@ -1,0 +1,72 @@
+"""`evit macs` against the paper and a FLOP counter; `evit bench` output and interleaving."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from evit.benchmark import PAPER_MACS_SPECS, benchmark, count_macs, create_model, macs_table, parse_model_spec
+from evit.cli import main
+
+PAPER_GMACS = [4.6, 4.0, 3.5, 3.0, 2.6, 2.3]  # DeiT-S, then EViT-S fused at 0.9 ... 0.5
+
+
+def test_macs_match_the_paper():
+    table = macs_table(PAPER_MACS_SPECS).set_index("model")["gmacs"]
+    assert [round(g, 1) for g in table.iloc[:6]] == PAPER_GMACS
+    for spec in PAPER_MACS_SPECS[6:9]:  # 272/0.7, 288/0.6, 304/0.5: about DeiT-S's cost
+        assert 4.3 <= table[spec] <= 4.7
+    assert round(table["deit_base_patch16_224"], 1) == 17.6
+    assert round(table["evit_deit_base_patch16_224:keep_rate=0.7,fuse_token=true"], 1) == 11.6
+
+
+@pytest.mark.parametrize("spec", [
+    "deit_small_patch16_224",
+    "evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true",
+    "evit_deit_small_patch16_224:keep_rate=0.5,fuse_token=false",
+    "evit_deit_tiny_patch16_224:img_size=96,keep_rate=0.6,fuse_token=true,drop_loc=[2,5]",
+])
+def test_analytic_macs_equal_torch_flop_counter(spec):
+    model = create_model(spec).eval()
+    size = model.patch_embed.img_size[0]
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+    counted = counter.get_flop_counts()["Global"]
+    assert any("attention" in str(op) for op in counted), "the counter must see the attention matmuls"
+    assert count_macs(model) == counter.get_total_flops() // 2
+
+
+def test_model_specs_parse_and_bad_ones_are_named():
+    assert parse_model_spec("evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true,drop_loc=[3,6,9]") == (
+        "evit_deit_small_patch16_224", {"keep_rate": 0.7, "fuse_token": True, "drop_loc": [3, 6, 9]})
+    with pytest.raises(ValueError, match="unknown timm model 'evit_nope'"):
+        parse_model_spec("evit_nope:keep_rate=0.7")
+    with pytest.raises(ValueError, match="expected key=value, got 'keep_rate'"):
+        parse_model_spec("evit_deit_small_patch16_224:keep_rate")
+
+
+def test_bench_interleaves_models_and_reports_speedup_over_the_first():
+    specs = ["deit_tiny_patch16_224:img_size=64", "evit_deit_tiny_patch16_224:img_size=64,keep_rate=0.5,fuse_token=true"]
+    lines = []
+    df = benchmark(specs, labels=["deit", "evit"], batch_size=2, warmup=1, rounds=3, log=lines.append)
+    assert list(df["label"]) == ["deit", "evit"]
+    assert df["speedup"].iloc[0] == 1.0
+    assert df["speedup"].iloc[1] == pytest.approx(df["img_s"].iloc[1] / df["img_s"].iloc[0])
+    assert (df["img_s_min"] <= df["img_s"]).all() and (df["img_s"] <= df["img_s_max"]).all()
+    assert df["gmacs"].iloc[1] < df["gmacs"].iloc[0]
+    for col in ("device", "threads", "batch_size", "img_size", "dtype", "torch", "timm", "date"):
+        assert df[col].notna().all(), col
+    rounds = [line for line in lines if line.startswith("round")]
+    assert len(rounds) == 3 and all("deit" in r and "evit" in r for r in rounds)
+
+
+def test_bench_rejects_bad_options():
+    with pytest.raises(ValueError, match="amp=bf16 is for CUDA"):
+        benchmark(["deit_tiny_patch16_224"], amp="bf16")
+    with pytest.raises(ValueError, match="2 labels for 1 models"):
+        benchmark(["deit_tiny_patch16_224"], labels=["a", "b"])
+
+
+def test_cli_macs_prints_and_writes_table(tmp_path, capsys):
+    out = tmp_path / "macs.csv"
+    assert main(["macs", "evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true", "--out", str(out)]) == 0
+    assert "3.030" in capsys.readouterr().out
+    assert out.read_text().splitlines()[0].startswith("model,img_size,gmacs")

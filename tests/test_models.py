@@ -1,0 +1,156 @@
+"""The EViT model's mathematics, against timm and an explicit-attention reference (synthetic tensors)."""
+import math
+
+import pytest
+import timm
+import torch
+
+import evit  # noqa: F401
+from evit.models import EViT
+
+
+def make(name="evit_deit_small_patch16_224", **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
+def images(n=2, size=224, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def explicit_evit_logits(model: EViT, x: torch.Tensor, keep_rate: float, fuse: bool) -> torch.Tensor:
+    """EViT written out plainly: full attention matrices, argsort, and a per-sample complement set."""
+    x = model._pos_embed(model.patch_embed(x))
+    for i, blk in enumerate(model.blocks):
+        attn_mod = blk.attn
+        h = blk.norm1(x)
+        B, N, C = h.shape
+        q, k, v = attn_mod.qkv(h).reshape(B, N, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
+        attn = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + attn_mod.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        n_keep = math.ceil(keep_rate * (N - 1))
+        if i in model.drop_loc and n_keep < N - 1:
+            score = attn[:, :, 0, 1:].mean(dim=1)
+            order = score.argsort(dim=1, descending=True)
+            rows = []
+            for b in range(B):
+                others = x[b, 1:]
+                keep, rest = order[b, :n_keep], order[b, n_keep:]
+                row = [x[b, :1], others[keep]]
+                if fuse:
+                    row.append((others[rest] * score[b, rest, None]).sum(dim=0, keepdim=True))
+                rows.append(torch.cat(row))
+            x = torch.stack(rows)
+        x = x + blk.mlp(blk.norm2(x))
+    return model.head(model.norm(x)[:, 0])
+
+
+@pytest.mark.parametrize("keep_rate, fuse, expected", [
+    (0.7, True, [139, 99, 71]),
+    (0.7, False, [138, 97, 68]),
+    (0.5, True, [99, 51, 27]),
+    (0.5, False, [98, 49, 25]),
+])
+def test_token_counts_per_stage_at_224(keep_rate, fuse, expected):
+    model = make(keep_rate=keep_rate, fuse_token=fuse)
+    counts = []
+    for blk in model.blocks:  # record the sequence length entering each MLP
+        blk.mlp.register_forward_hook(lambda mod, inp, out: counts.append(inp[0].shape[1] - 1))
+    with torch.inference_mode():
+        _, kept = model(images(), return_kept=True)
+    assert counts[2] == 196
+    assert [counts[i] for i in (3, 6, 9)] == expected
+    assert counts[3:6] == [expected[0]] * 3 and counts[9:] == [expected[2]] * 3
+    # the kept indices: one entry per non-fused kept token
+    assert [k.shape[1] + int(fuse) for k in kept] == expected
+
+
+def test_keep_rate_one_equals_timm_deit_small():
+    deit = make("deit_small_patch16_224")
+    model = make(keep_rate=1.0, fuse_token=True)
+    model.load_state_dict(deit.state_dict())
+    x = images()
+    with torch.inference_mode():
+        delta = (model(x) - deit(x)).abs().max().item()
+    assert delta <= 1e-5
+
+
+@pytest.mark.parametrize("keep_rate, fuse", [(0.7, True), (0.5, False), (0.6, True)])
+def test_pruned_logits_equal_explicit_attention_reference(keep_rate, fuse):
+    model = make("evit_deit_tiny_patch16_224", keep_rate=keep_rate, fuse_token=fuse)
+    x = images()
+    with torch.inference_mode():
+        ours = model(x)
+        ref = explicit_evit_logits(model, x, keep_rate, fuse)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # and pruning does change the function: the reference at keep rate 1 differs
+    with torch.inference_mode():
+        assert (ours - explicit_evit_logits(model, x, 1.0, fuse)).abs().max().item() > 1e-3
+
+
+def test_keep_rate_override_matches_a_model_built_with_that_rate():
+    target = make(keep_rate=0.5, fuse_token=True)
+    other = make(keep_rate=0.8, fuse_token=True)
+    other.load_state_dict(target.state_dict())
+    x = images()
+    with torch.inference_mode():
+        assert torch.equal(target(x, keep_rate=0.8), other(x))
+        assert not torch.allclose(target(x), other(x))
+
+
+def test_blocks_with_rate_one_never_prune_whatever_the_override():
+    model = make("evit_deit_tiny_patch16_224", keep_rate=1.0)
+    with torch.inference_mode():
+        _, kept = model(images(), keep_rate=0.5, return_kept=True)
+    assert kept == []
+    model = make("evit_deit_tiny_patch16_224", keep_rate=0.7, drop_loc=(4,))
+    with torch.inference_mode():
+        _, kept = model(images(), keep_rate=0.5, return_kept=True)
+    assert [k.shape[1] for k in kept] == [98]
+
+
+def test_kept_indices_map_to_original_patches():
+    model = make("evit_deit_tiny_patch16_224", keep_rate=0.5, fuse_token=True)
+    with torch.inference_mode():
+        _, kept = model(images(3), return_kept=True)
+    first = kept[0]
+    assert first.min() >= 0 and first.max() < 196
+    for b in range(3):
+        assert len(set(first[b].tolist())) == first.shape[1]
+        for earlier, later in zip(kept, kept[1:]):
+            real = [p for p in later[b].tolist() if p >= 0]
+            assert set(real) <= set(earlier[b].tolist())  # a patch once dropped never returns
+
+
+def test_fused_token_is_the_unnormalized_attention_weighted_sum():
+    from evit.models import reorganize_tokens
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 4, generator=g)
+    attn = torch.rand(2, 5, generator=g) * 0.1
+    out, idx = reorganize_tokens(x, attn, 2, fuse_token=True)
+    assert out.shape == (2, 4, 4)
+    for b in range(2):
+        top = attn[b].argsort(descending=True)
+        assert idx[b].tolist() == top[:2].tolist()
+        rest = top[2:]
+        expected = (x[b, 1:][rest] * attn[b, rest, None]).sum(0)
+        torch.testing.assert_close(out[b, -1], expected)
+        torch.testing.assert_close(out[b, 1:3], x[b, 1:][top[:2]])
+
+
+def test_bad_keep_rate_and_drop_loc_are_named():
+    with pytest.raises(ValueError, match="keep_rate"):
+        make("evit_deit_tiny_patch16_224", keep_rate=1.5)
+    with pytest.raises(ValueError, match=r"drop_loc .* \[12\]"):
+        make("evit_deit_tiny_patch16_224", keep_rate=0.7, drop_loc=(3, 12))
+
+
+def test_registered_variants_and_image_sizes():
+    names = timm.list_models("evit_*")
+    for size in ("tiny", "small", "base"):
+        assert f"evit_deit_{size}_patch16_224" in names
+    with torch.device("meta"):
+        assert timm.create_model("evit_deit_small_patch16_288").patch_embed.img_size == (288, 288)
+        assert timm.create_model("evit_deit_small_patch16_224", img_size=256).patch_embed.num_patches == 256
+        assert timm.create_model("evit_deit_small_patch16_224").drop_loc == (3, 6, 9)
