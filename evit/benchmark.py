@@ -220,6 +220,26 @@ def benchmark(
     return df
 
 
+BENCH_CONFIG_KEYS = ("batch_size", "device", "amp", "compile", "warmup", "rounds", "iters")
+
+
+def bench_from_config(config: dict, out_dir: str | Path) -> dict:
+    """The benchmark job of the workflow: `specs`, `labels` and benchmark() options -> out_dir/throughput.csv."""
+    unknown = sorted(set(config) - {"specs", "labels", "launcher", *BENCH_CONFIG_KEYS})
+    if unknown:
+        raise ValueError(f"unknown bench config key(s) {unknown}; known: specs, labels, {', '.join(BENCH_CONFIG_KEYS)}")
+    if not config.get("specs"):
+        raise ValueError("bench config has no `specs` to measure")
+    options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config}
+    df = benchmark(config["specs"], labels=config.get("labels"), log=lambda m: print(m, flush=True), **options)
+    out = Path(out_dir) / "throughput.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(out)
+    return {"throughput_csv": str(out), "models": len(df)}
+
+
 def _cmd_macs(args) -> int:
     df = macs_table(args.models or PAPER_MACS_SPECS)
     print(df.to_markdown(index=False, floatfmt=".3f"))

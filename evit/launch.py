@@ -1,0 +1,224 @@
+"""Send one run (train or eval) to where it executes: SLURM, a local subprocess, or this process.
+
+`evit launch --config run.yaml --run-dir DIR` reads the run config's `launcher:` section:
+
+    launcher:
+      backend: slurm          # slurm | local | inline  (always explicit: never auto-detected)
+      nodes: 1
+      tasks_per_node: 1       # processes per node; one per GPU for DDP
+      gpus_per_node: 0
+      cpus_per_task: 2
+      mem_gb: null            # null: the cluster's default
+      timeout_min: 60         # SLURM time limit of one job (requeued on timeout)
+      partition: null         # SLURM only from here on
+      account: null
+      qos: null
+      constraint: null
+      signal_delay_s: 120     # USR2 this long before the time limit: checkpoint and requeue
+      max_num_timeout: 10     # requeues on timeout or preemption before giving up
+      sbatch_extra: {}        # any other sbatch options, e.g. {exclude: "node[1-2]", reservation: x}
+      max_failures: 2         # resubmissions (from the last checkpoint) after a failed job
+
+The job is a submitit `Checkpointable`: on USR2 (timeout or preemption) it is requeued and, like any restart,
+resumes from `checkpoint.pth` in the run dir. The launcher records the job in `DIR/job.json`; invoked again for
+the same run while that SLURM job is pending or running, it waits on it instead of submitting another.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import submitit
+import yaml
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+LAUNCHER_DEFAULTS = dict(
+    backend="local", nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=2, mem_gb=None, timeout_min=60,
+    partition=None, account=None, qos=None, constraint=None, signal_delay_s=120, max_num_timeout=10,
+    sbatch_extra={}, max_failures=2,
+)
+BACKENDS = ("slurm", "local", "inline")
+COMMANDS = ("train", "eval")
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN")
+
+
+class LaunchError(RuntimeError):
+    """A run could not be brought to completion; the message says why and where the logs are."""
+
+
+def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
+    """The launcher options with defaults filled in; an unknown key or bad value is named."""
+    section = dict(section or {})
+    unknown = sorted(set(section) - set(LAUNCHER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown launcher key(s) {unknown}; known: {sorted(LAUNCHER_DEFAULTS)}")
+    opts = {**LAUNCHER_DEFAULTS, **section}
+    if backend is not None:
+        opts["backend"] = backend
+    if opts["backend"] not in BACKENDS:
+        raise ValueError(f"launcher backend must be one of {list(BACKENDS)}, got {opts['backend']!r}")
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise ValueError(f"launcher {key} must be a positive integer, got {opts[key]!r}")
+    for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "max_failures"):
+        if not isinstance(opts[key], int) or opts[key] < 0:
+            raise ValueError(f"launcher {key} must be a non-negative integer, got {opts[key]!r}")
+    if not isinstance(opts["sbatch_extra"], dict):
+        raise ValueError(f"launcher sbatch_extra must be a mapping of sbatch options, got {opts['sbatch_extra']!r}")
+    if opts["backend"] != "slurm" and opts["nodes"] > 1:
+        raise ValueError(f"launcher nodes={opts['nodes']} needs the slurm backend, not {opts['backend']!r}")
+    return opts
+
+
+class RunTask(submitit.helpers.Checkpointable):
+    """What runs inside the job: `evit train` or `evit eval` of one run dir, on every task of the job.
+
+    It holds only the config and paths, so submitit's default `checkpoint()` (resubmit this same task)
+    resumes from the run dir's last checkpoint.
+    """
+
+    def __init__(self, command: str, config: dict, run_dir: str | os.PathLike):
+        if command not in COMMANDS:
+            raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
+        self.command, self.config, self.run_dir = command, config, str(run_dir)
+
+    def __call__(self) -> dict:
+        if "SLURM_JOB_ID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        from evit.train import run_command  # the engine is imported in the job, not by the orchestrator
+
+        return run_command(self.command, self.config, Path(self.run_dir))
+
+
+def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
+    cluster = opts["backend"]
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=opts["max_num_timeout"])
+    params = dict(
+        name=name, nodes=opts["nodes"], tasks_per_node=opts["tasks_per_node"], gpus_per_node=opts["gpus_per_node"],
+        cpus_per_task=opts["cpus_per_task"], timeout_min=opts["timeout_min"],
+    )
+    if opts["mem_gb"] is not None:
+        params["mem_gb"] = opts["mem_gb"]
+    if cluster == "slurm":
+        for key in ("partition", "account", "qos", "constraint"):
+            if opts[key]:
+                params[f"slurm_{key}"] = opts[key]
+        params["slurm_signal_delay_s"] = opts["signal_delay_s"]
+        if opts["sbatch_extra"]:
+            params["slurm_additional_parameters"] = dict(opts["sbatch_extra"])
+    executor.update_parameters(**params)
+    return executor
+
+
+def _write_record(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def _log_hint(job) -> str:
+    return f"logs: {job.paths.stdout} and {job.paths.stderr}"
+
+
+def _wait(job, log, poll_s: float) -> dict:
+    """Wait for `job`, printing its state changes; its result, or an exception from submitit."""
+    last = None
+    while not job.done():
+        state = job.state
+        if state != last:
+            log(f"job {job.job_id}: {state}")
+            last = state
+        time.sleep(poll_s)
+    return job.result()
+
+
+def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", backend: str | None = None,
+           log=print, poll_s: float = 5.0) -> dict:
+    """Run `command` for the run in `run_dir` on the configured backend; returns its metrics."""
+    opts = resolve_launcher(config.get("launcher"), backend)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = RunTask(command, config, run_dir)
+    if opts["backend"] == "inline":
+        return task()
+
+    record_path = run_dir / "job.json"
+    executor = make_executor(opts, run_dir / "submitit", name=f"evit-{command}-{run_dir.name}")
+    job, failures = None, 0
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        failures = record.get("failures", 0)
+        if record.get("backend") == "slurm" == opts["backend"] and record.get("command") == command:
+            previous = submitit.SlurmJob(folder=run_dir / "submitit", job_id=record["job_id"])
+            state = previous.state
+            if state.split()[0] in ACTIVE_STATES or state == "COMPLETED":
+                log(f"reattaching to SLURM job {previous.job_id} ({state}) for {run_dir}")
+                job = previous
+        elif record.get("backend") == "local" and _pid_alive(record.get("job_id")):
+            raise LaunchError(f"a local job (pid {record['job_id']}) is still running for {run_dir}; "
+                              "wait for it or kill it first")
+    while True:
+        if job is None:
+            job = executor.submit(task)
+            _write_record(record_path, dict(
+                backend=opts["backend"], command=command, job_id=str(job.job_id), failures=failures,
+                submitted=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            ))
+            log(f"submitted {command} of {run_dir} as {opts['backend']} job {job.job_id}")
+        try:
+            return _wait(job, log, poll_s)
+        except (UncompletedJobError, FailedJobError) as e:
+            state = job.state
+            if state.startswith("CANCELLED"):
+                raise LaunchError(f"job {job.job_id} for {run_dir} was cancelled ({state}); {_log_hint(job)}") from e
+            failures += 1
+            if failures > opts["max_failures"]:
+                raise LaunchError(
+                    f"job {job.job_id} for {run_dir} ended {state}, after {failures - 1} resubmission(s) "
+                    f"(max_failures={opts['max_failures']}); {_log_hint(job)}\n{_last_line(e)}") from e
+            log(f"job {job.job_id} ended {state}: {_last_line(e)}\n"
+                f"resubmitting from the last checkpoint ({failures}/{opts['max_failures']}); {_log_hint(job)}")
+            job = None
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _cmd_launch(args) -> int:
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise SystemExit(f"evit launch: config {config_path} does not exist")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    try:
+        metrics = launch(config, args.run_dir, command=args.command, backend=args.backend,
+                         log=lambda msg: print(msg, flush=True))
+    except (LaunchError, ValueError) as e:
+        print(f"evit launch: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="run `evit train`/`evit eval` of one run on SLURM, locally or inline")
+    p.add_argument("--config", required=True, help="the run's resolved config (YAML) with a launcher: section")
+    p.add_argument("--run-dir", required=True, help="the run directory (checkpoint, logs, metrics, job.json)")
+    p.add_argument("--command", choices=COMMANDS, default="train")
+    p.add_argument("--backend", choices=BACKENDS, help="override launcher.backend from the config")
+    p.set_defaults(func=_cmd_launch)

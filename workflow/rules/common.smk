@@ -1,0 +1,120 @@
+# Config validation, the experiment table, and the fully resolved config of each run.
+# No torch import here: parsing the workflow (and `snakemake -n`) stays fast.
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+RESULTS = config["results"]
+RUNS = f"{RESULTS}/runs"
+EVIT = f"{sys.executable} -m evit.cli"
+FIGURES = ["accuracy_vs_throughput", "keep_rate_sweep", "kept_tokens"]
+
+
+def deep_merge(base, override):
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _experiment_table():
+    defaults = config["experiment_defaults"]
+    experiments = {}
+    for entry in config["experiments"]:
+        exp = deep_merge(defaults, entry)
+        if exp["name"] in experiments:
+            raise ValueError(f"config: experiment {exp['name']!r} is defined twice")
+        experiments[exp["name"]] = exp
+    for name, path in config["checkpoints"].items():
+        if name not in experiments:
+            raise ValueError(f"config: checkpoints maps unknown experiment {name!r}; known: {sorted(experiments)}")
+        if not Path(path).is_file():
+            raise ValueError(f"config: checkpoint {path} for experiment {name!r} does not exist")
+    for exp in experiments.values():
+        init = exp.get("init")
+        if exp["recipe"] in ("finetune", "none") and exp["name"] not in config["checkpoints"] and not init:
+            raise ValueError(f"config: experiment {exp['name']!r} (recipe {exp['recipe']}) needs `init`: "
+                             "an experiment name or a checkpoint file")
+        if init and init not in experiments and not Path(init).is_file():
+            raise ValueError(f"config: experiment {exp['name']!r} has init {init!r}, which is neither an "
+                             f"experiment ({sorted(experiments)}) nor an existing checkpoint file")
+        unknown = [t for t in exp["tables"] if t not in config["tables"]]
+        if unknown:
+            raise ValueError(f"config: experiment {exp['name']!r} lists unknown table(s) {unknown}; "
+                             f"known: {sorted(config['tables'])}")
+    for table, spec in config["tables"].items():
+        if spec["baseline"] not in experiments:
+            raise ValueError(f"config: table {table!r} has unknown baseline experiment {spec['baseline']!r}")
+    if config["visualize"]["experiment"] not in experiments:
+        raise ValueError(f"config: visualize.experiment {config['visualize']['experiment']!r} is not an experiment")
+    return experiments
+
+
+EXPERIMENTS = _experiment_table()
+TABLES = list(config["tables"])
+
+
+def is_trained(name):
+    """Trained by the workflow: not mapped to an existing checkpoint and not evaluation-only."""
+    return name not in config["checkpoints"] and EXPERIMENTS[name]["recipe"] != "none"
+
+
+def weights(name):
+    """The checkpoint file holding an experiment's final weights."""
+    if name in config["checkpoints"]:
+        return config["checkpoints"][name]
+    if is_trained(name):
+        return f"{RUNS}/{name}/checkpoint.pth"
+    return weights(EXPERIMENTS[name]["init"]) if EXPERIMENTS[name]["init"] in EXPERIMENTS else EXPERIMENTS[name]["init"]
+
+
+def result_file(name):
+    return f"{RUNS}/{name}/metrics.json" if is_trained(name) else f"{RUNS}/{name}/eval.json"
+
+
+def upstream_results(name):
+    """Result files of the runs whose weights this run starts from (so they are made first)."""
+    exp = EXPERIMENTS[name]
+    if name in config["checkpoints"] or exp.get("init") not in EXPERIMENTS:
+        return []
+    return [result_file(exp["init"])]
+
+
+def run_config(name):
+    """The fully resolved config of one run, as `evit train` / `evit eval` read it."""
+    exp = EXPERIMENTS[name]
+    cfg = deep_merge(config["run_defaults"], {
+        "model": {"arch": exp["arch"], "img_size": exp["img_size"], "keep_rate": exp["keep_rate"],
+                  "fuse_token": exp["fuse_token"], "drop_loc": exp["drop_loc"]},
+        "train": {"recipe": "none" if not is_trained(name) else exp["recipe"], "epochs": exp["epochs"]},
+        "launcher": {**config["launcher"], "backend": config["backend"]},
+    })
+    if not is_trained(name) or exp["recipe"] == "finetune":
+        cfg["train"]["init_checkpoint"] = str(weights(name) if not is_trained(name) else weights(exp["init"]))
+    return deep_merge(cfg, exp.get("run", {}))
+
+
+def model_spec(name):
+    """`evit bench` spec of an experiment's architecture: ARCH:key=value,..."""
+    model = run_config(name)["model"]
+    kwargs = {"img_size": model["img_size"], "keep_rate": model["keep_rate"], "fuse_token": model["fuse_token"],
+              "drop_loc": model["drop_loc"], **model.get("kwargs", {})}
+    if "num_classes" in config["bench"]:
+        kwargs["num_classes"] = config["bench"]["num_classes"]
+    flat = ",".join(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                    for k, v in kwargs.items())
+    return f"{model['arch']}:{flat}"
+
+
+def write_yaml(path, data):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+wildcard_constraints:
+    exp="|".join(EXPERIMENTS),

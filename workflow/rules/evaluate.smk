@@ -1,0 +1,14 @@
+# Experiments that are evaluated, not trained: `recipe: none`, or mapped to an existing checkpoint.
+
+
+rule evaluate:
+    input:
+        config=RUNS + "/{exp}/config.yaml",
+        upstream=lambda w: upstream_results(w.exp),
+    output:
+        RUNS + "/{exp}/eval.json",
+    log:
+        RUNS + "/{exp}/eval.log",
+    threads: config["launcher"]["cpus_per_task"]
+    shell:
+        "{EVIT} launch --command eval --config {input.config} --run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"

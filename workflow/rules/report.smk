@@ -1,0 +1,35 @@
+# The paper's tables and figures, from the runs' results and the benchmark.
+
+
+rule experiments_file:
+    output:
+        RESULTS + "/tables/experiments.yaml",
+    params:
+        table=lambda w: {
+            "dataset": config["dataset"],
+            "tables": config["tables"],
+            "experiments": [
+                {"name": name, "arch": e["arch"], "img_size": e["img_size"], "keep_rate": e["keep_rate"],
+                 "fuse_token": e["fuse_token"], "tables": e["tables"], "paper": e.get("paper"),
+                 "result": result_file(name)}
+                for name, e in EXPERIMENTS.items()
+            ],
+        },
+    localrule: True
+    run:
+        write_yaml(output[0], params.table)
+
+
+rule report:
+    input:
+        experiments=RESULTS + "/tables/experiments.yaml",
+        bench=RESULTS + "/bench/throughput.csv",
+        results=[result_file(name) for name in EXPERIMENTS],
+        reference="results/reference/paper.csv",
+    output:
+        expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex")),
+        expand(RESULTS + "/figures/{fig}.{ext}", fig=FIGURES[:2], ext=("png", "pdf")),
+    localrule: True
+    shell:
+        "{EVIT} report --experiments {input.experiments} --bench {input.bench} "
+        "--reference {input.reference} --out-dir {RESULTS}"

@@ -1,0 +1,16 @@
+# The paper's Figure 3: images and the patches kept after each reorganizing block.
+
+
+rule visualize:
+    input:
+        config=RUNS + "/" + config["visualize"]["experiment"] + "/config.yaml",
+        result=result_file(config["visualize"]["experiment"]),
+    output:
+        multiext(RESULTS + "/figures/kept_tokens", ".png", ".pdf"),
+    params:
+        weights=weights(config["visualize"]["experiment"]),
+        num_images=config["visualize"]["num_images"],
+    localrule: True
+    shell:
+        "{EVIT} visualize --config {input.config} --checkpoint {params.weights} "
+        "--num-images {params.num_images} --out {RESULTS}/figures/kept_tokens"
