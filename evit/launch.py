@@ -43,7 +43,7 @@ LAUNCHER_DEFAULTS = dict(
     sbatch_extra={}, max_failures=2,
 )
 BACKENDS = ("slurm", "local", "inline")
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "bench")
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN")
 
@@ -77,7 +77,7 @@ def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
 
 
 class RunTask(submitit.helpers.Checkpointable):
-    """What runs inside the job: `evit train` or `evit eval` of one run dir, on every task of the job.
+    """What runs inside the job — training, evaluation or the benchmark of one run dir — on every task of the job.
 
     It holds only the config and paths, so submitit's default `checkpoint()` (resubmit this same task)
     resumes from the run dir's last checkpoint.
@@ -91,9 +91,22 @@ class RunTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         if "SLURM_JOB_ID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        from evit.train import run_command  # the engine is imported in the job, not by the orchestrator
+        run_dir = Path(self.run_dir)
+        # the engine is imported here, in the job, not by the orchestrator
+        if self.command == "bench":
+            from evit.benchmark import bench_from_config
 
-        return run_command(self.command, self.config, Path(self.run_dir))
+            return bench_from_config(self.config, run_dir)
+        if self.command == "eval":
+            from evit.train import evaluate_checkpoint
+
+            checkpoint = (self.config.get("train") or {}).get("init_checkpoint")
+            if not checkpoint:
+                raise ValueError(f"eval run {run_dir}: its config has no train.init_checkpoint to evaluate")
+            return evaluate_checkpoint(checkpoint, self.config, out=run_dir / "eval.json")
+        from evit.train import Trainer
+
+        return Trainer(self.config, run_dir)()
 
 
 def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
@@ -188,8 +201,11 @@ def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", bac
 
 
 def _last_line(error: Exception) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    """The job's own error: the last line of the remote traceback submitit quotes, else of the message."""
+    text = str(error)
+    parts = text.split("-" * 22)  # submitit frames the remote traceback with dashed lines
+    lines = [line for line in (parts[1] if len(parts) > 2 else text).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def _pid_alive(pid) -> bool:
