@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Modules that define `add_commands(subparsers)`; each subparser sets `func` to a callable taking the args.
-COMMAND_MODULES = ("evit.benchmark", "evit.train", "evit.launch", "evit.profiles", "evit.visualize")
+COMMAND_MODULES = ("evit.benchmark", "evit.train", "evit.launch", "evit.profiles", "evit.visualize", "evit.report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,307 @@
+"""The paper's tables and figures from the workflow's results (`evit report`).
+
+    evit report --experiments results/tables/experiments.yaml --bench results/bench/throughput.csv [CSV ...] \\
+        [--reference results/reference/paper.csv] [--out-dir results]
+
+Writes `<out-dir>/tables/<table>.{md,csv,tex}` (one per table of the experiments file) and
+`<out-dir>/figures/{accuracy_vs_throughput,keep_rate_sweep}.{png,pdf}`. Everything is built in memory first,
+so bad input writes nothing.
+
+The experiments file (YAML, written by the workflow's `experiments_file` rule):
+
+    dataset: ImageNet-1k              # optional; else the metrics files' `dataset`, if they have one
+    tables:                           # required: one entry per table, in output order
+      main: {title: "EViT-DeiT-S keep-rate sweep (fused)", baseline: deit_s}   # title optional
+    experiments:                      # required: rows of every table, in this order
+      - name: deit_s                  # required, unique; the `label` of its row in the bench CSV
+        arch: evit_deit_small_patch16_224         # optional, not used
+        img_size: 224                 # required; must equal the bench CSV's img_size
+        keep_rate: 1.0                # required
+        fuse_token: true              # required
+        tables: [main]                # required (may be empty): tables this experiment is a row of
+        paper: deit_small             # optional: a `ref` of the reference CSV, or null
+        result: results/runs/deit_s/metrics.json  # required: JSON with top1 (and top5), in percent;
+                                                  # relative paths are relative to the current directory
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import yaml
+from matplotlib.figure import Figure  # no pyplot: figures render with the Agg canvas, no global state
+
+REQUIRED = ("name", "img_size", "keep_rate", "fuse_token", "tables", "result")
+BENCH_COLUMNS = {  # bench CSV column -> results frame column
+    "label": "experiment", "img_size": "bench_img_size", "gmacs": "gmacs", "img_s": "img_s",
+    "img_s_q1": "img_s_q1", "img_s_q3": "img_s_q3", "device": "device", "threads": "threads", "dtype": "dtype",
+    "batch_size": "batch_size", "compile": "compile", "date": "bench_date", "torch": "torch", "timm": "timm",
+}
+PROVENANCE = ["device", "threads", "dtype", "batch_size", "compile", "bench_date", "torch", "timm"]
+TABLE_COLUMNS = {  # results frame column -> table header (.md/.tex; the .csv keeps the frame's names)
+    "experiment": "experiment", "keep_rate": "keep rate", "fuse_token": "fused", "img_size": "img size",
+    "top1": "top-1", "top5": "top-5", "gmacs": "GMACs", "img_s": "img/s", "speedup": "speedup",
+    "paper_top1": "paper top-1", "delta_top1": "Δ top-1", "paper_gmacs": "paper GMACs", "delta_gmacs": "Δ GMACs",
+    "paper_img_s": "paper img/s", "paper_speedup": "paper speedup", "delta_speedup": "Δ speedup",
+}
+FORMATS = {
+    "keep_rate": "{:g}".format, "fuse_token": lambda v: "yes" if v else "no", "img_size": "{:.0f}".format,
+    "top1": "{:.2f}".format, "top5": "{:.2f}".format, "gmacs": "{:.3g}".format, "img_s": "{:.1f}".format,
+    "speedup": "{:.2f}".format, "paper_top1": "{:.1f}".format, "delta_top1": lambda v: f"{round(v, 2) + 0:+.2f}",
+    "paper_gmacs": "{:.1f}".format, "delta_gmacs": lambda v: f"{round(v, 2) + 0:+.2f}", "paper_img_s": "{:.0f}".format,
+    "paper_speedup": "{:.2f}".format, "delta_speedup": lambda v: f"{round(v, 2) + 0:+.2f}",
+}
+FIGURES = ("accuracy_vs_throughput", "keep_rate_sweep")
+FUSION_ORDER = ["keep all", "fused", "not fused"]
+PALETTE = dict(zip(FUSION_ORDER, ["0.2", "tab:blue", "tab:orange"]))
+_LATEX = str.maketrans({c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\^{}",
+                                                          "\\": r"\textbackslash{}"})
+
+
+class ReportError(ValueError):
+    """Bad input to the report: names the file, experiment, table or reference at fault."""
+
+
+def _check(bad, message: str) -> None:
+    """Raise `message` followed by the bad items, if there are any."""
+    bad = list(dict.fromkeys(bad))
+    if bad:
+        raise ReportError(f"{message}: {', '.join(map(str, bad))}")
+
+
+def _read_json(path: Path, experiment: str) -> dict:
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"experiment {experiment!r}: cannot read result file {path}: {e}") from None
+    if not isinstance(metrics, dict) or metrics.get("top1") is None:
+        raise ReportError(f"experiment {experiment!r}: result file {path} has no 'top1'")
+    return metrics
+
+
+def load_results(experiments: str | Path, bench: str | Path | list, reference: str | Path) -> pd.DataFrame:
+    """The long-format results frame: one row per (table, experiment), in the experiments file's order.
+
+    experiments ⨝ metrics (top1, top5) ⨝ bench (gmacs, img_s, provenance) ⨝ reference (paper_*), with each
+    row's speedup over its table's baseline (ours and the paper's) and the deltas ours − paper.
+    An experiment in no table has one row with table NaN (it still appears in the figures).
+    """
+    spec = yaml.safe_load(Path(experiments).read_text()) or {}
+    if not isinstance(spec.get("experiments"), list) or not isinstance(spec.get("tables"), dict):
+        raise ReportError(f"experiments file {experiments}: needs a `tables` mapping and an `experiments` list")
+    exps = pd.DataFrame(spec["experiments"]).reindex(columns=[*REQUIRED, "paper"])
+    names = exps["name"].fillna(pd.Series([f"#{i + 1}" for i in exps.index]))
+    lacking = exps[list(REQUIRED)].isna().set_axis(names).stack()
+    _check([f"{exp} lacks {key!r}" for exp, key in lacking[lacking].index], f"experiments file {experiments}")
+    _check(names[names.duplicated()], f"experiments file {experiments}: duplicate experiment names")
+    tables = pd.DataFrame.from_dict(spec["tables"], orient="index").reindex(columns=["title", "baseline"])
+    tables = tables.rename_axis("table").reset_index()
+    tables["title"] = tables["title"].fillna(tables["table"])
+    bad = tables[~tables["baseline"].isin(names)]
+    _check(bad["table"] + " (baseline " + bad["baseline"].astype(str) + ")",
+           "tables name an unknown baseline experiment")
+    listed = exps.set_index("name")["tables"].explode().dropna()
+    _check([f"{exp} lists {t!r}" for exp, t in listed[~listed.isin(tables["table"])].items()],
+           "experiments list unknown tables")
+    _check(tables["table"][~tables["table"].isin(listed)], "tables that no experiment lists")
+
+    ref = pd.read_csv(reference)
+    bad = exps[exps["paper"].notna() & ~exps["paper"].isin(ref["ref"])]
+    _check(bad["name"] + " (paper: " + bad["paper"].astype(str) + ")", f"unknown paper refs, not in {reference}")
+    ref = ref[["ref", "top1", "top5", "gmacs", "img_s", "source"]].add_prefix("paper_")
+
+    paths = exps["result"].map(Path)
+    bad = exps[~paths.map(Path.is_file)]
+    _check(bad["name"] + ": " + bad["result"].astype(str), "missing result files")
+    metrics = pd.DataFrame([_read_json(p, n) for p, n in zip(paths, exps["name"])]).reindex(
+        columns=["top1", "top5", "dataset"])
+
+    bench_paths = [bench] if isinstance(bench, (str, Path)) else list(bench)
+    runs = pd.concat([pd.read_csv(p) for p in bench_paths], ignore_index=True)
+    _check(set(BENCH_COLUMNS) - set(runs.columns), f"bench CSV {', '.join(map(str, bench_paths))} lacks columns")
+    runs = runs[list(BENCH_COLUMNS)].rename(columns=BENCH_COLUMNS)
+    _check(runs["experiment"][runs["experiment"].duplicated()], "experiments measured twice in the bench CSVs")
+    _check(exps["name"][~exps["name"].isin(runs["experiment"])],
+           f"experiments missing from the bench CSV {', '.join(map(str, bench_paths))}")
+    runs["bench_date"] = (pd.to_datetime(runs["bench_date"], utc=True, format="ISO8601")
+                          .dt.strftime("%Y-%m-%d %H:%M UTC"))
+
+    df = (exps.rename(columns={"name": "experiment"})
+          .join(metrics[["top1", "top5"]])
+          .assign(dataset=spec.get("dataset") or ", ".join(metrics["dataset"].dropna().astype(str).unique()) or None)
+          .merge(runs, on="experiment", how="left", validate="1:1")
+          .merge(ref, left_on="paper", right_on="paper_ref", how="left", validate="m:1")
+          .drop(columns="paper_ref"))
+    bad = df[df["img_size"] != df["bench_img_size"]]
+    _check(bad["experiment"] + " (" + bad["img_size"].astype(str) + " vs " + bad["bench_img_size"].astype(str) + ")",
+           "img_size differs between the experiments file and the bench CSV")
+    by_experiment = df.set_index("experiment")
+    df = (df.explode("tables").rename(columns={"tables": "table"})
+          .merge(tables, on="table", how="left", validate="m:1").reset_index(drop=True))
+    df["speedup"] = df["img_s"] / df["baseline"].map(by_experiment["img_s"])
+    df["paper_speedup"] = df["paper_img_s"] / df["baseline"].map(by_experiment["paper_img_s"])
+    for m in ("top1", "gmacs", "speedup"):
+        df[f"delta_{m}"] = df[m] - df[f"paper_{m}"]
+    return df
+
+
+def _hardware(r) -> str:
+    return f"{r.device} ({r.threads} threads), {r.dtype}, batch {r.batch_size}{', torch.compile' if r.compile else ''}"
+
+
+def provenance(rows: pd.DataFrame, full: bool = True) -> str:
+    """Where (and, if `full`, when and with which torch/timm) the throughput was measured, per distinct setup."""
+    setups = rows[PROVENANCE if full else PROVENANCE[:5]].drop_duplicates()
+    return "; ".join(_hardware(r) + (f", measured {r.bench_date}, torch {r.torch}, timm {r.timm}" if full else "")
+                     for r in setups.itertuples())
+
+
+def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
+    """One table of the results frame as {"md": ..., "csv": ..., "tex": ...}; unknown values are blank."""
+    rows = results[results["table"] == table]
+    title, baseline, dataset = rows[["title", "baseline", "dataset"]].iloc[0]
+    data = rows[list(TABLE_COLUMNS)]
+    shown = data.apply(lambda col: col.map(FORMATS.get(col.name, str), na_action="ignore").astype("string").fillna(""))
+    shown = shown.rename(columns=TABLE_COLUMNS)
+    sources = ", ".join(rows["paper_source"].dropna().unique()) or "none"
+    caption = f"{title}" + (f"; top-1/top-5 on {dataset}" if dataset else "") + "."
+    notes = (f"Throughput: {provenance(rows)}. Speedup: img/s over {baseline}; paper speedup: the paper's img/s "
+             f"over its {baseline} img/s, blank where the paper gives none. Δ = ours - paper. Paper: {sources}.")
+    md = (f"**{caption}**\n\n"
+          + shown.to_markdown(index=False, disable_numparse=True, colalign=["left"] + ["right"] * (shown.shape[1] - 1))
+          + f"\n\n*{notes}*\n")
+    tex = (shown.rename(columns=lambda c: c.replace("Δ", r"$\Delta$")).style.hide(axis="index")
+           .format(escape="latex").format_index(escape="latex-math", axis=1)
+           .to_latex(hrules=True, column_format="l" + "r" * (shown.shape[1] - 1), position_float="centering",
+                     label=f"tab:{table}", caption=f"{caption} {notes}".translate(_LATEX).replace("Δ", r"$\Delta$")))
+    csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
+    return {"md": md, "csv": csv, "tex": tex}
+
+
+def _runs(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per experiment, with its fusion label for the figures and whether it is a table's baseline."""
+    runs = results.drop_duplicates("experiment").copy()
+    runs["fusion"] = np.select([runs["keep_rate"] >= 1, runs["fuse_token"].astype(bool)], FUSION_ORDER[:2],
+                               FUSION_ORDER[2])
+    runs["is_baseline"] = runs["experiment"].isin(results["baseline"])
+    main_size = (runs.loc[runs["is_baseline"], "img_size"] if runs["is_baseline"].any() else runs["img_size"]).mode()[0]
+    runs["main_size"] = runs["img_size"] == main_size
+    other_size = runs["keep_rate"].map(", keep {:g}".format).where(~runs["main_size"], "")
+    runs["img size"] = runs["img_size"].astype(int).astype(str) + " px" + other_size  # the marker legend
+    return runs
+
+
+def _data_name(results: pd.DataFrame) -> str:
+    return results["dataset"].dropna().iloc[0] if results["dataset"].notna().any() else "dataset not given"
+
+
+def plot_accuracy_vs_throughput(results: pd.DataFrame) -> Figure:
+    """Top-1 against median img/s (bars: interquartile range), fused vs not fused, labelled by keep rate."""
+    runs = _runs(results)
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.subplots()
+    ax.errorbar(runs["img_s"], runs["top1"], xerr=[runs["img_s"] - runs["img_s_q1"], runs["img_s_q3"] - runs["img_s"]],
+                fmt="none", ecolor="0.6", elinewidth=1, zorder=1)
+    sns.scatterplot(data=runs, x="img_s", y="top1", hue="fusion", style="img size", s=90, zorder=3, ax=ax,
+                    palette=PALETTE, hue_order=[f for f in FUSION_ORDER if f in set(runs["fusion"])])
+    base = runs[runs["is_baseline"]]
+    ax.scatter(base["img_s"], base["top1"], s=380, facecolors="none", edgecolors="black", linewidths=1.5,
+               zorder=2, label="baseline")
+    # label by keep rate, on the side away from the run's fused/not-fused partner (they sit close together);
+    # runs at other image sizes are named by the marker legend
+    labelled = runs[runs["main_size"] | runs["is_baseline"]]
+    labelled = labelled.assign(left=labelled["img_s"] < labelled.groupby("keep_rate")["img_s"].transform("max"))
+    for r in labelled.itertuples():
+        text = f"{r.experiment} (baseline)" if r.is_baseline else f"{r.keep_rate:g}"
+        left = r.left and not r.is_baseline
+        ax.annotate(text, (r.img_s, r.top1), xytext=(-9 if left else 9, 9 if r.is_baseline else 0),
+                    textcoords="offset points", ha="right" if left else "left", va="center", fontsize=9)
+    ax.margins(x=0.12, y=0.12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.set(xlabel="throughput (img/s, median over rounds; bars: interquartile range)",
+           ylabel="top-1 accuracy (%)", title=f"Top-1 vs throughput, labelled by keep rate: {_data_name(results)}\n"
+                                               f"measured on {provenance(runs, full=False)}")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_keep_rate_sweep(results: pd.DataFrame) -> Figure:
+    """Top-1 and GMACs against keep rate at the baseline's image size, fused vs not fused (paper dashed)."""
+    runs = _runs(results)
+    sweep = runs[runs["main_size"]]
+    img_size = sweep["img_size"].iloc[0]
+    pruned = sweep[sweep["keep_rate"] < 1]
+    keep_all = sweep[sweep["keep_rate"] >= 1]  # keep rate 1 is the start of every curve
+    fusions = pruned["fusion"].unique() if len(pruned) else ["keep all"]
+    sweep = pd.concat([pruned, *(keep_all.assign(fusion=f) for f in fusions)])
+    dataset = _data_name(results)
+    imagenet = results["dataset"].isna().all() or "imagenet" in dataset.lower()  # else the paper is not comparable
+    paper = [sweep.assign(source="paper", top1=sweep["paper_top1"], gmacs=sweep["paper_gmacs"])] if imagenet else []
+    long = (pd.concat([sweep.assign(source="ours"), *paper])
+            .melt(id_vars=["keep_rate", "fusion", "source"], value_vars=["top1", "gmacs"], var_name="metric")
+            .dropna(subset="value"))
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    for ax, (metric, label) in zip(axes, [("top1", "top-1 accuracy (%)"), ("gmacs", "GMACs per image")]):
+        sns.lineplot(data=long[long["metric"] == metric], x="keep_rate", y="value", hue="fusion", style="source",
+                     palette=PALETTE, hue_order=[f for f in FUSION_ORDER if f in set(long["fusion"])],
+                     style_order=[s for s in ("ours", "paper") if s in set(long["source"])],
+                     markers=True, markersize=8, ax=ax, legend=ax is axes[1])
+        ax.set(xlabel="keep rate", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    note = "" if imagenet else " (the paper's ImageNet numbers are not plotted)"
+    fig.suptitle(f"Keep-rate sweep at {img_size} px: {dataset}{note}\nGMACs: analytic count, attention included",
+                 fontsize=10)
+    return fig
+
+
+def _render(fig: Figure) -> dict[str, bytes]:
+    out = {}
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150, metadata={"CreationDate": None} if ext == "pdf" else None)
+        out[ext] = buf.getvalue()
+    return out
+
+
+def report(experiments, bench, reference="results/reference/paper.csv", out_dir="results", log=print) -> list[Path]:
+    """Build every table and figure in memory, then write them; returns the paths written."""
+    results = load_results(experiments, bench, reference)
+    out_dir = Path(out_dir)
+    files = {out_dir / "tables" / f"{table}.{ext}": text
+             for table in results["table"].dropna().unique() for ext, text in make_table(results, table).items()}
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+        for name, plot in zip(FIGURES, (plot_accuracy_vs_throughput, plot_keep_rate_sweep)):
+            files |= {out_dir / "figures" / f"{name}.{ext}": data for ext, data in _render(plot(results)).items()}
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        log(f"wrote {path}")
+    return list(files)
+
+
+def _cmd_report(args) -> int:
+    try:
+        report(args.experiments, args.bench, args.reference, args.out_dir)
+    except (ReportError, OSError, yaml.YAMLError) as e:
+        print(f"evit report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="the paper's tables (.md/.csv/.tex) and figures (.png/.pdf) from results")
+    p.add_argument("--experiments", required=True, help="experiments file (YAML) written by the workflow")
+    p.add_argument("--bench", required=True, nargs="+",
+                   help="bench CSV(s) from `evit bench`; their labels are the experiment names")
+    p.add_argument("--reference", default="results/reference/paper.csv", help="the paper's numbers (CSV)")
+    p.add_argument("--out-dir", default="results", help="writes OUT_DIR/tables/ and OUT_DIR/figures/")
+    p.set_defaults(func=_cmd_report)

@@ -1,0 +1,268 @@
+"""`evit report`: tables and figures from an experiments file, metrics files, a bench CSV and the paper's CSV."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from evit import report as R
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper.csv"
+
+# name: (img_size, keep_rate, fuse_token, tables, paper ref, top1, top5, gmacs, img/s) -- DeiT-S grid, H100 bf16
+GRID = {
+    "deit_s": (224, 1.0, True, ["main", "fusion", "resolution"], "deit_small", 79.86, 94.97, 4.599, 8120.0),
+    "evit_s_0.9": (224, 0.9, True, ["main", "fusion"], "evit_deit_small_0.9_fused", 79.78, 94.98, 4.022, 9050.0),
+    "evit_s_0.8": (224, 0.8, True, ["main", "fusion"], "evit_deit_small_0.8_fused", 79.74, 94.90, 3.478, 10300.0),
+    "evit_s_0.7": (224, 0.7, True, ["main", "fusion", "resolution"], "evit_deit_small_0.7_fused", 79.47, 94.77,
+                   3.030, 11900.0),
+    "evit_s_0.6": (224, 0.6, True, ["main", "fusion"], "evit_deit_small_0.6_fused", 78.95, 94.52, 2.636, 13500.0),
+    "evit_s_0.5": (224, 0.5, True, ["main", "fusion"], "evit_deit_small_0.5_fused", 78.49, 94.18, 2.309, 15200.0),
+    "evit_s_0.9_nofuse": (224, 0.9, False, ["fusion"], "evit_deit_small_0.9_unfused", 79.86, 94.91, 3.988, 9120.0),
+    "evit_s_0.8_nofuse": (224, 0.8, False, ["fusion"], "evit_deit_small_0.8_unfused", 79.66, 94.82, 3.444, 10450.0),
+    "evit_s_0.7_nofuse": (224, 0.7, False, ["fusion"], "evit_deit_small_0.7_unfused", 79.41, 94.69, 2.997, 12100.0),
+    "evit_s_0.6_nofuse": (224, 0.6, False, ["fusion"], "evit_deit_small_0.6_unfused", 79.02, 94.47, 2.609, 13800.0),
+    "evit_s_0.5_nofuse": (224, 0.5, False, ["fusion"], "evit_deit_small_0.5_unfused", 78.37, 94.08, 2.283, 15600.0),
+    "evit_s_272_0.7": (272, 0.7, True, ["resolution"], None, 80.41, 95.21, 4.560, 7950.0),
+    "evit_s_288_0.6": (288, 0.6, True, ["resolution"], None, 80.58, 95.30, 4.501, 8300.0),
+    "evit_s_304_0.5": (304, 0.5, True, ["resolution"], None, 80.49, 95.27, 4.437, 8400.0),
+}
+TABLES = {
+    "main": {"title": "EViT-DeiT-S keep-rate sweep (fused)", "baseline": "deit_s"},
+    "fusion": {"title": "Fusion ablation", "baseline": "deit_s"},
+    "resolution": {"title": "Higher resolution at about DeiT-S cost", "baseline": "deit_s"},
+}
+META = dict(device="NVIDIA H100 80GB HBM3", device_type="cuda", threads=16, batch_size=256, dtype="bf16",
+            compile=False, rounds=7, iters_per_round=10, torch="2.5.1+cu124", timm="1.0.12", python="3.11.9",
+            host="gpu-node-07", date="2026-11-20T14:03:51+00:00")
+
+
+def write_inputs(root: Path, grid: dict = GRID, tables: dict = TABLES, dataset: str | None = "ImageNet-1k",
+                 bench_first: str | None = None) -> dict:
+    """The workflow's inputs to `evit report`: metrics files, experiments.yaml and the bench CSV."""
+    experiments, bench = [], []
+    for name, (img, kr, fuse, tabs, paper, top1, top5, gmacs, img_s) in grid.items():
+        result = root / "runs" / name / "metrics.json"
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps({"top1": top1, "top5": top5, "val_loss": 0.91, "num_eval_images": 50000,
+                                      "keep_rate": kr, "params": 22050664, "dataset": "imagenet",
+                                      "provenance": {"torch": META["torch"]}}))
+        experiments.append({"name": name, "arch": f"evit_deit_small_patch16_{img}", "img_size": img,
+                            "keep_rate": kr, "fuse_token": fuse, "tables": tabs, "paper": paper,
+                            "result": str(result)})
+        spec = f"evit_deit_small_patch16_{img}:keep_rate={kr},fuse_token={str(fuse).lower()}"
+        bench.append(dict(label=name, spec=spec, img_size=img, gmacs=gmacs, img_s=img_s,
+                          img_s_q1=img_s * 0.99, img_s_q3=img_s * 1.01, img_s_min=img_s * 0.97,
+                          img_s_max=img_s * 1.02, **META))
+    bench = pd.DataFrame(bench)
+    if bench_first:  # the bench's own speedup is over its first row, which need not be the baseline
+        bench = pd.concat([bench[bench.label == bench_first], bench[bench.label != bench_first]])
+    bench.insert(5, "speedup", bench["img_s"] / bench["img_s"].iloc[0])
+    bench_csv = root / "bench" / "throughput.csv"
+    bench_csv.parent.mkdir(parents=True, exist_ok=True)
+    bench.to_csv(bench_csv, index=False)
+    spec = {"tables": tables, "experiments": experiments} | ({"dataset": dataset} if dataset else {})
+    exp_file = root / "experiments.yaml"
+    exp_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return {"experiments": exp_file, "bench": bench_csv, "out_dir": root / "out"}
+
+
+def run_report(inputs: dict, reference: Path = REFERENCE) -> list[Path]:
+    return R.report(inputs["experiments"], inputs["bench"], reference, inputs["out_dir"], log=lambda m: None)
+
+
+def read_table(out_dir: Path, table: str) -> pd.DataFrame:
+    return pd.read_csv(out_dir / "tables" / f"{table}.csv", keep_default_na=False, na_values=[""])
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+    """One report over the paper grid, bench rows in an order whose first row is not the baseline."""
+    inputs = write_inputs(tmp_path_factory.mktemp("report"), bench_first="evit_s_0.5")
+    return inputs, run_report(inputs)
+
+
+def test_writes_every_table_and_figure(paper_run):
+    inputs, written = paper_run
+    out = inputs["out_dir"]
+    expected = {out / "tables" / f"{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex")}
+    expected |= {out / "figures" / f"{f}.{ext}" for f in R.FIGURES for ext in ("png", "pdf")}
+    assert set(written) == expected
+    for name in R.FIGURES:
+        png, pdf = (out / "figures" / f"{name}.{ext}" for ext in ("png", "pdf"))
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
+        assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5_000
+
+
+def test_table_rows_columns_and_values(paper_run):
+    inputs, _ = paper_run
+    main = read_table(inputs["out_dir"], "main")
+    assert list(main["experiment"]) == ["deit_s", "evit_s_0.9", "evit_s_0.8", "evit_s_0.7", "evit_s_0.6",
+                                        "evit_s_0.5"]
+    assert list(main.columns[:16]) == list(R.TABLE_COLUMNS)
+    assert {"device", "threads", "dtype", "batch_size", "bench_date", "torch", "timm"} <= set(main.columns)
+    row = main.set_index("experiment").loc["evit_s_0.7"]
+    assert row["top1"] == pytest.approx(79.47) and row["gmacs"] == pytest.approx(3.030)
+    # speedup over the table's baseline deit_s, not over the bench CSV's first row (evit_s_0.5)
+    assert row["speedup"] == pytest.approx(11900 / 8120)
+    assert main.set_index("experiment").loc["deit_s", "speedup"] == pytest.approx(1.0)
+    assert row["paper_top1"] == 79.5 and row["paper_gmacs"] == 3.0 and row["paper_img_s"] == 4385
+    assert row["delta_top1"] == pytest.approx(79.47 - 79.5)
+    assert row["delta_gmacs"] == pytest.approx(3.030 - 3.0)
+
+    fusion = read_table(inputs["out_dir"], "fusion")
+    assert len(fusion) == 11 and list(fusion["fuse_token"]) == [True] * 6 + [False] * 5
+    resolution = read_table(inputs["out_dir"], "resolution")
+    assert list(resolution["experiment"]) == ["deit_s", "evit_s_0.7", "evit_s_272_0.7", "evit_s_288_0.6",
+                                              "evit_s_304_0.5"]
+    assert list(resolution["img_size"]) == [224, 224, 272, 288, 304]
+
+
+def test_markdown_values_and_provenance(paper_run):
+    inputs, _ = paper_run
+    md = (inputs["out_dir"] / "tables" / "main.md").read_text()
+    assert md.startswith("**EViT-DeiT-S keep-rate sweep (fused); top-1/top-5 on ImageNet-1k.**")
+    header = next(line for line in md.splitlines() if line.startswith("| experiment"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())
+    row = next(line for line in md.splitlines() if line.startswith("| evit_s_0.7 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:10] == ["evit_s_0.7", "0.7", "yes", "224", "79.47", "94.77", "3.03", "11900.0", "1.47", "79.5"]
+    assert cells[10] == "-0.03"  # Δ top-1 = ours - paper
+    footer = md.strip().splitlines()[-1]
+    for fact in ("NVIDIA H100 80GB HBM3", "16 threads", "bf16", "batch 256", "2026-11-20 14:03 UTC",
+                 "torch 2.5.1+cu124", "timm 1.0.12", "EViT official README"):
+        assert fact in footer
+    assert "nan" not in md.lower()
+
+
+def test_unknown_paper_values_are_blank(paper_run):
+    inputs, _ = paper_run
+    out = inputs["out_dir"]
+    main = read_table(out, "main").set_index("experiment")
+    # the reference has no DeiT-S img/s, so there is no paper speedup; DeiT-S img/s itself is unknown
+    assert main["paper_speedup"].isna().all() and main["delta_speedup"].isna().all()
+    assert pd.isna(main.loc["deit_s", "paper_img_s"])
+    resolution = read_table(out, "resolution").set_index("experiment")  # paper: null for the 272/288/304 runs
+    assert resolution.loc["evit_s_272_0.7", ["paper_top1", "paper_gmacs", "delta_top1"]].isna().all()
+    csv_row = next(line for line in (out / "tables" / "resolution.csv").read_text().splitlines()
+                   if line.startswith("evit_s_288"))
+    assert ",,,,,,," in csv_row  # blank, not NaN or 0
+    md_row = next(line for line in (out / "tables" / "resolution.md").read_text().splitlines()
+                  if line.startswith("| evit_s_288"))
+    assert [c.strip() for c in md_row.strip("|").split("|")][9:] == [""] * 7
+    for table in TABLES:
+        for ext in ("md", "csv", "tex"):
+            assert not re.search(r"\bnan\b", (out / "tables" / f"{table}.{ext}").read_text(), re.I)
+
+
+def test_paper_speedup_where_the_paper_gives_both(tmp_path):
+    reference = tmp_path / "paper.csv"
+    ref = pd.read_csv(REFERENCE)
+    ref.loc[ref["ref"] == "deit_small", "img_s"] = 2923
+    ref.to_csv(reference, index=False)
+    inputs = write_inputs(tmp_path)
+    results = R.load_results(inputs["experiments"], inputs["bench"], reference)
+    row = results[(results["table"] == "main") & (results["experiment"] == "evit_s_0.7")].iloc[0]
+    assert row["paper_speedup"] == pytest.approx(4385 / 2923)
+    assert row["delta_speedup"] == pytest.approx(11900 / 8120 - 4385 / 2923)
+    assert results[results["experiment"] == "evit_s_272_0.7"]["paper_speedup"].isna().all()
+
+
+def test_speedup_is_over_each_tables_own_baseline(tmp_path):
+    tables = {**TABLES, "fusion": {"title": "Fusion ablation", "baseline": "evit_s_0.7"}}
+    inputs = write_inputs(tmp_path, tables=tables)
+    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    speedup = results.set_index(["table", "experiment"])["speedup"]
+    assert speedup["fusion", "evit_s_0.7"] == pytest.approx(1.0)
+    assert speedup["fusion", "deit_s"] == pytest.approx(8120 / 11900)
+    assert speedup["main", "evit_s_0.7"] == pytest.approx(11900 / 8120)
+
+
+def test_tex_is_booktabs_with_caption(paper_run):
+    inputs, _ = paper_run
+    tex = (inputs["out_dir"] / "tables" / "fusion.tex").read_text()
+    assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
+    assert r"\hline" not in tex
+    caption = re.search(r"\\caption\{(.*)\}", tex).group(1)
+    assert "Fusion ablation" in caption and "NVIDIA H100 80GB HBM3 (16 threads), bf16, batch 256" in caption
+    assert "torch 2.5.1+cu124, timm 1.0.12" in caption
+    assert r"\label{tab:fusion}" in tex
+    assert r"evit\_s\_0.7\_nofuse" in tex and r"$\Delta$ top-1" in tex
+    assert tex.count(r"\\") == 12  # header + 11 rows
+
+
+def test_adding_an_experiment_adds_its_row(tmp_path):
+    grid = {**GRID, "evit_s_0.4": (224, 0.4, True, ["main", "fusion"], None, 77.1, 93.5, 2.03, 17000.0)}
+    inputs = write_inputs(tmp_path, grid=grid)
+    run_report(inputs)
+    main = read_table(inputs["out_dir"], "main")
+    assert len(main) == 7 and main["experiment"].iloc[-1] == "evit_s_0.4"
+    assert main["speedup"].iloc[-1] == pytest.approx(17000 / 8120)
+    assert len(read_table(inputs["out_dir"], "fusion")) == 12
+    assert len(read_table(inputs["out_dir"], "resolution")) == 5
+
+
+def _break_missing_result(inputs):
+    (inputs["experiments"].parent / "runs" / "evit_s_0.6" / "metrics.json").unlink()
+
+
+def _break_bench(inputs):
+    bench = pd.read_csv(inputs["bench"])
+    bench[bench["label"] != "evit_s_0.8_nofuse"].to_csv(inputs["bench"], index=False)
+
+
+def _edit_experiments(edit):
+    def apply(inputs):
+        spec = yaml.safe_load(inputs["experiments"].read_text())
+        edit(spec)
+        inputs["experiments"].write_text(yaml.safe_dump(spec))
+    return apply
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (_break_missing_result, r"missing result files: evit_s_0\.6: .*runs/evit_s_0\.6/metrics\.json"),
+    (_break_bench, r"experiments missing from the bench CSV .*throughput\.csv: evit_s_0\.8_nofuse"),
+    (_edit_experiments(lambda s: s["tables"]["fusion"].update(baseline="deit_b")),
+     r"tables name an unknown baseline experiment: fusion \(baseline deit_b\)"),
+    (_edit_experiments(lambda s: s["experiments"][3].update(paper="evit_deit_small_0.7")),
+     r"unknown paper refs, not in .*paper\.csv: evit_s_0\.7 \(paper: evit_deit_small_0\.7\)"),
+    (_edit_experiments(lambda s: s["experiments"][2].update(tables=["main", "mian"])),
+     r"experiments list unknown tables: evit_s_0\.8 lists 'mian'"),
+    (_edit_experiments(lambda s: s["experiments"][1].pop("keep_rate")), r"evit_s_0\.9 lacks 'keep_rate'"),
+], ids=["missing-result", "missing-bench", "unknown-baseline", "unknown-paper-ref", "unknown-table", "no-keep-rate"])
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, breakage, message):
+    inputs = write_inputs(tmp_path)
+    breakage(inputs)
+    with pytest.raises(R.ReportError, match=message):
+        run_report(inputs)
+    assert not inputs["out_dir"].exists()
+
+
+def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsys):
+    from evit import cli
+
+    assert "evit.report" in cli.COMMAND_MODULES
+    parser = argparse.ArgumentParser(prog="evit")
+    R.add_commands(parser.add_subparsers(dest="command", required=True))
+    inputs = write_inputs(tmp_path, grid={k: GRID[k] for k in ("deit_s", "evit_s_0.7", "evit_s_0.7_nofuse")},
+                          dataset=None)
+    argv = ["report", "--experiments", str(inputs["experiments"]), "--bench", str(inputs["bench"]),
+            "--reference", str(REFERENCE), "--out-dir", str(inputs["out_dir"])]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 * 3 + 2 * 2 and all(line.startswith("wrote ") for line in lines)
+    assert f"wrote {inputs['out_dir'] / 'tables' / 'main.tex'}" in lines
+    # no top-level dataset: taken from the metrics files
+    assert "top-1/top-5 on imagenet." in (inputs["out_dir"] / "tables" / "main.md").read_text()
+
+    bench = pd.read_csv(inputs["bench"])
+    bench[bench["label"] != "evit_s_0.7_nofuse"].to_csv(inputs["bench"], index=False)
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"evit report: error: experiments missing from the bench CSV {inputs['bench']}: evit_s_0.7_nofuse")
