@@ -5,13 +5,13 @@ UV := $(PYTHON) -m uv
 VENV := .venv
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: env data test clean
+.PHONY: env data test demo clean
 
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen --extra test
+	$(UV) sync --frozen --extra test --compile-bytecode
 	@touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist (real images, installs offline from the Debian mirror).
@@ -20,6 +20,10 @@ data:
 
 test: env data
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The whole grid in miniature on Fashion-MNIST (workflow/config/demo.yaml), runs as local subprocesses.
+demo: env data
+	$(VENV)/bin/snakemake --profile workflow/profiles/local all
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -55,6 +55,16 @@ def _experiment_table():
     return experiments
 
 
+def _check_data_root():
+    data = config["run_defaults"].get("data", {})
+    if data.get("dataset") in ("imagenet", "folder"):
+        root = Path(str(data.get("root")))
+        if not ((root / "train").is_dir() and (root / "val").is_dir()):
+            raise ValueError(f"config: run_defaults data.root {root} is not a {data['dataset']} directory "
+                             "(expected root/train/<class>/* and root/val/<class>/*); set data.root")
+
+
+_check_data_root()
 EXPERIMENTS = _experiment_table()
 TABLES = list(config["tables"])
 

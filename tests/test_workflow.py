@@ -1,0 +1,167 @@
+"""The Snakemake workflow: config validation, the paper grid's dry run, tables from checkpoints, and SLURM."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+
+import evit  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+TINY_MODEL = {"patch_size": 4, "drop_path": 0.0, "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}}
+
+
+def snakemake(*args, cwd=ROOT, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=1200)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_config(results: Path, experiments: list[dict], **extra) -> dict:
+    """A small version of the demo config: a 4-block EViT on Fashion-MNIST subsets."""
+    cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
+    cfg["results"] = str(results)
+    cfg["run_defaults"]["model"] = TINY_MODEL
+    cfg["run_defaults"]["data"].update(train_subset=512, val_subset=256)
+    cfg["run_defaults"]["train"].update(batch_size=64)
+    cfg["experiment_defaults"].update(drop_loc=[1, 2], epochs=1, init=experiments[0]["name"])
+    cfg["experiment_defaults"]["run"]["train"]["train_subset"] = 512
+    cfg["bench"].update(batch_size=8, warmup=1, rounds=2, iters=1)
+    cfg["visualize"] = {"experiment": experiments[-1]["name"], "num_images": 2}
+    cfg["tables"] = {"main": {"title": "tiny", "baseline": experiments[0]["name"]}}
+    cfg["experiments"] = experiments
+    cfg.update(extra)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def job_counts(dry_run_output: str) -> dict:
+    """{rule: count} from the 'Job stats' table of `snakemake -n`."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ config validation
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(epochs_total=3), "Additional properties are not allowed ('epochs_total' was unexpected)"),
+    (lambda c: c["experiments"][1].update(keep_rate=1.7), "1.7 is greater than the maximum of 1"),
+    (lambda c: c["experiments"][1].update(recipe="distill"), "'distill' is not one of"),
+    (lambda c: c["experiments"][1].update(init="deit_x"), "has init 'deit_x', which is neither an experiment"),
+    (lambda c: c["tables"]["main"].update(baseline="nope"), "table 'main' has unknown baseline experiment 'nope'"),
+    (lambda c: c.update(checkpoints={"ghost": "/x.pth"}), "checkpoints maps unknown experiment 'ghost'"),
+    (lambda c: c["experiments"][2].update(tables=["main", "apendix"]), "unknown table(s) ['apendix']"),
+])
+def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
+    cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    mutate(cfg)
+    proc = snakemake("-n", "--configfile", str(write_config(tmp_path / "bad.yaml", cfg)), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_paper_dry_run_lists_the_paper_grid(tmp_path):
+    imagenet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (imagenet / split / "n01440764").mkdir(parents=True)
+    overlay = write_config(tmp_path / "site.yaml", {
+        "results": str(tmp_path / "results"),
+        "run_defaults": {"data": {"dataset": "imagenet", "root": str(imagenet), "num_workers": 10},
+                         "train": {"batch_size": 256, "amp": "bf16"}, "eval": {"batch_size": 256}},
+    })
+    proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(overlay), "--config", "backend=slurm")
+    assert job_counts(proc.stdout) == {
+        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 14,
+        "train": 14, "visualize": 1,
+    }
+    for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5"):
+        assert f"{tmp_path}/results/runs/{exp}/metrics.json" in proc.stdout
+
+
+def test_paper_config_requires_the_imagenet_root(tmp_path):
+    proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml",
+                     "--config", f"results={tmp_path}/results", check=False)
+    assert proc.returncode != 0
+    assert "data.root /datasets/imagenet" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ runs end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of the tiny architecture, as an official release would be: a raw {"model": state_dict}."""
+    torch.manual_seed(0)
+    model = timm.create_model("evit_deit_tiny_patch16_224", img_size=28, num_classes=10, drop_loc=(1, 2),
+                              **{"patch_size": 4, **TINY_MODEL["kwargs"]})
+    path = tmp_path_factory.mktemp("ckpt") / "released.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_path, tiny_checkpoint):
+    results = tmp_path / "results"
+    experiments = [
+        {"name": "base", "tables": ["main"], "paper": "deit_small"},
+        {"name": "evit_0.5", "keep_rate": 0.5, "tables": ["main"], "paper": "evit_deit_small_0.5_fused"},
+    ]
+    mapped = {"base": str(tiny_checkpoint), "evit_0.5": str(tiny_checkpoint)}  # DeiT weights, evaluated as EViT
+    cfg = tiny_config(results, experiments, checkpoints=mapped, backend="inline")
+    config_file = write_config(tmp_path / "c.yaml", cfg)
+    snakemake("--cores", "2", "--configfile", str(config_file), "all")
+    table = pd.read_csv(results / "tables/main.csv")
+    assert len(table) == 2
+    assert not list((results / "runs").glob("*/checkpoint.pth"))  # nothing was trained
+    assert "Nothing to be done" in snakemake("-n", "--configfile", str(config_file), "all").stdout
+
+    cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})
+    write_config(config_file, cfg)
+    proc = snakemake("-n", "--configfile", str(config_file), "all")
+    assert "evaluate" in job_counts(proc.stdout) and job_counts(proc.stdout)["evaluate"] == 1
+    snakemake("--cores", "2", "--configfile", str(config_file), "all")
+    table = pd.read_csv(results / "tables/main.csv")
+    assert len(table) == 3
+    assert table.iloc[:, 0].astype(str).str.contains("evit_0.7").any()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_workflow_with_the_slurm_profile_trains_through_sbatch(tmp_path):
+    results = tmp_path / "results"
+    experiments = [
+        {"name": "base", "recipe": "demo", "init": None, "tables": ["main"], "paper": "deit_small"},
+        {"name": "evit_0.5", "keep_rate": 0.5, "tables": ["main"]},
+    ]
+    cfg = tiny_config(results, experiments)
+    cfg["launcher"].update(cpus_per_task=1, timeout_min=10)
+    config_file = write_config(tmp_path / "c.yaml", cfg)
+    snakemake("--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile", str(config_file), "all")
+    assert len(pd.read_csv(results / "tables/main.csv")) == 2
+    job_ids = {exp["name"]: yaml.safe_load((results / "runs" / exp["name"] / "job.json").read_text())["job_id"]
+               for exp in experiments}
+    for name, jid in job_ids.items():
+        state = subprocess.run(["sacct", "-j", jid, "-n", "-X", "-o", "State"], capture_output=True, text=True)
+        assert state.stdout.split() == ["COMPLETED"], (name, state.stdout)
