@@ -1,0 +1,398 @@
+"""Datasets, transforms and samplers for `evit train` / `evit eval`.
+
+Datasets (``data.dataset`` in the run config):
+
+- ``imagenet``: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``; classes are the sorted wnids,
+  as in timm and DeiT.
+- ``folder``: any ImageFolder tree ``root/{train,val}/<class>/<image>``; classes are the sorted folder names.
+- ``fashion_mnist``: the four IDX ``.gz`` files of Fashion-MNIST (default directory
+  ``/usr/share/datasets/fashion-mnist``, from Debian's ``dataset-fashion-mnist``); ``train`` = the 60k
+  training images, ``val`` = the 10k ``t10k`` test images. Decoded once into a uint8 tensor.
+
+Transforms (``train.augment``):
+
+- ``deit``: timm's ``create_transform`` with the DeiT recipe (RandAugment, random erasing, bicubic);
+  evaluation resizes to ``img_size / crop_pct`` and centre-crops.
+- ``demo``: light and fast, for small grey images: random crop with zero padding + horizontal flip,
+  done on uint8 tensors (no PIL); evaluation just resizes.
+- ``none``: no augmentation (evaluation transform for training too).
+
+Determinism: training samples are drawn by `TrainSampler`, which yields ``(index, sample_seed)`` pairs. The
+order is a function of (seed, epoch) and the seed of each sample a function of (seed, epoch, position), and
+`SeededDataset` reseeds python/numpy/torch before transforming a sample. So augmentation does not depend on
+which worker loads a sample, on ``num_workers``, or on where an interrupted epoch was resumed.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import random
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Fashion-MNIST training-set pixel statistics (grey, repeated over the three channels).
+FASHION_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_STD = (0.3530, 0.3530, 0.3530)
+
+DATASETS = ("imagenet", "folder", "fashion_mnist")
+AUGMENTS = ("deit", "demo", "none")
+DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(FileNotFoundError):
+    """A dataset is missing or not laid out as expected. The message names the path and the layout."""
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Decode one IDX file (optionally gzipped) into a numpy array of its declared dtype and shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise DatasetError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=offset)
+    if arr.size != math.prod(shape):
+        raise DatasetError(f"{path}: truncated IDX file ({arr.size} values, header says {shape})")
+    return arr.reshape(shape)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files. ``images`` is an (N, 28, 28) uint8 tensor, ``targets`` (N,) int64.
+
+    Items are ``(image, label)`` with the image a (1, 28, 28) uint8 tensor, or a PIL RGB image when
+    ``pil=True`` (for PIL-based transforms such as timm's).
+    """
+
+    classes = FASHION_CLASSES
+
+    def __init__(self, root: str | Path | None, split: str, pil: bool = False):
+        root = Path(root or DEFAULT_FASHION_DIR)
+        if split not in FASHION_FILES:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        files = [root / name for name in FASHION_FILES[split]]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise DatasetError(
+                f"Fashion-MNIST not found in {root}: missing {', '.join(missing)}. Expected the four IDX files "
+                f"{', '.join(n for pair in FASHION_FILES.values() for n in pair)} in that directory. Install them "
+                f"with `apt-get install dataset-fashion-mnist` (to {DEFAULT_FASHION_DIR}), or download the "
+                "dataset's public release files (github.com/zalandoresearch/fashion-mnist, data/fashion/) into a "
+                "directory and point data.root at it.")
+        images, labels = read_idx(files[0]), read_idx(files[1])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DatasetError(f"{root}: IDX shapes {images.shape} / {labels.shape} are not images (N,H,W) "
+                               "with N labels")
+        self.images = torch.from_numpy(images.copy())
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.pil = pil
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.pil:
+            from PIL import Image
+            return Image.fromarray(img.numpy(), mode="L").convert("RGB"), int(self.targets[i])
+        return img.unsqueeze(0), int(self.targets[i])
+
+
+def _check_folder_split(root: Path, split: str, dataset: str) -> Path:
+    layout = (f"{root}/{split}/<wnid>/*.JPEG (class order = sorted wnids)" if dataset == "imagenet"
+              else f"{root}/{split}/<class>/<image>")
+    d = root / split
+    if not root.is_dir():
+        raise DatasetError(f"{dataset} dataset root {root} does not exist; expected the layout {layout}")
+    if not d.is_dir():
+        raise DatasetError(f"{dataset} dataset: no {split}/ directory in {root}; expected the layout {layout}")
+    subdirs = [p for p in d.iterdir() if p.is_dir()]
+    if not subdirs:
+        loose = any(p.suffix.lower() in IMG_EXTENSIONS for p in d.iterdir())
+        hint = (" The images lie directly in it: sort them into one folder per class (for ImageNet val, e.g. "
+                "with the usual valprep.sh script)." if loose else "")
+        raise DatasetError(f"{dataset} dataset: {d} has no class folders; expected the layout {layout}.{hint}")
+    if dataset == "imagenet":
+        bad = sorted(p.name for p in subdirs if not re.fullmatch(r"n\d{8}", p.name))
+        if bad:
+            raise DatasetError(f"imagenet dataset: {d} has folders that are not wnids ({', '.join(bad[:5])}...); "
+                               f"expected the layout {layout}")
+    return d
+
+
+class ImageFolderDataset(Dataset):
+    """torchvision ImageFolder behind a clear layout check; items are ``(PIL RGB image, label)``."""
+
+    def __init__(self, root: str | Path, split: str, dataset: str = "folder", classes: Sequence[str] | None = None):
+        from torchvision.datasets import ImageFolder
+
+        root = Path(root)
+        d = _check_folder_split(root, split, dataset)
+        try:
+            self.folder = ImageFolder(str(d))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DatasetError(f"{dataset} dataset: cannot read {d} ({e}); expected {d}/<class>/<image>") from e
+        self.classes = self.folder.classes
+        if classes is not None and list(classes) != list(self.classes):
+            raise DatasetError(f"{dataset} dataset: the class folders of {d} ({len(self.classes)}) differ from "
+                               f"those of the training split ({len(classes)}); both splits need the same classes")
+        self.targets = self.folder.targets
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        return self.folder[i]
+
+
+def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
+    """The raw (untransformed) dataset for ``split`` in {'train', 'val'}."""
+    if name == "fashion_mnist":
+        return FashionMNIST(root, split, pil=pil)
+    if name in ("imagenet", "folder"):
+        if not root:
+            raise DatasetError(f"{name} dataset needs data.root (a directory with train/ and val/)")
+        return ImageFolderDataset(root, split, dataset=name)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def default_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# --------------------------------------------------------------------------------------------- transforms
+
+
+class DemoTrainTransform:
+    """Random crop with zero padding + horizontal flip on uint8 tensors, then resize/normalize to 3 channels.
+
+    Accepts a (C, H, W) uint8 tensor or a PIL image. Uses torch's global RNG (reseeded per sample by
+    `SeededDataset`).
+    """
+
+    accepts_tensor = True
+
+    def __init__(self, img_size: int, mean, std, padding: int = 2, hflip: float = 0.5):
+        self.img_size, self.padding, self.hflip = img_size, padding, hflip
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def _to_float(self, img) -> torch.Tensor:
+        if not isinstance(img, torch.Tensor):
+            img = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
+        x = img.float().div_(255)
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+        return x
+
+    def crop_flip(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.padding
+        if p:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (p, p, p, p))
+            i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = x[..., i:i + h, j:j + w]
+        if self.hflip and torch.rand(()) < self.hflip:
+            x = x.flip(-1)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def __call__(self, img) -> torch.Tensor:
+        return self.normalize(self.crop_flip(self._to_float(img))).contiguous()
+
+
+class DemoEvalTransform(DemoTrainTransform):
+    def __init__(self, img_size: int, mean, std):
+        super().__init__(img_size, mean, std, padding=0, hflip=0.0)
+
+    def __call__(self, img) -> torch.Tensor:
+        return self.normalize(self._to_float(img)).contiguous()
+
+
+def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *, aa: str | None = None,
+                    reprob: float = 0.0, color_jitter: float = 0.3, interpolation: str = "bicubic",
+                    crop_pct: float = 0.875, demo_padding: int = 2) -> Callable:
+    """Training or evaluation transform for ``augment`` in {'deit', 'demo', 'none'}."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if augment == "demo":
+        if is_training:
+            return DemoTrainTransform(img_size, mean, std, padding=demo_padding)
+        return DemoEvalTransform(img_size, mean, std)
+    from timm.data import create_transform
+
+    if is_training and augment == "deit":
+        # DeiT main.py: create_transform(input_size, is_training=True, color_jitter, auto_augment,
+        # interpolation, re_prob, re_mode='pixel', re_count=1); its resize+crop for small inputs is unused here.
+        return create_transform(input_size=img_size, is_training=True, color_jitter=color_jitter,
+                                 auto_augment=aa or None, interpolation=interpolation, re_prob=reprob,
+                                 re_mode="pixel", re_count=1, mean=mean, std=std)
+    return create_transform(input_size=img_size, is_training=False, interpolation=interpolation,
+                            crop_pct=crop_pct, mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------------------------- seeding
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that is a deterministic hash of integer parts (splitmix64 chain)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        z = h
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and, lazily, CUDA) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+class SeededDataset(Dataset):
+    """Applies ``transform`` to a raw dataset, optionally on a fixed subset of its indices.
+
+    Indexed by an int (no reseeding: for deterministic evaluation transforms) or by ``(index, seed)`` from
+    `TrainSampler`, in which case python/numpy/torch are seeded with ``seed`` before the transform runs.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable | None, indices: Sequence[int] | None = None):
+        self.base, self.transform = base, transform
+        self.indices = None if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, seed = key
+            seed_all(seed)
+        else:
+            i = key
+        img, target = self.base[i if self.indices is None else self.indices[i]]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def subset_indices(n: int, size: int | None) -> list[int] | None:
+    """A fixed random subset (independent of the run seed) of ``size`` indices out of n, sorted; None = all."""
+    if size is None or size >= n:
+        return None
+    g = torch.Generator().manual_seed(0)
+    return sorted(torch.randperm(n, generator=g)[:size].tolist())
+
+
+# --------------------------------------------------------------------------------------------- samplers
+
+
+class TrainSampler(Sampler):
+    """Per-rank training sampler yielding ``(index, sample_seed)``; everything is a function of (seed, epoch).
+
+    - ``repeats == 1``: a permutation of the dataset, sharded ``rank::world_size`` and padded by wrapping so
+      that every rank gets the same number of samples (DistributedSampler behaviour).
+    - ``repeats > 1``: timm's `RepeatAugSampler` (DeiT's repeated augmentation), its epoch set to a hash of
+      (seed, epoch) so the order depends on the seed too.
+
+    ``set_epoch(epoch, start)`` skips the first ``start`` samples of this rank's shard (mid-epoch resume).
+    A sample's seed depends on (seed, epoch, its position in the epoch's global sequence), not on ``start``,
+    so an image gets the same augmentation whatever the number of processes.
+    """
+
+    def __init__(self, n: int, *, seed: int, world_size: int = 1, rank: int = 0, shuffle: bool = True,
+                 repeats: int = 1):
+        self.n, self.seed, self.world_size, self.rank = n, seed, world_size, rank
+        self.shuffle, self.repeats = shuffle, repeats
+        self.epoch, self.start = 0, 0
+        if repeats > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            self._ra = RepeatAugSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                        num_repeats=repeats)
+            self.num_samples = len(self._ra)
+        else:
+            self._ra = None
+            self.num_samples = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "n": self.n,
+                "world_size": self.world_size, "rank": self.rank, "repeats": self.repeats}
+
+    def indices(self) -> list[int]:
+        """This rank's full index list for the current epoch (before skipping ``start``)."""
+        epoch_seed = mix_seed(self.seed, self.epoch, 0x5A3)
+        if self._ra is not None:
+            self._ra.set_epoch(epoch_seed)
+            return list(iter(self._ra))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.num_samples * self.world_size
+        order += order[: total - len(order)] if total > len(order) else []
+        return order[self.rank: total: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        idx = self.indices()
+        base = mix_seed(self.seed, self.epoch)
+        for pos in range(self.start, len(idx)):
+            # position `pos` of this rank's shard is position rank + world_size * pos of the epoch's sequence
+            yield idx[pos], mix_seed(base, self.rank + self.world_size * pos)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler):
+    """Exact evaluation sharding: rank r gets indices r, r+W, r+2W, ... of range(n); no padding, so every
+    image is seen exactly once over all ranks (shards differ in length by at most one)."""
+
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0):
+        self.n, self.world_size, self.rank = n, world_size, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))

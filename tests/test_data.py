@@ -1,0 +1,209 @@
+"""Datasets, transforms and samplers (evit/data.py), on the real Fashion-MNIST files."""
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evit import data as D
+
+FASHION = Path(D.DEFAULT_FASHION_DIR)
+
+
+@pytest.fixture(scope="module")
+def fashion_val():
+    return D.FashionMNIST(FASHION, "val")
+
+
+def test_fashion_mnist_idx_decoding(fashion_val):
+    train = D.FashionMNIST(None, "train")       # None = the Debian package's directory
+    assert train.images.shape == (60000, 28, 28) and train.images.dtype == torch.uint8
+    assert fashion_val.images.shape == (10000, 28, 28)
+    # the dataset is balanced: 6000 / 1000 images per class
+    assert torch.bincount(train.targets).tolist() == [6000] * 10
+    assert torch.bincount(fashion_val.targets).tolist() == [1000] * 10
+    # objects on a black background: corners dark, centre bright on average
+    mean = fashion_val.images.float().mean(0)
+    assert mean[:3, :3].mean() < 5 and mean[10:18, 10:18].mean() > 100
+    img, label = fashion_val[0]
+    assert img.shape == (1, 28, 28) and img.dtype == torch.uint8 and label == int(fashion_val.targets[0])
+
+
+def test_fashion_mnist_pil_items_are_rgb(fashion_val):
+    ds = D.FashionMNIST(FASHION, "val", pil=True)
+    img, label = ds[3]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (28, 28)
+    arr = np.asarray(img)
+    assert (arr[..., 0] == fashion_val.images[3].numpy()).all() and (arr[..., 0] == arr[..., 2]).all()
+
+
+def test_missing_fashion_mnist_error_says_how_to_get_it(tmp_path):
+    with pytest.raises(D.DatasetError) as e:
+        D.FashionMNIST(tmp_path / "nowhere", "train")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "train-images-idx3-ubyte.gz" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert isinstance(e.value, FileNotFoundError)
+
+
+def test_corrupt_idx_is_a_clear_error(tmp_path):
+    for name in D.FASHION_FILES["val"]:
+        shutil.copy(FASHION / name, tmp_path / name)
+    data = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(D.DatasetError, match="truncated"):
+        D.FashionMNIST(tmp_path, "val")
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(b"\x12\x34" + data[2:100])
+    with pytest.raises(D.DatasetError, match="magic"):
+        D.FashionMNIST(tmp_path, "val")
+
+
+def _write_images(d: Path, images, ext=".JPEG"):
+    d.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img.numpy()).convert("RGB").save(d / f"img{i}{ext}", format="PNG")
+
+
+def test_imagenet_layout_and_errors(tmp_path, fashion_val):
+    root = tmp_path / "imagenet"
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    for split, n in (("train", 3), ("val", 2)):
+        for c, w in enumerate(reversed(wnids)):   # created out of order: classes must come out sorted
+            _write_images(root / split / w, fashion_val.images[c * 5: c * 5 + n])
+    ds = D.build_dataset("imagenet", str(root), "val")
+    assert ds.classes == sorted(wnids) and len(ds) == 6
+    img, label = ds[0]
+    assert img.mode == "RGB" and label == 0
+
+    with pytest.raises(D.DatasetError, match="does not exist") as e:
+        D.build_dataset("imagenet", str(tmp_path / "absent"), "train")
+    assert "train/<wnid>/*.JPEG" in str(e.value)
+
+    flat = tmp_path / "flat"
+    _write_images(flat / "train" / "n01440764", fashion_val.images[:2])
+    _write_images(flat / "val", fashion_val.images[:2])     # ImageNet val as downloaded: no class folders
+    with pytest.raises(D.DatasetError, match="valprep") as e:
+        D.build_dataset("imagenet", str(flat), "val")
+    assert str(flat / "val") in str(e.value)
+
+    odd = tmp_path / "odd"
+    _write_images(odd / "val" / "cats", fashion_val.images[:2])
+    with pytest.raises(D.DatasetError, match="not wnids"):
+        D.build_dataset("imagenet", str(odd), "val")
+    assert D.build_dataset("folder", str(odd), "val").classes == ["cats"]   # any names for `folder`
+    with pytest.raises(D.DatasetError, match="no train/ directory"):
+        D.build_dataset("folder", str(odd), "train")
+
+
+def test_demo_transforms(fashion_val):
+    mean, std = D.FASHION_MEAN, D.FASHION_STD
+    tr = D.build_transform("demo", True, 28, mean, std)
+    ev = D.build_transform("demo", False, 28, mean, std)
+    img = fashion_val[7][0]
+    x = ev(img)
+    assert x.shape == (3, 28, 28) and x.dtype == torch.float32
+    expected = (img.float() / 255 - mean[0]) / std[0]
+    torch.testing.assert_close(x[1:2], expected)
+    # training: the same seed gives the same augmentation, other seeds other crops/flips
+    outs = []
+    for seed in range(8):
+        D.seed_all(seed)
+        outs.append(tr(img))
+    D.seed_all(3)
+    assert torch.equal(tr(img), outs[3])
+    assert len({o.sum().item() for o in outs}) > 1
+    # crops are shifted copies: every output equals the eval image shifted by <= 2 px, maybe flipped
+    background = (0 - mean[0]) / std[0]
+    padded = torch.nn.functional.pad(expected, (2, 2, 2, 2), value=background)
+    for o in outs:
+        cands = [padded[:, i:i + 28, j:j + 28] for i in range(5) for j in range(5)]
+        assert any(torch.allclose(o[0:1], c) or torch.allclose(o[0:1], c.flip(-1)) for c in cands)
+    # resizing to another size
+    assert D.build_transform("demo", False, 32, mean, std)(img).shape == (3, 32, 32)
+
+
+def test_deit_transforms_via_timm(fashion_val):
+    pil = D.FashionMNIST(FASHION, "val", pil=True)[0][0]
+    tr = D.build_transform("deit", True, 32, D.IMAGENET_MEAN, D.IMAGENET_STD, aa="rand-m9-mstd0.5-inc1",
+                           reprob=0.25)
+    names = " ".join(type(t).__name__ for t in tr.transforms)
+    assert "RandomResizedCrop" in names and "RandAugment" in names and "RandomErasing" in names
+    D.seed_all(0)
+    a = tr(pil)
+    D.seed_all(0)
+    assert torch.equal(a, tr(pil)) and a.shape == (3, 32, 32)
+    ev = D.build_transform("deit", False, 224, D.IMAGENET_MEAN, D.IMAGENET_STD, crop_pct=0.875)
+    assert [type(t).__name__ for t in ev.transforms][:2] == ["Resize", "CenterCrop"]
+    assert ev.transforms[0].size == 256 and ev(pil).shape == (3, 224, 224)   # DeiT: 224 / 0.875
+
+
+def test_train_sampler_is_a_function_of_seed_and_epoch():
+    s = D.TrainSampler(100, seed=1)
+    s.set_epoch(0)
+    a = list(s)
+    assert sorted(i for i, _ in a) == list(range(100))
+    s2 = D.TrainSampler(100, seed=1)
+    s2.set_epoch(0)
+    assert list(s2) == a
+    s2.set_epoch(1)
+    assert [i for i, _ in s2] != [i for i, _ in a]
+    s3 = D.TrainSampler(100, seed=2)
+    s3.set_epoch(0)
+    assert [i for i, _ in s3] != [i for i, _ in a]
+    # resuming mid-epoch yields exactly the rest, with the same per-sample seeds
+    s.set_epoch(0, start=40)
+    assert list(s) == a[40:] and len(s) == 60
+    assert len({seed for _, seed in a}) == 100
+
+
+def test_train_sampler_shards_and_repeats():
+    shards = []
+    for rank in range(3):
+        s = D.TrainSampler(100, seed=0, world_size=3, rank=rank)
+        s.set_epoch(5)
+        shards.append([i for i, _ in s])
+    assert [len(x) for x in shards] == [34, 34, 34]          # padded by wrapping, as DistributedSampler
+    assert set().union(*map(set, shards)) == set(range(100))
+    ra = [D.TrainSampler(600, seed=0, world_size=3, rank=r, repeats=3) for r in range(3)]
+    for s in ra:
+        s.set_epoch(0)
+    idx = [[i for i, _ in s] for s in ra]
+    assert all(len(x) == 512 // 3 for x in idx)               # DeiT's RASampler: ~len/world per rank
+    # repeated augmentation: the k-th sample of each rank is the same image (3 repeats over 3 ranks)
+    assert idx[0] == idx[1] == idx[2]
+
+
+@pytest.mark.parametrize("n,world", [(101, 2), (10, 3), (2, 4)])
+def test_shard_sampler_covers_each_index_once(n, world):
+    seen = [i for r in range(world) for i in D.ShardSampler(n, world, r)]
+    assert sorted(seen) == list(range(n))
+    assert sum(len(D.ShardSampler(n, world, r)) for r in range(world)) == n
+
+
+def test_augmentation_independent_of_workers(fashion_val):
+    """Same sampler, 0 vs 2 workers: bitwise the same augmented batches (per-sample seeding)."""
+    tf = D.build_transform("demo", True, 28, D.FASHION_MEAN, D.FASHION_STD)
+    ds = D.SeededDataset(fashion_val, tf, D.subset_indices(len(fashion_val), 96))
+    batches = []
+    for workers in (0, 2):
+        s = D.TrainSampler(len(ds), seed=3)
+        s.set_epoch(2)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=torch.utils.data.BatchSampler(s, 16, True),
+                                             num_workers=workers)
+        batches.append(list(loader))
+    assert len(batches[0]) == 6
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_subset_indices():
+    a = D.subset_indices(1000, 10)
+    assert a == sorted(a) and len(set(a)) == 10 and a == D.subset_indices(1000, 10)
+    assert D.subset_indices(10, 10) is None and D.subset_indices(10, None) is None
