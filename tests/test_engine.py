@@ -1,0 +1,210 @@
+"""The engine: keep-rate schedule, distributed helpers, exact distributed evaluation, the training step."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+
+import evit  # noqa: F401  (registers the EViT models)
+from evit import data as D
+from evit import engine as E
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP threads on a shared 2-core machine stall badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------- keep rate
+
+
+def test_keep_rate_schedule_values():
+    ipe, r = 10, 0.7
+    f = lambda s: E.keep_rate_at(s, ipe, r, shrink_start=2, shrink_epochs=4)  # noqa: E731
+    assert [f(s) for s in (0, 5, 19)] == [1.0, 1.0, 1.0]            # before shrink_start epochs
+    assert f(20) == pytest.approx(1.0)                              # t = 0: cos(0) -> 1
+    assert f(40) == pytest.approx(r + (1 - r) / 2)                  # t = T/2
+    assert f(30) == pytest.approx(r + (1 - r) * (math.cos(math.pi / 4) + 1) / 2)
+    assert f(59) > r and f(60) == r and f(10_000) == r               # T = ipe * shrink_epochs = 40
+    values = [f(s) for s in range(80)]
+    assert all(a >= b for a, b in zip(values, values[1:]))          # non-increasing
+    # fine-tuning: shrink 0/0 = the target from the first step
+    assert E.keep_rate_at(0, ipe, 0.5, 0, 0) == 0.5
+    # a target of 1 never shrinks
+    assert E.keep_rate_at(35, ipe, 1.0, 0, 1) == 1.0
+    # the paper's recipe: 1 for 10 epochs, cosine over 100, then the target
+    paper = lambda e: E.keep_rate_at(int(e * 1000), 1000, 0.7, 10, 100)  # noqa: E731
+    assert paper(9.99) == 1.0 and paper(60) == pytest.approx(0.85) and paper(110) == 0.7
+
+
+# --------------------------------------------------------------------------------------------- distributed env
+
+
+def test_dist_env_sources():
+    assert E.dist_env({}) == E.DistInfo()
+    info = E.dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert (info.rank, info.world_size, info.local_rank, info.source) == (3, 8, 1, "torchrun")
+    info = E.dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})
+    assert (info.rank, info.world_size, info.local_rank, info.source) == (5, 8, 1, "slurm")
+    # a single SLURM task is not distributed; torchrun's variables win over SLURM's
+    assert not E.dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).distributed
+    info = E.dist_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
+    assert (info.rank, info.world_size) == (1, 2)
+
+
+def test_first_slurm_host():
+    assert E.first_slurm_host("gpu[003-005,010],cpu1") == "gpu003"
+    assert E.first_slurm_host("node7") == "node7"
+    assert E.first_slurm_host("a-b[1,3]") == "a-b1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_model(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("evit_deit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=4,
+                             num_heads=2, num_classes=10, drop_loc=(1, 2), **kw)
+
+
+def _val_loader(world: int, rank: int, n: int = 101, batch: int = 8):
+    tf = D.build_transform("demo", False, 28, D.FASHION_MEAN, D.FASHION_STD)
+    ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, n))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=D.ShardSampler(len(ds), world, rank))
+
+
+def _ddp_eval_worker(rank: int, world: int, port: int, out):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    info = E.init_distributed(torch.device("cpu"))
+    try:
+        assert info.initialized_here and torch.distributed.get_backend() == "gloo"
+        res = E.evaluate(_tiny_model(keep_rate=0.7, fuse_token=True), _val_loader(world, rank), torch.device("cpu"))
+        out[rank] = res
+    finally:
+        E.cleanup_distributed(info)
+
+
+def test_distributed_evaluation_counts_every_image_once():
+    """2 gloo processes on 101 real images (odd): same counts and accuracy as one process."""
+    single = E.evaluate(_tiny_model(keep_rate=0.7, fuse_token=True), _val_loader(1, 0), torch.device("cpu"))
+    assert single["num_images"] == 101
+    ctx = mp.get_context("fork")          # fork: children start without re-importing torch/timm
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_ddp_eval_worker, args=(2, _free_port(), out), nprocs=2, start_method="fork")
+        results = dict(out)
+    for rank in (0, 1):
+        assert results[rank]["num_images"] == 101
+        assert results[rank]["top1"] == pytest.approx(single["top1"], abs=1e-9)
+        assert results[rank]["top5"] == pytest.approx(single["top5"], abs=1e-9)
+        assert results[rank]["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_evaluate_topk_by_hand():
+    model = _tiny_model()
+    loader = _val_loader(1, 0, n=37, batch=10)
+    res = E.evaluate(model, loader, torch.device("cpu"))
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in loader:
+            logits.append(model(x))
+            labels.append(y)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    top5 = logits.topk(5, -1).indices
+    assert res["num_images"] == 37
+    assert res["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean().item())
+    assert res["top5"] == pytest.approx(100 * (top5 == labels[:, None]).any(-1).float().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- training step
+
+
+class _Spy(torch.nn.Module):
+    """Wraps a model and records the keep rate and train/eval mode of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, keep_rate=None):
+        self.calls.append((keep_rate, self.model.training))
+        return self.model(x, keep_rate=keep_rate)
+
+
+def _train_batches(n_batches=6, batch=16):
+    tf = D.build_transform("demo", True, 28, D.FASHION_MEAN, D.FASHION_STD)
+    ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, n_batches * batch))
+    s = D.TrainSampler(len(ds), seed=0)
+    return torch.utils.data.DataLoader(ds, batch_sampler=torch.utils.data.BatchSampler(s, batch, True))
+
+
+def test_train_one_epoch_schedules_and_learns():
+    from timm.scheduler import create_scheduler_v2
+
+    spy = _Spy(_tiny_model(keep_rate=0.5, fuse_token=True))
+    opt = torch.optim.AdamW(spy.parameters(), lr=3e-3)
+    sched, _ = create_scheduler_v2(opt, "cosine", num_epochs=2, warmup_epochs=1, warmup_lr=1e-5, min_lr=0,
+                                   step_on_epochs=False, updates_per_epoch=6)
+    loader = _train_batches()
+    krf = lambda s: E.keep_rate_at(s, 6, 0.5, shrink_start=0.5, shrink_epochs=1)  # noqa: E731
+    lrs = []
+    state = E.TrainState()
+    ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), iters_per_epoch=6,
+                        seed=0, scheduler=sched, keep_rate_fn=krf,
+                        on_step=lambda s, loss, lr, kr: lrs.append(lr))
+    out0 = E.train_one_epoch(spy, loader, opt, state, ctx)
+    state.epoch, state.epoch_step, state.loss_sum = 1, 0, 0.0
+    out1 = E.train_one_epoch(spy, loader, opt, state, ctx)
+    assert state.step == 12 and state.phase == "idle"
+    assert [kr for kr, _ in spy.calls] == [krf(s) for s in range(12)]
+    assert all(training for _, training in spy.calls)
+    # per-iteration lr: linear warmup over epoch 0, then timm's cosine (over all 12 steps, warmup included)
+    assert lrs[0] == pytest.approx(1e-5) and lrs[3] == pytest.approx(1e-5 + 3 * (3e-3 - 1e-5) / 6)
+    assert lrs[6] == pytest.approx(3e-3 * (1 + math.cos(math.pi * 6 / 12)) / 2)
+    assert out1["train_loss"] < out0["train_loss"]                            # it learns
+
+    # fine-tuning mode: the model is held in eval mode (DropPath off) and trained all the same
+    spy.calls.clear()
+    before = [p.detach().clone() for p in spy.parameters()]
+    ctx.hold_eval, ctx.scheduler = True, None
+    E.train_one_epoch(spy, loader, opt, E.TrainState(), ctx)
+    assert not any(training for _, training in spy.calls)
+    assert any(not torch.equal(a, b) for a, b in zip(before, spy.parameters()))
+
+
+def test_non_finite_loss_stops_before_the_update():
+    model = _tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bad = [(torch.full((4, 3, 28, 28), float("nan")), torch.zeros(4, dtype=torch.long))]
+    before = [p.detach().clone() for p in model.parameters()]
+    state = E.TrainState(epoch=3, step=17)
+    ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), iters_per_epoch=1,
+                        seed=0)
+    with pytest.raises(E.NonFiniteLossError) as e:
+        E.train_one_epoch(model, bad, opt, state, ctx)
+    assert (e.value.epoch, e.value.step) == (3, 17) and math.isnan(e.value.loss)
+    assert "epoch 3, step 17" in str(e.value)
+    assert state.step == 17 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_provenance_fields():
+    p = E.provenance(config_hash="abc", device=torch.device("cpu"), world_size=1)
+    assert p["config_hash"] == "abc" and p["world_size"] == 1
+    assert p["torch"] == torch.__version__ and p["timm"] == timm.__version__
+    assert p["python"].count(".") == 2 and p["device"].startswith("cpu")
+    assert p["git_commit"] is None or len(p["git_commit"].split("-")[0]) == 40
