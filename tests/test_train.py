@@ -1,0 +1,436 @@
+"""Run configs, the Trainer (exact resume, checkpoints, failure), `evit train` and `evit eval`."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+import evit.train as T
+from evit import cli
+from evit import data as D
+from evit import engine as E
+
+
+def tiny_config(**sections) -> dict:
+    """A 4-block EViT (dim 32) on 256 real Fashion-MNIST training images; 8 steps per epoch, 3 epochs.
+
+    DropPath, Mixup/CutMix, label smoothing, random crops/flips and the keep-rate schedule are all on, so
+    that every random draw the engine makes is covered by the exact-resume tests."""
+    cfg = {
+        "model": {"arch": "evit_deit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "keep_rate": 0.7,
+                  "drop_loc": [1, 2], "drop_path": 0.1, "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+        "data": {"dataset": "fashion_mnist", "num_workers": 0, "train_subset": 256, "val_subset": 101},
+        "train": {"recipe": "demo", "epochs": 3, "batch_size": 32, "blr": 4e-3, "warmup_epochs": 1,
+                  "shrink_start": 0.5, "shrink_epochs": 1, "mixup": 0.8, "cutmix": 1.0, "seed": 1,
+                  "log_every": 100},
+        "eval": {"batch_size": 64},
+    }
+    for sec, values in sections.items():
+        cfg.setdefault(sec, {}).update(values)
+    return cfg
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"weights differ in {diff[:5]}"
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(ln)["train_loss"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP threads on a shared 2-core machine stall badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The reference: tiny_config trained in one go."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    metrics = T.Trainer(tiny_config(), run_dir)()
+    return run_dir, metrics
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_recipes():
+    cfg = T.resolve_config({"data": {"dataset": "imagenet", "root": "/data/imagenet"}})
+    t = cfg["train"]
+    assert t["recipe"] == "scratch" and t["epochs"] == 300 and t["blr"] == 5e-4 and t["warmup_epochs"] == 5
+    assert (t["mixup"], t["cutmix"], t["smoothing"], t["reprob"], t["repeated_aug"]) == (0.8, 1.0, 0.1, 0.25, 3)
+    assert t["aa"] == "rand-m9-mstd0.5-inc1" and (t["shrink_start"], t["shrink_epochs"]) == (10, 100)
+    assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["crop_pct"] == 0.875
+    assert cfg["data"]["mean"] == list(D.IMAGENET_MEAN)
+    ft = T.resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
+                           "train": {"recipe": "finetune", "init_checkpoint": "deit_s.pth", "epochs": 5}})["train"]
+    assert (ft["blr"], ft["min_lr"], ft["weight_decay"], ft["warmup_epochs"]) == (2e-5, 2e-6, 1e-6, 0)
+    assert (ft["shrink_start"], ft["shrink_epochs"], ft["hold_eval"], ft["epochs"]) == (0, 0, True, 5)
+    demo = T.resolve_config(tiny_config())
+    assert demo["eval"]["crop_pct"] == 1.0 and demo["model"]["num_classes"] == 10
+    assert demo["data"]["root"] is None and demo["data"]["mean"] == list(D.FASHION_MEAN)
+    # resolving is idempotent, and the launcher / meta sections pass through without entering the hash
+    assert T.resolve_config(demo) == demo
+    with_launcher = T.resolve_config(dict(tiny_config(), launcher={"partition": "gpu"}, meta={"exp": "x"}))
+    assert with_launcher["launcher"] == {"partition": "gpu"}
+    assert T.config_hash(with_launcher) == T.config_hash(demo)
+    # YAML 1.1 reads 1e-3 as a string: accepted as a number
+    assert T.resolve_config(tiny_config(train={"blr": "1e-3"}))["train"]["blr"] == 1e-3
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"trian": {}}, "trian: unknown section"),
+    ({"train": {"lr": 0.1}}, "train.lr: unknown key"),
+    ({"train": {"epochs": "ten"}}, "train.epochs: expected an integer"),
+    ({"train": {"epochs": 0}}, "train.epochs: expected a value >= 1"),
+    ({"train": {"amp": "fp8"}}, "train.amp: expected one of none, bf16, fp16"),
+    ({"model": {"keep_rate": 1.5}}, "model.keep_rate: expected a value <= 1.0"),
+    ({"model": {"keep_rate": 0}}, "model.keep_rate: expected a value > 0.0"),
+    ({"model": {"drop_loc": [3, "x"]}}, "model.drop_loc[1]: expected an integer"),
+    ({"model": {"arch": "deit_small_patch16_224", "keep_rate": 0.7}}, "model.keep_rate: 0.7 needs an EViT"),
+    ({"model": {"kwargs": {"img_size": 32}}}, "model.kwargs.img_size"),
+    ({"data": {"dataset": "imagenet"}}, "data.root: required"),
+    ({"data": {"dataset": "cifar"}}, "data.dataset: expected one of"),
+    ({"train": {"batch_size": 31}}, "train.batch_size: Mixup/CutMix need an even batch size"),
+    ({"train": {"recipe": "finetune", "mixup": 0, "cutmix": 0}}, "train.init_checkpoint"),
+    ({"eval": {"keep_rate": 0.5}, "model": {"arch": "vit_tiny_patch16_224", "keep_rate": 1.0}}, "eval.keep_rate"),
+])
+def test_config_errors_name_the_key(raw, key):
+    base = tiny_config()
+    for sec, values in raw.items():
+        base[sec] = dict(base.get(sec, {}), **values)
+    with pytest.raises(T.ConfigError) as e:
+        T.resolve_config(base)
+    assert key in str(e.value)
+
+
+def test_docstring_documents_every_key():
+    doc = T.__doc__
+    for sec, fields in T.SCHEMA.items():
+        assert f"``{sec}:``" in doc
+        for key in fields:
+            assert f"``{key}``" in doc, f"{sec}.{key} is not documented in evit.train's docstring"
+
+
+def test_overrides():
+    raw = T.apply_overrides({"train": {"epochs": 3}}, ["train.epochs=5", "model.drop_loc=[1, 2]", "meta.exp=a"])
+    assert raw == {"train": {"epochs": 5}, "model": {"drop_loc": [1, 2]}, "meta": {"exp": "a"}}
+    with pytest.raises(T.ConfigError, match="section.key=value"):
+        T.apply_overrides({}, ["train.epochs"])
+
+
+# --------------------------------------------------------------------------------------------- training runs
+
+
+def test_run_outputs(straight_run):
+    run_dir, metrics = straight_run
+    log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and [r["step"] for r in log] == [8, 16, 24]
+    for r in log:
+        for k in ("train_loss", "lr", "keep_rate", "top1", "top5", "img_per_s", "epoch_time_s", "train_time_s"):
+            assert isinstance(r[k], float), k
+    # the keep rate follows the schedule: start 0.5 epochs, cosine over 1 epoch, per iteration
+    assert log[0]["keep_rate"] == pytest.approx(E.keep_rate_at(7, 8, 0.7, 0.5, 1)) and log[2]["keep_rate"] == 0.7
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert metrics["num_eval_images"] == 101 and metrics["top1"] == log[-1]["top1"] > 10   # it learned a bit
+    assert metrics["params"] == sum(v.numel() for k, v in final_weights(run_dir).items())
+    prov = metrics["provenance"]
+    assert prov["config_hash"] == T.config_hash(T.resolve_config(tiny_config()))
+    assert prov["world_size"] == 1 and prov["torch"] == torch.__version__ and prov["timm"] == timm.__version__
+    assert {"git_commit", "python", "device"} <= prov.keys()
+    ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)   # weights_only-safe
+    assert (ckpt["epoch"], ckpt["step"]) == (3, 24)
+    assert {"optimizer", "scheduler", "scaler", "rng", "sampler", "config"} <= ckpt.keys()
+    assert {"python", "numpy", "torch", "cuda"} == ckpt["rng"].keys()
+    assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) == T.resolve_config(tiny_config())
+
+
+def test_resume_after_an_epoch_is_exact(straight_run, tmp_path):
+    ref_dir, ref = straight_run
+    assert T.Trainer(tiny_config(), tmp_path).run(max_steps=8) is None      # stop after epoch 1
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    metrics = T.Trainer(tiny_config(), tmp_path)()                          # a fresh Trainer resumes
+    assert_same_weights(final_weights(ref_dir), final_weights(tmp_path))
+    assert losses(tmp_path) == losses(ref_dir) and metrics["top1"] == ref["top1"]
+
+
+def test_resume_mid_epoch_with_workers_is_exact(straight_run, tmp_path):
+    """Stopped twice mid-epoch (steps 5 and 13), loaded by 2 worker processes: still bitwise the same."""
+    ref_dir, ref = straight_run
+    cfg = tiny_config(data={"num_workers": 2})
+    assert T.Trainer(cfg, tmp_path).run(max_steps=5) is None
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["sampler"]["start"]) == (0, 5, 5 * 32)
+    assert T.Trainer(cfg, tmp_path).run(max_steps=13) is None
+    metrics = T.Trainer(cfg, tmp_path)()
+    assert_same_weights(final_weights(ref_dir), final_weights(tmp_path))
+    assert losses(tmp_path) == pytest.approx(losses(ref_dir), abs=0)   # mean of the same per-step losses
+    assert metrics["top1"] == ref["top1"] and metrics["steps"] == 24
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_checkpoint_on_request_mid_step_is_exact(straight_run, tmp_path, monkeypatch):
+    """A request arriving inside a forward pass (as from a signal handler) saves the state at the start of
+    that step; the resumed run redoes the step and ends bitwise equal to the straight run."""
+    ref_dir, _ = straight_run
+    trainer = T.Trainer(tiny_config(), tmp_path)
+    assert trainer.checkpoint_now() is False          # not running: nothing to save
+    real_call, calls = E.call_model, []
+
+    def call_model(model, x, keep_rate):
+        calls.append(keep_rate) if model.training else None
+        if model.training and len(calls) == 11:      # the 11th training forward = step 10 (epoch 1, step 2)
+            assert trainer.checkpoint_now() is True
+            raise Preempted
+        return real_call(model, x, keep_rate)
+
+    monkeypatch.setattr(E, "call_model", call_model)
+    with pytest.raises(Preempted):
+        trainer()
+    monkeypatch.setattr(E, "call_model", real_call)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["state"]["epoch_step"]) == (1, 10, 2)
+    restored = pickle.loads(pickle.dumps(trainer))    # as submitit would requeue it
+    restored()
+    assert_same_weights(final_weights(ref_dir), final_weights(tmp_path))
+
+
+def test_checkpoint_on_request_during_update_keeps_the_last_one(tmp_path, monkeypatch):
+    """A request while the optimizer is updating writes nothing: the last epoch checkpoint stays."""
+    cfg = tiny_config(train={"clip_grad": 1.0, "epochs": 2})
+    trainer = T.Trainer(cfg, tmp_path)
+    real_clip, n = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm):          # called inside the update phase
+        n.append(1)
+        if len(n) == 12:
+            assert trainer.checkpoint_now() is False
+            raise Preempted
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(Preempted):
+        trainer()
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 8)
+
+
+def test_trainer_pickles_and_finished_runs_return_metrics(straight_run, tmp_path):
+    ref_dir, ref = straight_run
+    trainer = T.Trainer(tiny_config(), ref_dir)
+    clone = pickle.loads(pickle.dumps(trainer))
+    assert clone.config == trainer.config and clone.run_dir == ref_dir
+    before = (ref_dir / "checkpoint.pth").stat().st_mtime_ns
+    again = clone()                                  # already finished: evaluates, does not train
+    assert again["top1"] == ref["top1"] and again["steps"] == 24
+    assert (ref_dir / "checkpoint.pth").stat().st_mtime_ns == before
+    assert len(losses(ref_dir)) == 3
+
+
+def test_resume_refuses_another_config(straight_run):
+    ref_dir, _ = straight_run
+    with pytest.raises(T.ConfigError, match=r"train\.blr: checkpoint 0\.004 vs config 0\.002"):
+        T.Trainer(tiny_config(train={"blr": 2e-3}), ref_dir)()
+    # keys that do not change the maths may differ
+    assert T.resume_mismatch(T.resolve_config(tiny_config()),
+                             T.resolve_config(tiny_config(data={"num_workers": 3}, eval={"batch_size": 7}))) == []
+
+
+def test_nan_loss_stops_without_writing_a_checkpoint(tmp_path):
+    with pytest.raises(E.NonFiniteLossError) as e:
+        T.Trainer(tiny_config(train={"blr": 1e30, "warmup_epochs": 0, "mixup": 0, "cutmix": 0}), tmp_path)()
+    assert e.value.epoch == 0 and e.value.step < 8
+    assert not (tmp_path / "checkpoint.pth").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_poisoned_batch_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A NaN image in epoch 2 stops the run; the epoch-1 checkpoint and log stay as they were."""
+    real_set_epoch, real_getitem, poison = D.TrainSampler.set_epoch, D.SeededDataset.__getitem__, []
+
+    def set_epoch(self, epoch, start=0):
+        poison[:] = [epoch == 1]
+        real_set_epoch(self, epoch, start)
+
+    def getitem(self, key):
+        img, y = real_getitem(self, key)
+        return (img * float("nan") if poison and poison[0] and isinstance(key, tuple) else img), y
+
+    monkeypatch.setattr(D.TrainSampler, "set_epoch", set_epoch)
+    monkeypatch.setattr(D.SeededDataset, "__getitem__", getitem)
+    trainer = T.Trainer(tiny_config(), tmp_path)
+    with pytest.raises(E.NonFiniteLossError) as e:
+        trainer()
+    assert (e.value.epoch, e.value.step) == (1, 8)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert len(losses(tmp_path)) == 1 and not (tmp_path / "metrics.json").exists()
+    assert trainer.checkpoint_now() is False         # the run is over: a late request writes nothing
+
+
+def test_finetune_recipe_loads_init_and_matches_eval(straight_run, tmp_path):
+    """finetune: weights from init_checkpoint, keep rate 0.7 from step 0, model in eval mode. With lr 0 the
+    weights stay put, so its final top-1 equals `evit eval` of the init checkpoint at keep rate 0.7."""
+    ref_dir, _ = straight_run
+    init = tmp_path / "init.pth"
+    torch.save({"model": final_weights(ref_dir)}, init)                # a foreign-style {"model": ...} file
+    cfg = tiny_config(train={"recipe": "finetune", "init_checkpoint": str(init), "epochs": 1, "blr": 0.0, "min_lr": 0.0,
+                             "augment": "demo", "aa": None, "reprob": 0.0, "repeated_aug": 1, "batch_size": 32},
+                      model={"keep_rate": 0.5, "fuse_token": True})
+    for key in ("shrink_start", "shrink_epochs", "warmup_epochs", "mixup", "cutmix"):
+        del cfg["train"][key]                                          # the finetune recipe's values
+    resolved = T.resolve_config(cfg)
+    assert resolved["train"]["hold_eval"] and resolved["train"]["shrink_epochs"] == 0
+    metrics = T.Trainer(cfg, tmp_path / "ft")()
+    assert_same_weights(final_weights(ref_dir), final_weights(tmp_path / "ft"))
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--checkpoint", str(init), "--config", str(_write(tmp_path / "c.yaml", cfg)),
+                     "--keep-rate", "0.5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["top1"] == metrics["top1"] and result["keep_rate"] == 0.5
+    assert result["num_eval_images"] == 101
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- evit eval
+
+
+def test_eval_own_checkpoint_and_keep_rate_override(straight_run, tmp_path, capsys):
+    ref_dir, ref = straight_run
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--checkpoint", str(ref_dir / "checkpoint.pth"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["top1"] == ref["top1"] and res["top5"] == ref["top5"] and res["keep_rate"] == 0.7
+    assert res["provenance"]["config_hash"] and res["provenance"]["world_size"] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == ref["top1"]
+    # keep rate 1 = the full ViT: another (deterministic) accuracy, recorded as such
+    cli.main(["eval", "--checkpoint", str(ref_dir / "checkpoint.pth"), "--keep-rate", "1.0", "--out", str(out)])
+    full = json.loads(out.read_text())
+    assert full["keep_rate"] == 1.0 and full["val_loss"] != res["val_loss"]
+
+
+def test_eval_a_deit_checkpoint_as_evit(tmp_path):
+    """A plain timm DeiT state dict evaluates as EViT; at keep rate 1 it equals the DeiT model itself."""
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=4,
+                             num_heads=2, num_classes=10)
+    ckpt = tmp_path / "deit.pth"
+    torch.save(deit.state_dict(), ckpt)                                  # raw state dict, as DeiT's releases
+    args = ["eval", "--checkpoint", str(ckpt), "--arch", "evit_deit_tiny_patch16_224", "--img-size", "28",
+            "--patch-size", "4", "--dataset", "fashion_mnist", "--val-subset", "64", "--num-workers", "0",
+            "--drop-loc", "1,2", "--set", "model.kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
+            "--set", "train.augment=demo"]
+    cli.main(args + ["--keep-rate", "1.0", "--out", str(tmp_path / "k1.json")])
+    cli.main(args + ["--keep-rate", "0.5", "--fuse-token", "--out", str(tmp_path / "k05.json")])
+    k1, k05 = (json.loads((tmp_path / f).read_text()) for f in ("k1.json", "k05.json"))
+    tf = D.build_transform("demo", False, 28, D.FASHION_MEAN, D.FASHION_STD)
+    ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, 64))
+    direct = E.evaluate(deit, torch.utils.data.DataLoader(ds, batch_size=64), torch.device("cpu"))
+    assert k1["top1"] == direct["top1"] and k1["val_loss"] == pytest.approx(direct["loss"], rel=1e-5)
+    assert k05["keep_rate"] == 0.5 and k05["fuse_token"] is True and k05["val_loss"] != k1["val_loss"]
+
+
+def test_eval_needs_an_arch_for_foreign_checkpoints(tmp_path, capsys):
+    ckpt = tmp_path / "w.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=2,
+                                 num_heads=2, num_classes=10).state_dict(), ckpt)
+    # without a config, the defaults (DeiT-S, imagenet) do not fit: one clear error, exit status 2
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--dataset", "fashion_mnist", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_errors_are_one_line(tmp_path, capsys):
+    bad = _write(tmp_path / "bad.yaml", tiny_config(train={"epocs": 3}))
+    assert cli.main(["train", "--config", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "train.epocs: unknown key" in capsys.readouterr().err
+    missing = _write(tmp_path / "m.yaml", tiny_config(data={"root": str(tmp_path / "no-fashion")}))
+    assert cli.main(["train", "--config", str(missing), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-fashion") in err and "apt-get install dataset-fashion-mnist" in err
+
+
+@pytest.mark.slow
+def test_cli_train_subprocess(tmp_path):
+    """`evit train` as the launcher runs it: a fresh process, plain log lines (not a TTY)."""
+    import subprocess
+    import sys
+
+    cfg = _write(tmp_path / "run.yaml", dict(tiny_config(train={"epochs": 1}), launcher={"timeout_min": 5}))
+    proc = subprocess.run([sys.executable, "-m", "evit.cli", "train", "--config", str(cfg), "--run-dir",
+                           str(tmp_path / "run"), "--set", "train.log_every=4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/1 step 4/8" in proc.stdout and "epoch 1/1 step 8/8" in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["num_eval_images"] == 101
+
+
+# --------------------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_train_worker(rank: int, world: int, port: int, run_dir: str, out):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    out[rank] = T.Trainer(_ddp_config(batch_size=16), run_dir)()
+
+
+def _ddp_config(batch_size: int) -> dict:
+    # without Mixup and DropPath (drawn per process batch), 2 x 16 is the same computation as 1 x 32
+    return tiny_config(train={"epochs": 2, "batch_size": batch_size, "mixup": 0, "cutmix": 0},
+                       model={"drop_path": 0.0})
+
+
+@pytest.mark.slow
+def test_ddp_training_two_gloo_processes(tmp_path):
+    """2 gloo processes x 16 images = 1 process x 32: same images, augmentations and averaged gradients, so
+    the same weights up to float rounding; exact eval counts; rank 0 alone writes."""
+    single = T.Trainer(_ddp_config(batch_size=32), tmp_path / "single")()
+    with mp.get_context("fork").Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_ddp_train_worker, args=(2, _free_port(), str(tmp_path / "ddp"), out), nprocs=2,
+                           start_method="fork")
+        res = dict(out)
+    assert res[0]["top1"] == res[1]["top1"] and res[0]["num_eval_images"] == 101
+    assert res[0]["steps"] == single["steps"] == 16 and res[0]["provenance"]["world_size"] == 2
+    log = [json.loads(ln) for ln in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert [r["train_loss"] for r in log] == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(a[k], b[k]) for k in a)     # really two different computations
