@@ -135,8 +135,10 @@ def test_slurm_time_limit_checkpoints_and_requeues(tmp_path):
     run_dir = tmp_path / "run"
     launch(tiny_run(epochs, "slurm", timeout_min=1, signal_delay_s=15), run_dir, poll_s=1)
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
-    log = (run_dir / "submitit" / f"{job_id(run_dir)}_0_log.err").read_text()
-    assert "this job is timed-out" in log and "Exiting gracefully after preemption/timeout" in log
+    jid = job_id(run_dir)
+    log = (run_dir / "submitit" / f"{jid}_0_log.err").read_text()
+    assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
+    assert "REQUEUED" in sh("sacct", "-j", jid, "-n", "-X", "-D", "-o", "State%20")
     assert epochs_logged(run_dir) == epochs
 
 
