@@ -6,7 +6,11 @@ from snakemake.utils import min_version
 
 min_version("8.0")
 
-configfile: "workflow/config/demo.yaml"
+# The demo is the default; a --configfile (paper.yaml, ...) replaces it rather than being merged into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "workflow/config/demo.yaml"
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"

@@ -33,7 +33,7 @@ def tiny_config(results: Path, experiments: list[dict], **extra) -> dict:
     cfg["run_defaults"]["data"].update(train_subset=512, val_subset=256)
     cfg["run_defaults"]["train"].update(batch_size=64)
     cfg["experiment_defaults"].update(drop_loc=[1, 2], epochs=1, init=experiments[0]["name"])
-    cfg["experiment_defaults"]["run"]["train"]["train_subset"] = 512
+    cfg["experiment_defaults"]["run"]["data"]["train_subset"] = 512
     cfg["bench"].update(batch_size=8, warmup=1, rounds=2, iters=1)
     cfg["visualize"] = {"experiment": experiments[-1]["name"], "num_images": 2}
     cfg["tables"] = {"main": {"title": "tiny", "baseline": experiments[0]["name"]}}
@@ -130,17 +130,17 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
     mapped = {"base": str(tiny_checkpoint), "evit_0.5": str(tiny_checkpoint)}  # DeiT weights, evaluated as EViT
     cfg = tiny_config(results, experiments, checkpoints=mapped, backend="inline")
     config_file = write_config(tmp_path / "c.yaml", cfg)
-    snakemake("--cores", "2", "--configfile", str(config_file), "all")
+    snakemake("all", "--cores", "2", "--configfile", str(config_file))
     table = pd.read_csv(results / "tables/main.csv")
     assert len(table) == 2
     assert not list((results / "runs").glob("*/checkpoint.pth"))  # nothing was trained
-    assert "Nothing to be done" in snakemake("-n", "--configfile", str(config_file), "all").stdout
+    assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
 
     cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})
     write_config(config_file, cfg)
-    proc = snakemake("-n", "--configfile", str(config_file), "all")
+    proc = snakemake("all", "-n", "--configfile", str(config_file))
     assert "evaluate" in job_counts(proc.stdout) and job_counts(proc.stdout)["evaluate"] == 1
-    snakemake("--cores", "2", "--configfile", str(config_file), "all")
+    snakemake("all", "--cores", "2", "--configfile", str(config_file))
     table = pd.read_csv(results / "tables/main.csv")
     assert len(table) == 3
     assert table.iloc[:, 0].astype(str).str.contains("evit_0.7").any()
@@ -158,7 +158,7 @@ def test_workflow_with_the_slurm_profile_trains_through_sbatch(tmp_path):
     cfg = tiny_config(results, experiments)
     cfg["launcher"].update(cpus_per_task=1, timeout_min=10)
     config_file = write_config(tmp_path / "c.yaml", cfg)
-    snakemake("--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile", str(config_file), "all")
+    snakemake("all", "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile", str(config_file))
     assert len(pd.read_csv(results / "tables/main.csv")) == 2
     job_ids = {exp["name"]: yaml.safe_load((results / "runs" / exp["name"] / "job.json").read_text())["job_id"]
                for exp in experiments}
