@@ -94,15 +94,16 @@ class ConfigError(ValueError):
 RECIPE_NAMES = ("none", "scratch", "finetune", "demo")
 # One row per train key, one column per recipe (order of RECIPE_NAMES). scratch = DeiT / EViT from scratch
 # (EViT's README: 8 GPUs x 256); finetune = EViT's fine-tuning of DeiT-S (8 x 256, lr 2e-5 per 512, 30 epochs,
-# shrink 0/0, model in eval mode); demo = small grey images on a CPU (Fashion-MNIST).
+# shrink 0/0, model in eval mode); demo = small grey images on a CPU (Fashion-MNIST, a few epochs: flips only,
+# as random crops slow a ViT's first epochs down a lot; see workflow/config/runs/fashion_vit.yaml).
 RECIPES: dict[str, tuple] = {
     #  key                 none         scratch                   finetune                  demo
-    "epochs":            (100,         300,                      30,                       5),
+    "epochs":            (100,         300,                      30,                       4),
     "batch_size":        (128,         256,                      256,                      128),
-    "blr":               (5e-4,        5e-4,                     2e-5,                     1e-3),
+    "blr":               (5e-4,        5e-4,                     2e-5,                     8e-3),
     "min_lr":            (1e-5,        1e-5,                     2e-6,                     1e-5),
     "warmup_lr":         (1e-6,        1e-6,                     1e-6,                     1e-6),
-    "warmup_epochs":     (0.0,         5.0,                      0.0,                      1.0),
+    "warmup_epochs":     (0.0,         5.0,                      0.0,                      0.2),
     "weight_decay":      (0.05,        0.05,                     1e-6,                     0.05),
     "opt":               ("adamw",     "adamw",                  "adamw",                  "adamw"),
     "opt_eps":           (1e-8,        1e-8,                     1e-8,                     1e-8),
@@ -116,13 +117,13 @@ RECIPES: dict[str, tuple] = {
     "cutmix":            (0.0,         1.0,                      1.0,                      0.0),
     "mixup_prob":        (1.0,         1.0,                      1.0,                      1.0),
     "mixup_switch_prob": (0.5,         0.5,                      0.5,                      0.5),
-    "smoothing":         (0.0,         0.1,                      0.1,                      0.1),
+    "smoothing":         (0.0,         0.1,                      0.1,                      0.0),
     "augment":           ("none",      "deit",                   "deit",                   "demo"),
     "aa":                (None,        "rand-m9-mstd0.5-inc1",   "rand-m9-mstd0.5-inc1",   None),
     "reprob":            (0.0,         0.25,                     0.25,                     0.0),
     "color_jitter":      (0.3,         0.3,                      0.3,                      0.3),
     "interpolation":     ("bicubic",   "bicubic",                "bicubic",                "bicubic"),
-    "demo_padding":      (2,           2,                        2,                        2),
+    "demo_padding":      (2,           2,                        2,                        0),
     "repeated_aug":      (1,           3,                        3,                        1),
     "amp":               ("none",      "bf16",                   "bf16",                   "bf16"),
 }
@@ -555,7 +556,7 @@ class Trainer:
         started, or not rank 0) or the optimizer is in the middle of an update (then the previous checkpoint
         stays, and the run resumes from it)."""
         rt = self._rt
-        if rt is None or getattr(rt, "closed", False) or not rt.info.is_main or rt.state.phase == "update":
+        if rt is None or rt.closed or not rt.ready or not rt.info.is_main or rt.state.phase == "update":
             return False
         state = E.TrainState(**rt.state.state_dict())
         if rt.epoch_started is not None and state.epoch_step < rt.ipe:
@@ -581,10 +582,7 @@ class Trainer:
 
         cfg = self.config
         m, d, t = cfg["model"], cfg["data"], cfg["train"]
-        rt = self._rt = SimpleNamespace(info=info, device=device, closed=False, epoch_started=None)
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        rt = self._rt = SimpleNamespace(info=info, device=device, closed=False, ready=False, epoch_started=None)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         E.seed_all(D.mix_seed(t["seed"], 0xB11D))  # model init: same on every rank
@@ -596,6 +594,9 @@ class Trainer:
             if diff:
                 raise ConfigError(f"{self.checkpoint_path} was written by another config; use a new run dir or "
                                   "delete it. Differences: " + "; ".join(diff))
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
         # data
         train_tf = D.build_transform(t["augment"], True, m["img_size"], d["mean"], d["std"], aa=t["aa"],
@@ -605,6 +606,9 @@ class Trainer:
         train_ds = D.SeededDataset(raw_train, train_tf, D.subset_indices(len(raw_train), d["train_subset"]))
         rt.eval_loader, rt.num_eval, raw_val = build_eval_loader(cfg, info, device)
         num_classes = _num_classes(cfg, raw_train)
+        if getattr(raw_train, "classes", None) != getattr(raw_val, "classes", None):
+            raise D.DatasetError(f"{d['dataset']} dataset at {d['root']}: the train/ and val/ class folders differ "
+                                 f"({len(raw_train.classes)} vs {len(raw_val.classes)}); both need the same classes")
         rt.sampler = D.TrainSampler(len(train_ds), seed=t["seed"], world_size=info.world_size, rank=info.rank,
                                     repeats=t["repeated_aug"])
         rt.batch = t["batch_size"]
@@ -668,6 +672,7 @@ class Trainer:
             scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, mixup_fn=rt.mixup, scaler=rt.scaler,
             amp_dtype=rt.amp_dtype, clip_grad=t["clip_grad"], hold_eval=t["hold_eval"])
 
+        rt.ready = True
         if ckpt is not None:
             self._restore(ckpt)
             if info.is_main:
@@ -760,12 +765,14 @@ class Trainer:
                 "epoch_time_s": state.epoch_time, "train_time_s": state.train_time + state.epoch_time,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            state.epoch, state.epoch_step, state.loss_sum = e + 1, 0, 0.0
-            state.train_time += state.epoch_time
-            state.epoch_time = 0.0
             if main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            # the epoch is done; until the save below, an on-request checkpoint still holds this epoch as
+            # finished-but-unlogged (epoch e, all its steps done) and a resume re-evaluates and re-logs it
+            state.epoch, state.epoch_step, state.loss_sum = e + 1, 0, 0.0
+            state.train_time, state.epoch_time = state.train_time + state.epoch_time, 0.0
+            if main:
                 self._save(state)
                 acc = f", top-1 {record['top1']:.2f} top-5 {record['top5']:.2f}" if eval_res else ""
                 _log(f"epoch {e + 1}/{t['epochs']}: loss {record['train_loss']:.4f}{acc}, "

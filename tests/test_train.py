@@ -30,7 +30,7 @@ def tiny_config(**sections) -> dict:
         "data": {"dataset": "fashion_mnist", "num_workers": 0, "train_subset": 256, "val_subset": 101},
         "train": {"recipe": "demo", "epochs": 3, "batch_size": 32, "blr": 4e-3, "warmup_epochs": 1,
                   "shrink_start": 0.5, "shrink_epochs": 1, "mixup": 0.8, "cutmix": 1.0, "seed": 1,
-                  "log_every": 100},
+                  "demo_padding": 2, "log_every": 100},
         "eval": {"batch_size": 64},
     }
     for sec, values in sections.items():
