@@ -280,10 +280,16 @@ def mix_seed(*parts: int) -> int:
 
 
 def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and, lazily, CUDA) from one integer."""
+    """Seed python, numpy and torch (the CPU generator, and CUDA's once CUDA is initialized) from one integer.
+
+    Cheaper than `torch.manual_seed` (~10 us vs ~300 us: with CUDA not initialized, as in DataLoader workers, it
+    queues a lazy CUDA seeding with a formatted stack trace each call), which matters when seeding every sample.
+    """
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
 
 
 class SeededDataset(Dataset):

@@ -208,3 +208,19 @@ def test_provenance_fields():
     assert p["torch"] == torch.__version__ and p["timm"] == timm.__version__
     assert p["python"].count(".") == 2 and p["device"].startswith("cpu")
     assert p["git_commit"] is None or len(p["git_commit"].split("-")[0]) == 40
+
+
+def test_engine_step_equals_a_bare_timm_loop():
+    """scripts/bench_engine.py's two loops (ours and a bare timm loop) end with bitwise equal weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_engine.py"
+    spec = importlib.util.spec_from_file_location("bench_engine", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for keep in ("1.0", "0.5"):
+        res = bench.main(["--embed-dim", "32", "--depth", "4", "--heads", "2", "--batch-size", "16", "--steps", "2",
+                          "--rounds", "2", "--warmup", "0", "--keep-rate", keep])
+        assert res["same_weights"], keep
+        assert res["bare_timm"]["median_img_s"] > 0 and res["engine"]["median_img_s"] > 0
