@@ -477,7 +477,7 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, leave=False)
+                self.bar = tqdm(total=total, initial=done, desc=desc, leave=False)
             except ImportError:
                 pass
 
