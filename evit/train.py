@@ -3,9 +3,9 @@
 Run config
 ==========
 
-A YAML mapping with the sections below. Every key is optional except ``model.arch`` (default
-``evit_deit_small_patch16_224``) and ``data.dataset``; unknown keys and bad values are rejected with one error
-naming the key (``ConfigError``). `resolve_config` fills in every default, so a resolved config is complete.
+A YAML mapping with the sections below. Every key has a default except ``data.dataset`` (and ``data.root``
+for imagenet / folder); unknown keys and bad values are rejected with one error naming the key
+(``ConfigError``). `resolve_config` fills in every default, so a resolved config is complete.
 Top-level ``launcher`` (read by ``evit launch``) and ``meta`` (free-form, e.g. the experiment name) are
 accepted, kept, and ignored here; they are not part of the config hash.
 
