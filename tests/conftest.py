@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_cluster.sh"
 
@@ -37,3 +38,12 @@ def slurm_cluster():
     yield state_dir
     if status == 1:  # this session started the daemons
         _slurm_cluster_cmd("stop")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP threads on a shared 2-core machine stall badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

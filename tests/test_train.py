@@ -52,13 +52,7 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(ln)["train_loss"] for ln in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and OpenMP threads on a shared 2-core machine stall badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
