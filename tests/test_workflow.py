@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import evit  # noqa: F401
+from evit.benchmark import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -134,6 +135,10 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
     table = pd.read_csv(results / "tables/main.csv")
     assert len(table) == 2
     assert not list((results / "runs").glob("*/checkpoint.pth"))  # nothing was trained
+    evaluated = timm.create_model("evit_deit_tiny_patch16_224", img_size=28, num_classes=10, drop_loc=(1, 2),
+                                  keep_rate=0.5, fuse_token=True, **{"patch_size": 4, **TINY_MODEL["kwargs"]})
+    bench = pd.read_csv(results / "bench/throughput.csv").set_index("label")
+    assert bench.loc["evit_0.5", "gmacs"] == pytest.approx(count_macs(evaluated) / 1e9)  # the benched = the evaluated
     assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
 
     cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})

@@ -114,6 +114,8 @@ def model_spec(name):
     model = run_config(name)["model"]
     kwargs = {"img_size": model["img_size"], "keep_rate": model["keep_rate"], "fuse_token": model["fuse_token"],
               "drop_loc": model["drop_loc"], **model.get("kwargs", {})}
+    if model.get("patch_size"):
+        kwargs["patch_size"] = model["patch_size"]
     if "num_classes" in config["bench"]:
         kwargs["num_classes"] = config["bench"]["num_classes"]
     flat = ",".join(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
