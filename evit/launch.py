@@ -140,15 +140,31 @@ def _log_hint(job) -> str:
 
 
 def _wait(job, log, poll_s: float) -> dict:
-    """Wait for `job`, printing its state changes; its result, or an exception from submitit."""
-    last = None
+    """Wait for `job`, printing its state changes and its output; its result, or an exception from submitit."""
+    last, relayed = None, 0
     while not job.done():
         state = job.state
         if state != last:
             log(f"job {job.job_id}: {state}")
             last = state
+        relayed = _relay_output(job.paths.stdout, relayed, log)
         time.sleep(poll_s)
+    _relay_output(job.paths.stdout, relayed, log)
     return job.result()
+
+
+def _relay_output(path: Path, offset: int, log) -> int:
+    """Log the complete lines the job added to its stdout after byte `offset`; returns the new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            new = f.read()
+    except FileNotFoundError:
+        return offset
+    end = new.rfind(b"\n") + 1
+    for line in new[:end].decode(errors="replace").splitlines():
+        log(f"  | {line}")
+    return offset + end
 
 
 def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", backend: str | None = None,

@@ -105,7 +105,15 @@ def test_failed_local_job_is_resubmitted_then_reported_with_its_logs(tmp_path):
     with pytest.raises(LaunchError, match=r"after 1 resubmission\(s\).*logs: .*\.out") as info:
         launch(cfg, tmp_path / "run", log=lines.append, poll_s=0.5)
     assert "Fashion-MNIST not found" in str(info.value)
-    assert sum("submitted" in line for line in lines) == 2
+    assert sum(line.startswith("submitted") for line in lines) == 2
+
+
+def test_local_job_output_is_relayed_while_it_runs(tmp_path):
+    lines = []
+    metrics = launch(tiny_run(1, "local"), tmp_path / "run", log=lines.append, poll_s=0.5)
+    relayed = [line for line in lines if line.startswith("  | ")]
+    assert any("epoch 1/1: loss" in line for line in relayed), lines
+    assert any(f"top-1 {metrics['top1']:.2f}" in line for line in relayed)
 
 
 @pytest.mark.slurm
