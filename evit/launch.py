@@ -91,6 +91,9 @@ class RunTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         if "SLURM_JOB_ID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            import torch
+
+            torch.set_num_threads(resolve_launcher(self.config.get("launcher"))["cpus_per_task"])  # what it was given
         run_dir = Path(self.run_dir)
         # the engine is imported here, in the job, not by the orchestrator
         if self.command == "bench":

@@ -167,12 +167,16 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
     rows = results[results["table"] == table]
     title, baseline, dataset = rows[["title", "baseline", "dataset"]].iloc[0]
     data = rows[list(TABLE_COLUMNS)]
+    data = data.loc[:, ~(data.columns.str.startswith(("paper_", "delta_")) & data.isna().all().to_numpy())]
     shown = data.apply(lambda col: col.map(FORMATS.get(col.name, str), na_action="ignore").astype("string").fillna(""))
     shown = shown.rename(columns=TABLE_COLUMNS)
     sources = ", ".join(rows["paper_source"].dropna().unique()) or "none"
     caption = f"{title}" + (f"; top-1/top-5 on {dataset}" if dataset else "") + "."
-    notes = (f"Throughput: {provenance(rows)}. Speedup: img/s over {baseline}; paper speedup: the paper's img/s "
-             f"over its {baseline} img/s, blank where the paper gives none. Δ = ours - paper. Paper: {sources}.")
+    notes = f"Throughput: {provenance(rows)}. Speedup: img/s over {baseline}."
+    if "paper_speedup" in data:
+        notes += f" Paper speedup: the paper's img/s over its {baseline} img/s, blank where the paper gives none."
+    if data.columns.str.startswith("paper_").any():
+        notes += f" Δ = ours - paper. Paper: {sources}."
     md = (f"**{caption}**\n\n"
           + shown.to_markdown(index=False, disable_numparse=True, colalign=["left"] + ["right"] * (shown.shape[1] - 1))
           + f"\n\n*{notes}*\n")

@@ -128,7 +128,8 @@ def test_markdown_values_and_provenance(paper_run):
     md = (inputs["out_dir"] / "tables" / "main.md").read_text()
     assert md.startswith("**EViT-DeiT-S keep-rate sweep (fused); top-1/top-5 on ImageNet-1k.**")
     header = next(line for line in md.splitlines() if line.startswith("| experiment"))
-    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())
+    # no paper speedup columns: the reference has no DeiT-S img/s, so no row has one
+    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:-2]
     row = next(line for line in md.splitlines() if line.startswith("| evit_s_0.7 "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:10] == ["evit_s_0.7", "0.7", "yes", "224", "79.47", "94.77", "3.03", "11900.0", "1.47", "79.5"]
@@ -154,7 +155,12 @@ def test_unknown_paper_values_are_blank(paper_run):
     assert ",,,,,,," in csv_row  # blank, not NaN or 0
     md_row = next(line for line in (out / "tables" / "resolution.md").read_text().splitlines()
                   if line.startswith("| evit_s_288"))
-    assert [c.strip() for c in md_row.strip("|").split("|")][9:] == [""] * 7
+    assert [c.strip() for c in md_row.strip("|").split("|")][9:] == [""] * 5
+    # the md/tex leave out the paper columns no row of the table has (here: paper speedup, Δ speedup)
+    header = next(line for line in (out / "tables" / "resolution.md").read_text().splitlines()
+                  if line.startswith("| experiment"))
+    assert "paper top-1" in header and "paper speedup" not in header and "Δ speedup" not in header
+    assert "paper_speedup" in pd.read_csv(out / "tables" / "resolution.csv").columns
     for table in TABLES:
         for ext in ("md", "csv", "tex"):
             assert not re.search(r"\bnan\b", (out / "tables" / f"{table}.{ext}").read_text(), re.I)
@@ -266,3 +272,14 @@ def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsy
     assert args.func(args) == 2
     assert capsys.readouterr().err.strip() == (
         f"evit report: error: experiments missing from the bench CSV {inputs['bench']}: evit_s_0.7_nofuse")
+
+
+def test_a_table_without_paper_values_has_no_paper_columns(tmp_path):
+    grid = {name: (*row[:4], None, *row[5:]) for name, row in GRID.items()}  # e.g. the Fashion-MNIST demo
+    inputs = write_inputs(tmp_path, grid=grid)
+    run_report(inputs)
+    md = (inputs["out_dir"] / "tables" / "main.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| experiment"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:9]
+    assert "Δ" not in md and "Paper:" not in md
+    assert "paper_top1" in read_table(inputs["out_dir"], "main").columns  # the csv keeps every column
