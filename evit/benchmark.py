@@ -135,7 +135,7 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _timed_batches(model, x, iters: int, device: torch.device, autocast) -> float:
+def timed_batches(model, x, iters: int, device: torch.device, autocast) -> float:
     """Seconds for `iters` forward passes, with the device synchronized at both ends."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -194,10 +194,10 @@ def benchmark(
     with torch.inference_mode():
         log(f"warm-up: {warmup} batch(es) per model, batch {batch_size}, {device}, {amp}")
         for e in entries:
-            _timed_batches(e["model"], e["x"], warmup, dev, autocast)
+            timed_batches(e["model"], e["x"], warmup, dev, autocast)
         for r in range(rounds):
             for e in entries:
-                e["times"].append(_timed_batches(e["model"], e["x"], iters, dev, autocast))
+                e["times"].append(timed_batches(e["model"], e["x"], iters, dev, autocast))
             log(f"round {r + 1}/{rounds}: " + "  ".join(
                 f"{e['label']} {batch_size * iters / e['times'][-1]:.1f}" for e in entries) + " img/s")
     meta = dict(

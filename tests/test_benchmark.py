@@ -70,3 +70,10 @@ def test_cli_macs_prints_and_writes_table(tmp_path, capsys):
     assert main(["macs", "evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true", "--out", str(out)]) == 0
     assert "3.030" in capsys.readouterr().out
     assert out.read_text().splitlines()[0].startswith("model,img_size,gmacs")
+
+
+def test_cli_names_a_bad_spec_or_option_without_a_traceback(capsys):
+    assert main(["bench", "deit_tiny_patch16_224", "--labels", "a", "b"]) == 2
+    assert capsys.readouterr().err.strip() == "evit bench: error: got 2 labels for 1 models"
+    assert main(["macs", "evit_nope:keep_rate=0.7"]) == 2
+    assert "unknown timm model 'evit_nope'" in capsys.readouterr().err
