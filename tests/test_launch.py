@@ -9,6 +9,10 @@ import torch
 
 from evit.launch import LaunchError, launch, resolve_launcher
 
+# Jobs run with the cpus_per_task threads they ask for (1 here); the inline references must match them, as
+# fp32 sums may round differently with another thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tiny_run(epochs: int, backend: str, **launcher) -> dict:
     """A small but real Fashion-MNIST training: a 4-block EViT on 512 images."""
