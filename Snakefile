@@ -20,7 +20,11 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/visualize.smk"
 
 
+# The runs' results are listed here too: a deleted run (results/runs/<exp>/) is then rerun, with what depends
+# on it, even though the tables made from it are still there.
 rule all:
     input:
+        [result_file(name) for name in EXPERIMENTS],
+        RESULTS + "/bench/throughput.csv",
         expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex")),
         expand(RESULTS + "/figures/{fig}.{ext}", fig=FIGURES, ext=("png", "pdf")),

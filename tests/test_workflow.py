@@ -140,6 +140,10 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
     bench = pd.read_csv(results / "bench/throughput.csv").set_index("label")
     assert bench.loc["evit_0.5", "gmacs"] == pytest.approx(count_macs(evaluated) / 1e9)  # the benched = the evaluated
     assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
+    (results / "runs/evit_0.5/eval.json").unlink()  # one run's output gone: only it and what uses it rerun
+    assert job_counts(snakemake("all", "-n", "--configfile", str(config_file)).stdout) == {
+        "evaluate": 1, "report": 1, "all": 1}
+    snakemake("all", "--cores", "2", "--configfile", str(config_file))
 
     cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})
     write_config(config_file, cfg)
