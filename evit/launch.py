@@ -19,9 +19,10 @@
       sbatch_extra: {}        # any other sbatch options, e.g. {exclude: "node[1-2]", reservation: x}
       max_failures: 2         # resubmissions (from the last checkpoint) after a failed job
 
-The job is a submitit `Checkpointable`: on USR2 (timeout or preemption) it is requeued and, like any restart,
-resumes from `checkpoint.pth` in the run dir. The launcher records the job in `DIR/job.json`; invoked again for
-the same run while that SLURM job is pending or running, it waits on it instead of submitting another.
+The job is a submitit `Checkpointable`: on USR2 (timeout or preemption) a training saves the step it has
+reached, and the job is requeued and, like any restart, resumes from `checkpoint.pth` in the run dir. The
+launcher records the job in `DIR/job.json`; invoked again for the same run while that SLURM job is pending or
+running, it waits on it instead of submitting another.
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
 class RunTask(submitit.helpers.Checkpointable):
     """What runs inside the job — training, evaluation or the benchmark of one run dir — on every task of the job.
 
-    It holds only the config and paths, so submitit's default `checkpoint()` (resubmit this same task)
-    resumes from the run dir's last checkpoint.
+    It holds only the config and paths: on USR2, `checkpoint()` first has a running training save the step it
+    has reached, then resubmits a fresh task, which resumes from the run dir's checkpoint.
     """
 
     def __init__(self, command: str, config: dict, run_dir: str | os.PathLike):
@@ -109,7 +110,14 @@ class RunTask(submitit.helpers.Checkpointable):
             return evaluate_checkpoint(checkpoint, self.config, out=run_dir / "eval.json")
         from evit.train import Trainer
 
-        return Trainer(self.config, run_dir)()
+        self._trainer = Trainer(self.config, run_dir)
+        return self._trainer()
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.checkpoint_now():
+            print(f"saved the step reached to {self.run_dir}/checkpoint.pth before requeue", flush=True)
+        return submitit.helpers.DelayedSubmission(RunTask(self.command, self.config, self.run_dir))
 
 
 def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
