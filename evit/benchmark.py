@@ -135,6 +135,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of a list of measurements; a single value is all three."""
+    return tuple(statistics.quantiles(values, n=4)) if len(values) > 1 else (values[0],) * 3
+
+
 def timed_batches(model, x, iters: int, device: torch.device, autocast) -> float:
     """Seconds for `iters` forward passes, with the device synchronized at both ends."""
     if device.type == "cuda":
@@ -209,10 +214,10 @@ def benchmark(
     rows = []
     for e in entries:
         rates = [batch_size * iters / t for t in e["times"]]
-        q1, _, q3 = statistics.quantiles(rates, n=4) if len(rates) > 1 else (rates[0],) * 3
+        q1, median, q3 = quartiles(rates)
         rows.append(dict(
             label=e["label"], spec=e["spec"], img_size=e["img_size"], gmacs=count_macs(e["raw"]) / 1e9,
-            img_s=statistics.median(rates), img_s_q1=q1, img_s_q3=q3, img_s_min=min(rates),
+            img_s=median, img_s_q1=q1, img_s_q3=q3, img_s_min=min(rates),
             img_s_max=max(rates), **meta,
         ))
     df = pd.DataFrame(rows)

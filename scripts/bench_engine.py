@@ -28,6 +28,7 @@ import evit  # noqa: F401  (registers the EViT models)
 from evit import data as D
 from evit import engine as E
 from evit import train as T
+from evit.benchmark import quartiles
 
 
 def build(args) -> torch.nn.Module:
@@ -84,9 +85,8 @@ def timed(fn, *a) -> float:
 
 
 def summary(times: list[float], images: int) -> dict:
-    rates = sorted(images / t for t in times)
-    q = statistics.quantiles(rates, n=4) if len(rates) > 1 else [rates[0]] * 3
-    return {"median_img_s": statistics.median(rates), "q1": q[0], "q3": q[2], "rounds": len(rates)}
+    q1, median, q3 = quartiles([images / t for t in times])
+    return {"median_img_s": median, "q1": q1, "q3": q3, "rounds": len(times)}
 
 
 def main(argv=None) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from contextlib import nullcontext
 
 import timm
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 import evit  # noqa: F401  (registers the EViT models)
-from evit.benchmark import timed_batches, device_name
+from evit.benchmark import device_name, quartiles, timed_batches
 
 
 class ExplicitEViT(nn.Module):
@@ -85,13 +84,13 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}: "
                   + "  ".join(f"{name} {args.batch_size / times[name][-1]:.1f}" for name in models), flush=True)
 
-    base = statistics.median(args.batch_size / t for t in times["timm deit_small_patch16_224"])
+    base = quartiles([args.batch_size / t for t in times["timm deit_small_patch16_224"]])[1]
     print(f"\n{device_name(cpu)}, {torch.get_num_threads()} threads, batch {args.batch_size}, fp32, torch "
           f"{torch.__version__}, timm {timm.__version__}, {args.rounds} interleaved rounds")
     print(f"{'model':32s} {'img/s':>7s} {'q1':>7s} {'q3':>7s} {'speedup':>8s}")
     for name, ts in times.items():
         rates = [args.batch_size / t for t in ts]
-        q1, med, q3 = statistics.quantiles(rates, n=4)
+        q1, med, q3 = quartiles(rates)
         print(f"{name:32s} {med:7.2f} {q1:7.2f} {q3:7.2f} {med / base:7.2f}x")
 
 

@@ -109,6 +109,11 @@ def run_config(name):
     return deep_merge(cfg, exp.get("run", {}))
 
 
+def run_cpus(wildcards):
+    """Cores a train/eval rule holds: its run's launcher cpus_per_task (the job uses that many threads)."""
+    return run_config(wildcards.exp)["launcher"]["cpus_per_task"]
+
+
 def model_spec(name):
     """`evit bench` spec of an experiment's architecture: ARCH:key=value,..."""
     model = run_config(name)["model"]

@@ -9,6 +9,6 @@ rule evaluate:
         RUNS + "/{exp}/eval.json",
     log:
         RUNS + "/{exp}/eval.log",
-    threads: lambda w: run_config(w.exp)["launcher"]["cpus_per_task"]
+    threads: run_cpus
     shell:
         "{EVIT} launch --command eval --config {input.config} --run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"

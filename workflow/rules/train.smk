@@ -19,6 +19,6 @@ rule train:
         RUNS + "/{exp}/metrics.json",
     log:
         RUNS + "/{exp}/train.log",
-    threads: lambda w: run_config(w.exp)["launcher"]["cpus_per_task"]
+    threads: run_cpus
     shell:
         "{EVIT} launch --command train --config {input.config} --run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"
