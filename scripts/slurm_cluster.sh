@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Start and stop a real single-node SLURM cluster (with accounting) on this
-# machine, for the project's tests and CI. Debian 12, root, no systemd.
+# Start and stop a real SLURM cluster of two nodes, n1 and n2, (with
+# accounting) on this one machine, for the project's tests and CI. Each node is
+# its own slurmd (`slurmd -N n1`, `slurmd -N n2`) on its own port; both offer
+# the machine's CPUs, and split ~90 % of its memory. Debian 12, root, no systemd.
 #
 #   scripts/slurm_cluster.sh install   install the Debian packages (no-op when present)
 #   scripts/slurm_cluster.sh start     install if needed, configure, start, smoke-test
 #   scripts/slurm_cluster.sh stop      stop every daemon this script started
 #   scripts/slurm_cluster.sh status    exit 0 when the cluster accepts jobs, 1 when a
-#                                      daemon is not running, 4 when all run but the
+#                                      daemon is not running, 4 when all run but a
 #                                      node is not usable (yet)
+#
+# `start` also adds `127.0.0.1 n1 n2` to /etc/hosts when the node names do not
+# resolve (torch's DDP uses the first node's name as its master address).
 #
 # Env: EVIT_SLURM_DIR   the one directory for state, spool, pid and log files
 #                       (default /tmp/evit-slurm)
@@ -17,8 +22,9 @@
 # apt-get/dpkg), so that tests can skip with that reason.
 #
 # Layout under $EVIT_SLURM_DIR:
-#   log/  run/    logs and pid files of slurmdbd, slurmctld, slurmd
-#   state/        slurmctld StateSaveLocation      spool/  slurmd SlurmdSpoolDir
+#   log/  run/    logs and pid files of slurmdbd, slurmctld and each node's
+#                 slurmd (slurmd-n1.pid, slurmd-n1.log, ...)
+#   state/        slurmctld StateSaveLocation      spool/n1/ spool/n2/  SlurmdSpoolDir
 #   munge/        munged's pid, log and seed (owned by munge)
 #   mysql/        MariaDB data dir, pid and log (owned by mysql)
 # The config files go to /etc/slurm, where the daemons and clients look.
@@ -30,8 +36,14 @@ DIR=${EVIT_SLURM_DIR:-/tmp/evit-slurm}
 TIMEOUT=${EVIT_SLURM_START_TIMEOUT:-60}
 CLUSTER=evit
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
-# Daemons in start order; stop goes in reverse.
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+# The nodes, each one slurmd on this machine, listening on its own port.
+NODES=(n1 n2)
+FIRST_PORT=17001
+# Daemons in start order; stop goes in reverse. slurmd-NODE is `slurmd -N NODE`.
+DAEMONS=(munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}")
+# The single-node version of this script ran one slurmd, with pid file
+# run/slurmd.pid, as a node named after the host: stopped when found.
+LEGACY_SLURMD=slurmd
 
 log() { echo "slurm_cluster: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -61,13 +73,21 @@ running() {
     [[ ${stat##*) } != Z* ]]
 }
 
+# The process name (comm) of daemon $1: every slurmd-NODE is a `slurmd`.
+comm_of() {
+    case $1 in
+        slurmd-*) echo slurmd ;;
+        *) echo "$1" ;;
+    esac
+}
+
 # Prints the pid of daemon $1 if its pid file names a running process that is
 # really that daemon (guards against a stale pid file and pid reuse).
 live_pid() {
     local pid
     pid=$(tr -dc '0-9' 2>/dev/null <"$(pidfile_of "$1")") || return 1
     [[ -n $pid ]] && running "$pid" || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$(comm_of "$1")" ]] || return 1
     echo "$pid"
 }
 
@@ -121,16 +141,43 @@ cmd_install() {
     fi
 }
 
+# Writes $1 from stdin with mode $2, only if its content changes; returns 0
+# when it changed, 1 when it was already so.
+install_if_changed() {
+    local new
+    new=$(mktemp)
+    cat >"$new"
+    if [[ -f $1 ]] && cmp -s "$new" "$1"; then
+        rm -f "$new"
+        return 1
+    fi
+    install -m "$2" "$new" "$1"
+    rm -f "$new"
+}
+
+# Writes slurm.conf and slurmdbd.conf. Sets CHANGED_slurm / CHANGED_slurmdbd
+# to 1 when that file changed, so that `start` restarts the daemons reading it.
+CHANGED_slurm=0
+CHANGED_slurmdbd=0
 write_configs() {
-    local node mem_kb real_mem
+    local mem_kb real_mem topology i nodes=""
     mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
-    real_mem=$((mem_kb * 9 / 10 / 1024))
-    # First line of `slurmd -C` is this machine's node line; we only lower
-    # RealMemory (a node reporting less memory than configured is drained).
-    node=$(slurmd -C | head -n 1 | sed -E "s/RealMemory=[0-9]+/RealMemory=$real_mem/")
+    # ~90 % of the memory, split between the nodes (a node reporting less
+    # memory than configured is drained; each slurmd reports all of it).
+    real_mem=$((mem_kb * 9 / 10 / 1024 / ${#NODES[@]}))
+    # Every node offers the whole machine's CPUs: its topology is the first
+    # line of `slurmd -C` without the name and memory. With CR_Core_Memory
+    # slurmctld then runs as many 1-CPU jobs at once as the nodes have CPUs in
+    # total, which oversubscribes the machine by the number of nodes; but a
+    # job may ask for all the CPUs of a node, as the tests do.
+    topology=$(slurmd -C | head -n 1 | sed -E 's/(^| )(NodeName|RealMemory)=[^ ]*//g; s/^ +//')
+    for i in "${!NODES[@]}"; do
+        nodes+="NodeName=${NODES[i]} NodeHostname=$(hostname -s) NodeAddr=127.0.0.1"
+        nodes+=" Port=$((FIRST_PORT + i)) $topology RealMemory=$real_mem State=UNKNOWN"$'\n'
+    done
     mkdir -p /etc/slurm
-    cat >/etc/slurm/slurm.conf <<EOF
-# Written by scripts/slurm_cluster.sh; overwritten on every start.
+    install_if_changed /etc/slurm/slurm.conf 644 <<EOF && CHANGED_slurm=1
+# Written by scripts/slurm_cluster.sh on start (when its content changes).
 ClusterName=$CLUSTER
 SlurmctldHost=$(hostname -s)(127.0.0.1)
 SlurmUser=root
@@ -162,19 +209,23 @@ DefMemPerCPU=1024
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 
+# One slurmd per node on this machine: per-node paths (%n is the node name).
+# config_overrides: each slurmd reports its node line's resources (the
+# machine's CPUs, a share of its memory) rather than what it detects, so no
+# node is drained for a mismatch, however many nodes share the machine.
+SlurmdParameters=config_overrides
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$(pidfile_of slurmctld)
-SlurmdPidFile=$(pidfile_of slurmd)
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$(logfile_of slurmctld)
-SlurmdLogFile=$(logfile_of slurmd)
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 
-$node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${nodes}PartitionName=debug Nodes=n[1-${#NODES[@]}] Default=YES MaxTime=INFINITE State=UP
 EOF
     # slurmdbd talks to MariaDB over its unix socket as root (no password).
-    install -m 600 /dev/stdin /etc/slurm/slurmdbd.conf <<EOF
-# Written by scripts/slurm_cluster.sh; overwritten on every start.
+    install_if_changed /etc/slurm/slurmdbd.conf 600 <<EOF && CHANGED_slurmdbd=1
+# Written by scripts/slurm_cluster.sh on start (when its content changes).
 AuthType=auth/munge
 DbdHost=localhost
 SlurmUser=root
@@ -184,6 +235,7 @@ StorageUser=root
 PidFile=$(pidfile_of slurmdbd)
 LogFile=$(logfile_of slurmdbd)
 EOF
+    return 0
 }
 
 start_munged() {
@@ -228,14 +280,68 @@ start_slurmctld() {
 }
 
 start_slurmd() {
-    slurmd
+    install -d -m 755 "$DIR/spool/$1"
+    slurmd -N "$1"
 }
 
-# The node is usable: idle, or running or finishing jobs (mix/alloc/comp: a
-# cancelled job stays comp until it exits). A suffix such as `*` (not
-# responding) or a drain/down state is not usable.
+start_daemon() {
+    case $1 in
+        slurmd-*) start_slurmd "${1#slurmd-}" ;;
+        *) "start_$1" ;;
+    esac
+}
+
+# Stops daemon $1 if it runs: SIGTERM, then SIGKILL after $TIMEOUT s.
+stop_daemon() {
+    local pid
+    pid=$(live_pid "$1") || return 0
+    log "stopping $1 (pid $pid)"
+    kill -TERM "$pid"
+    for _ in $(seq 1 "$((TIMEOUT * 5))"); do
+        running "$pid" || return 0
+        sleep 0.2
+    done
+    log "$1 did not exit after ${TIMEOUT}s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+# Every node is usable: listed by sinfo, and idle, or running or finishing
+# jobs (mix/alloc/comp: a cancelled job stays comp until it exits). A suffix
+# such as `*` (not responding) or a drain/down state is not usable. sinfo
+# prints one line per node.
 node_ready() {
-    [[ $(sinfo -h -N -o %t 2>/dev/null) =~ ^(idle|mix|alloc|comp)$ ]]
+    local out n
+    out=$(sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
+    for n in "${NODES[@]}"; do
+        grep -qxE "$n (idle|mix|alloc|comp)" <<<"$out" || return 1
+    done
+}
+
+# The node names resolve to this machine: add `127.0.0.1 n1 n2` to /etc/hosts
+# if one of them does not (appended in place: /etc/hosts may be a bind mount).
+ensure_hosts() {
+    local n
+    for n in "${NODES[@]}"; do
+        if [[ $(getent ahostsv4 "$n" 2>/dev/null | awk 'NR == 1 {print $1}') != 127.0.0.1 ]]; then
+            log "adding '127.0.0.1 ${NODES[*]}' to /etc/hosts"
+            # Start a new line if the file does not end with one.
+            if [[ -s /etc/hosts && $(tail -c 1 /etc/hosts | od -An -c | tr -d ' ') != '\n' ]]; then
+                echo >>/etc/hosts
+            fi
+            echo "127.0.0.1 ${NODES[*]}" >>/etc/hosts
+            return
+        fi
+    done
+}
+
+# `srun -N2` runs one task on each node, n1 as rank 0 and n2 as rank 1.
+smoke_test_nodes() {
+    local out want i
+    want=$(for i in "${!NODES[@]}"; do echo "${NODES[i]} $i"; done)
+    # shellcheck disable=SC2016  # expanded by the job's shell
+    out=$(timeout "$TIMEOUT" srun -N "${#NODES[@]}" -t 1 bash -c 'echo $SLURMD_NODENAME $SLURM_PROCID' | sort) \
+        || { tail_log slurmd-"${NODES[0]}"; die "smoke test 'srun -N${#NODES[@]}' failed"; }
+    [[ $out == "$want" ]] || die "smoke test 'srun -N${#NODES[@]}' printed '${out//$'\n'/; }', not '${want//$'\n'/; }'"
 }
 
 all_daemons_alive() {
@@ -246,44 +352,59 @@ all_daemons_alive() {
 cmd_start() {
     need_root start
     cmd_install
-    if all_daemons_alive && node_ready; then
+    ensure_hosts
+    mkdir -p -m 755 "$DIR" # daemons running as munge and mysql must traverse it
+    install -d -m 755 "$DIR/log" "$DIR/run" "$DIR/state" "$DIR/spool"
+    write_configs
+    if ((CHANGED_slurm + CHANGED_slurmdbd == 0)) && all_daemons_alive && node_ready; then
         log "already running (dir $DIR)"
         return 0
     fi
     local t0=$SECONDS d
-    mkdir -p -m 755 "$DIR" # daemons running as munge and mysql must traverse it
-    install -d -m 755 "$DIR/log" "$DIR/run" "$DIR/state" "$DIR/spool"
-    write_configs
+    # A cluster of the single-node script: its slurmd is a node that no longer
+    # exists. Stop it; slurmctld then must read the new config (below).
+    if live_pid "$LEGACY_SLURMD" >/dev/null; then
+        log "found the single-node cluster's slurmd: stopping it"
+        stop_daemon "$LEGACY_SLURMD"
+        CHANGED_slurm=1
+    fi
+    rm -f "$(pidfile_of "$LEGACY_SLURMD")"
+    # A changed config takes effect only on a restart of the daemons that read
+    # it (slurmctld keeps the old node list, a slurmd its old node line).
+    if ((CHANGED_slurmdbd)) && live_pid slurmdbd >/dev/null; then
+        log "slurmdbd.conf changed: restarting slurmdbd"
+        stop_daemon slurmdbd
+    fi
+    if ((CHANGED_slurm)); then
+        for d in "${NODES[@]/#/slurmd-}" slurmctld; do
+            if live_pid "$d" >/dev/null; then
+                log "slurm.conf changed: restarting $d"
+                stop_daemon "$d"
+            fi
+        done
+    fi
     # Start what is not running yet, in dependency order.
     for d in "${DAEMONS[@]}"; do
         if live_pid "$d" >/dev/null; then
             log "$d already running"
         else
             log "starting $d"
-            "start_$d"
+            start_daemon "$d"
         fi
     done
-    wait_for "slurmctld slurmd" "the node to be idle (sinfo -N)" node_ready
-    timeout "$TIMEOUT" srun -t 1 true || { tail_log slurmd; die "smoke test 'srun -t 1 true' failed"; }
-    log "up in $((SECONDS - t0))s (dir $DIR)"
+    wait_for "slurmctld ${NODES[*]/#/slurmd-}" "nodes ${NODES[*]} to be idle (sinfo -N)" node_ready
+    timeout "$TIMEOUT" srun -t 1 true || { tail_log slurmd-"${NODES[0]}"; die "smoke test 'srun -t 1 true' failed"; }
+    smoke_test_nodes
+    log "up in $((SECONDS - t0))s: $(sinfo -h -o '%D nodes %N %T') (dir $DIR)"
 }
 
 cmd_stop() {
     need_root stop
-    local i d pid
+    local i
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-        d=${DAEMONS[i]}
-        pid=$(live_pid "$d") || continue
-        log "stopping $d (pid $pid)"
-        kill -TERM "$pid"
-        for _ in $(seq 1 "$((TIMEOUT * 5))"); do
-            running "$pid" || break
-            sleep 0.2
-        done
-        if running "$pid"; then
-            log "$d did not exit after ${TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
+        # The single-node script's slurmd, if any, goes with the nodes.
+        [[ ${DAEMONS[i]} == slurmctld ]] && stop_daemon "$LEGACY_SLURMD"
+        stop_daemon "${DAEMONS[i]}"
     done
     log "stopped"
 }
@@ -300,17 +421,17 @@ cmd_status() {
     done
     # Ask sinfo only when the daemons run: without munged it retries for ~20 s.
     if ((rc == 1)); then
-        echo "node: unknown"
+        echo "nodes: unknown"
     elif node_ready; then
-        echo "node: $(sinfo -h -N -o '%N %t')"
+        echo "nodes: $(sinfo -h -N -o '%N %t' | paste -sd, | sed 's/,/, /g')"
     else
-        echo "node: not ready ($(sinfo -h -N -o '%N %t' 2>&1 | head -n 1))"
+        echo "nodes: not ready ($(sinfo -h -N -o '%N %t' 2>&1 | paste -sd, | sed 's/,/, /g'); want ${NODES[*]} usable)"
         rc=4
     fi
     case $rc in
         0) echo "cluster: up (dir $DIR)" ;;
         1) echo "cluster: down (dir $DIR)" ;;
-        *) echo "cluster: daemons running, node not usable (dir $DIR)" ;;
+        *) echo "cluster: daemons running, a node not usable (dir $DIR)" ;;
     esac
     return "$rc"
 }

@@ -18,7 +18,7 @@ def _slurm_cluster_cmd(action: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A running single-node SLURM cluster (scripts/slurm_cluster.sh).
+    """A running SLURM cluster of two nodes, n1 and n2, on this machine (scripts/slurm_cluster.sh).
 
     Uses a cluster that is already up and leaves it up; otherwise runs `start`,
     and stops the cluster at the end of the session if its daemons were not

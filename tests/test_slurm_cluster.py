@@ -1,4 +1,4 @@
-"""End-to-end checks of the real SLURM cluster that scripts/slurm_cluster.sh runs."""
+"""End-to-end checks of the real SLURM cluster (two nodes, n1 and n2) that scripts/slurm_cluster.sh runs."""
 
 import subprocess
 import time
@@ -56,6 +56,25 @@ def test_submitit_slurm_executor_returns_result(tmp_path):
     job = executor.submit(add, 2, 3)
     _wait(lambda: job.done(force_check=True), f"submitit job {job.job_id} to finish", interval=1)
     assert job.result() == 5
+
+
+def test_two_node_job_runs_one_task_on_each_node(tmp_path):
+    # Defined locally so that cloudpickle ships it by value (see above).
+    def where() -> tuple:
+        import os
+
+        import submitit
+
+        env = submitit.JobEnvironment()
+        return os.environ["SLURMD_NODENAME"], env.global_rank, env.num_tasks, os.environ["SLURM_JOB_NODELIST"]
+
+    executor = _executor(tmp_path)
+    executor.update_parameters(nodes=2, tasks_per_node=1, cpus_per_task=1)
+    job = executor.submit(where)
+    _wait(lambda: job.done(force_check=True), f"2-node submitit job {job.job_id} to finish", interval=1)
+    # One result per task, i.e. per node (result() asserts there is one task).
+    results = sorted(job.results())
+    assert results == [("n1", 0, 2, "n[1-2]"), ("n2", 1, 2, "n[1-2]")]
 
 
 def test_scancelled_job_raises_uncompleted_job_error(tmp_path):
