@@ -1,7 +1,14 @@
-"""Checkpoint I/O: atomic writes, and loading DeiT / EViT weights into our models."""
+"""Checkpoint I/O: atomic writes, and loading DeiT / EViT weights and our training checkpoints.
+
+Every checkpoint is read by `read_checkpoint` alone: ``torch.load(weights_only=True)``, so a file that would need
+arbitrary pickled code is refused, with `argparse.Namespace` (the ``args`` of official DeiT / EViT training
+checkpoints) as the one class allowed besides torch's defaults.
+"""
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,28 +35,69 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
         raise
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable (truncated, corrupt, or needing arbitrary code),
+    holding something else than expected, or (`CheckpointMismatchError`) not fitting the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose tensors do not fit the model's architecture."""
+
+
+TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "state", "config")  # what `evit.train` resumes from
+
+
+def _why_unreadable(e: Exception) -> str:
+    """One line on why torch.load failed (its own messages run over several lines)."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(e)) if "Weights only load failed" in str(e) else None
+    if refused:
+        return f"it needs {refused.group(1)}, which weights-only loading refuses as arbitrary code"
+    first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+    return f"truncated or corrupt: {type(e).__name__}" + (f": {first}" if first else "")
+
+
+def read_checkpoint(path: str | os.PathLike, *, advice: str = "") -> object:
+    """Whatever a checkpoint file holds: ``torch.load(path, weights_only=True)`` on the CPU, allowing
+    `argparse.Namespace` besides torch's defaults. Any failure to read it becomes one `CheckpointError` with a
+    one-line message naming the file (``advice`` appended); a missing file is a FileNotFoundError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated, corrupt or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_why_unreadable(e)}){advice}") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """One of our training checkpoints (``checkpoint.pth`` of a run dir, written by `evit.train`), read-only.
+
+    A file that cannot be read, or that lacks any of `TRAIN_CHECKPOINT_KEYS`, raises `CheckpointError` with a
+    one-line message naming it; the file itself is never modified or removed.
+    """
+    path = Path(path)
+    advice = "; delete it to start the run over, or restore it"
+    ckpt = read_checkpoint(path, advice=advice)
+    missing = [k for k in TRAIN_CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of evit (no {', '.join(missing)}){advice}")
+    return ckpt
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in a checkpoint file: a raw state dict, or one under "model" / "state_dict".
 
-    Loads with `weights_only=True`. A DDP "module." prefix is stripped.
+    Reads official DeiT / EViT releases and training checkpoints (their ``args`` included) and ours, with
+    `read_checkpoint`. A DDP "module." prefix is stripped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointMismatchError(f"checkpoint {path} cannot be read as weights: {e}") from e
-    state = ckpt
+    state = read_checkpoint(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"checkpoint {path} holds no state dict (expected tensors, or a dict with a 'model' entry)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 

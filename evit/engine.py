@@ -157,14 +157,25 @@ def broadcast_object(obj, src: int = 0):
 # --------------------------------------------------------------------------------------------- AMP
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AMP is a GPU feature here: on the CPU it is always fp32."""
-    if device.type != "cuda" or amp == "none":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    """The autocast dtype of the ``amp`` setting (none | bf16 | fp16), or None for fp32.
+
+    Honoured on every device: torch autocasts on the CPU as on CUDA, in bf16 and in fp16 (fp16 training
+    then needs a ``torch.amp.GradScaler(device.type)``). A device type torch cannot autocast raises.
+    """
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    if dtype is not None and not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"amp={amp}: torch cannot autocast on {device.type}; use amp none")
+    return dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on the device's type in ``dtype``; a no-op context for None (fp32)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

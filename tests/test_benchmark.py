@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from evit import benchmark as B
 from evit.benchmark import PAPER_MACS_SPECS, benchmark, count_macs, create_model, macs_table, parse_model_spec
 from evit.cli import main
 
@@ -58,9 +59,50 @@ def test_bench_interleaves_models_and_reports_speedup_over_the_first():
     assert len(rounds) == 3 and all("deit" in r and "evit" in r for r in rounds)
 
 
+TINY_EVIT = ("evit_deit_tiny_patch16_224:img_size=28,patch_size=4,embed_dim=32,depth=4,num_heads=2,"
+             "keep_rate=0.5,drop_loc=[1,2]")
+
+
+def _record_output_dtypes(monkeypatch) -> list:
+    """Make benchmark()'s models record the dtype of their classifier's output at every forward."""
+    seen = []
+
+    def create(spec, **overrides):
+        model = create_model(spec, **overrides)
+        model.head.register_forward_hook(lambda mod, inputs, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(B, "create_model", create)
+    return seen
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_bench_autocasts_on_the_cpu(monkeypatch, amp, dtype):
+    seen = _record_output_dtypes(monkeypatch)
+    df = benchmark([TINY_EVIT], batch_size=2, warmup=1, rounds=2, amp=amp, log=lambda m: None)
+    assert seen == [dtype] * 3 and df["dtype"].iloc[0] == amp and df["device_type"].iloc[0] == "cpu"
+
+
+@pytest.mark.slow
+def test_bench_compiles_on_the_cpu(monkeypatch, tmp_path):
+    """`evit bench --compile --amp bf16` on the CPU: inductor builds C++ kernels with the system compiler (a fresh
+    cache, so it really compiles), and EViT's reorganization (topk, gather) compiles as one graph, once."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    counters.clear()
+    df = benchmark([TINY_EVIT], batch_size=2, warmup=1, rounds=2, amp="bf16", compile=True, log=lambda m: None)
+    assert bool(df["compile"].iloc[0]) and df["img_s"].iloc[0] > 0
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # 3 calls, no recompile
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1                 # inductor generated the kernels ...
+    assert any((tmp_path / "inductor").rglob("*.so"))                     # ... and gcc built them
+    torch._dynamo.reset()
+
+
 def test_bench_rejects_bad_options():
-    with pytest.raises(ValueError, match="amp=bf16 is for CUDA"):
-        benchmark(["deit_tiny_patch16_224"], amp="bf16")
+    with pytest.raises(ValueError, match="amp must be one of"):
+        benchmark(["deit_tiny_patch16_224"], amp="fp8")
     with pytest.raises(ValueError, match="2 labels for 1 models"):
         benchmark(["deit_tiny_patch16_224"], labels=["a", "b"])
 

@@ -1,10 +1,14 @@
 """Loading DeiT / official EViT / our checkpoints, written by the tests themselves."""
+import argparse
+import os
+
 import pytest
 import timm
 import torch
 
-import evit  # noqa: F401
-from evit.checkpoint import CheckpointMismatchError, load_pretrained, read_state_dict, save_atomic
+import evit.models  # noqa: F401  (registers the EViT models with timm)
+from evit.checkpoint import (CheckpointError, CheckpointMismatchError, load_checkpoint, load_pretrained,
+                             read_state_dict, save_atomic)
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +73,93 @@ def test_wrong_architecture_names_the_mismatched_keys(tmp_path, deit_tiny):
         load_pretrained(timm.create_model("evit_deit_tiny_patch16_224"), path)
 
 
+def test_loads_an_official_evit_training_checkpoint(tmp_path):
+    """The layout of the official EViT main.py's checkpoint.pth: weights plus optimizer, timm scheduler, AMP scaler,
+    epoch, EMA weights and the run's argparse.Namespace -- readable weights-only, with the Namespace allowed."""
+    from timm.scheduler import create_scheduler_v2
+
+    torch.manual_seed(0)
+    trained = timm.create_model("evit_deit_tiny_patch16_224", keep_rate=0.7, fuse_token=True, num_classes=10,
+                                img_size=64)
+    opt = torch.optim.AdamW(trained.parameters(), lr=5e-4, weight_decay=0.05)
+    trained(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()                                       # a real optimizer state: exp_avg / exp_avg_sq per parameter
+    sched, _ = create_scheduler_v2(opt, "cosine", num_epochs=30, warmup_epochs=5, min_lr=1e-5, warmup_lr=1e-6)
+    sched.step(3)
+    args = argparse.Namespace(model="deit_small_patch16_224", batch_size=128, epochs=30, lr=2e-5, min_lr=2e-6,
+                              weight_decay=1e-6, base_keep_rate=0.7, keep_rate=0.7, drop_loc="(3, 6, 9)",
+                              fuse_token=True, finetune="deit_small_patch16_224-cd65a155.pth", input_size=224,
+                              model_ema=False, output_dir="output/evit-0.7", dist_url="env://", seed=0,
+                              sched="cosine", warmup_epochs=0, mixup=0.8, smoothing=0.1)
+    for ema in (trained.state_dict(), None):
+        path = tmp_path / "checkpoint.pth"
+        torch.save({"model": trained.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                    "epoch": 3, "model_ema": ema, "scaler": torch.amp.GradScaler("cpu").state_dict(), "args": args},
+                   path)
+        assert torch.load(path, weights_only=False)["args"] == args   # the file really holds the Namespace
+        with pytest.raises(Exception, match="argparse.Namespace"):  # which plain weights-only loading refuses
+            torch.load(path, weights_only=True)
+        model = timm.create_model("evit_deit_tiny_patch16_224", keep_rate=0.7, fuse_token=True, num_classes=10,
+                                  img_size=64)
+        load_pretrained(model, path)
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            assert torch.equal(model.eval()(x), trained.eval()(x))
+    # the Namespace is allowed only while we load: torch's global allowlist is left as it was
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
 def test_refuses_pickled_code_and_non_checkpoints(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "hook": print}, evil)  # needs full unpickling
-    with pytest.raises(CheckpointMismatchError, match="cannot be read as weights"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth is not a readable checkpoint \(it needs print"):
         read_state_dict(evil)
+    evil_args = tmp_path / "evil_args.pth"  # code hidden inside the one allowed class is still refused
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-3, hook=os.system)}, evil_args)
+    with pytest.raises(CheckpointError, match="it needs posix.system"):
+        read_state_dict(evil_args)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_state_dict(tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     torch.save({"epoch": 3}, junk)
-    with pytest.raises(CheckpointMismatchError, match="holds no state dict"):
+    with pytest.raises(CheckpointError, match="holds no state dict"):
         read_state_dict(junk)
+
+
+def test_truncated_training_checkpoint_is_one_clear_error_and_left_alone(tmp_path):
+    path = tmp_path / "run" / "checkpoint.pth"
+    model = timm.create_model("evit_deit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=4,
+                              num_heads=2, num_classes=10, drop_loc=(1, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = {"format": "evit-train-v1", "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": {"t_initial": 30}, "scaler": None, "state": {"epoch": 1, "step": 8}, "epoch": 1, "step": 8,
+            "config": {"train": {"epochs": 3}}}
+    save_atomic(ckpt, path)
+    loaded = load_checkpoint(path)
+    assert loaded["config"] == ckpt["config"] and torch.equal(loaded["model"]["pos_embed"], model.pos_embed.detach())
+
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    half = path.read_bytes()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} is not a readable checkpoint (truncated or corrupt") and "\n" not in msg
+    assert msg.endswith("delete it to start the run over, or restore it")
+    assert path.read_bytes() == half and [p.name for p in path.parent.iterdir()] == ["checkpoint.pth"]
+
+    path.write_bytes(b"")                                   # an empty file (e.g. a full disk) is the same error
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    save_atomic({"model": model.state_dict()}, path)        # readable, but weights only: not a training checkpoint
+    with pytest.raises(CheckpointError, match="not a training checkpoint of evit .no optimizer, scheduler, state"):
+        load_checkpoint(path)
+    save_atomic(ckpt, path)
+    path.write_bytes(path.read_bytes()[:-100])              # a torn end (lost central directory)
+    with pytest.raises(CheckpointError, match=f"^{path} is not a readable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.pth")
 
 
 def test_save_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path):

@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.multiprocessing as mp
 
-import evit  # noqa: F401  (registers the EViT models)
+import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
 from evit import engine as E
 
@@ -194,6 +194,67 @@ def test_non_finite_loss_stops_before_the_update():
     assert (e.value.epoch, e.value.step) == (3, 17) and math.isnan(e.value.loss)
     assert "epoch 3, step 17" in str(e.value)
     assert state.step == 17 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------- AMP
+
+
+def _amp_run(amp: str, n_batches: int = 3):
+    """Train a tiny EViT for ``n_batches`` real Fashion-MNIST batches with train.amp = ``amp`` on the CPU, as the
+    Trainer does; returns the model, its weights before, the step losses, the scaler and the dtypes of every
+    qkv-projection and head output seen in training and then in evaluation."""
+    device = torch.device("cpu")
+    dtype = E.amp_dtype_for(amp, device)
+    model = _tiny_model(keep_rate=0.7, fuse_token=True)
+    seen = {"train": [], "eval": []}
+    phase = ["train"]
+    for layer in (model.blocks[1].attn.qkv, model.head):   # a reorganizing block's attention, and the classifier
+        layer.register_forward_hook(lambda mod, inputs, out: seen[phase[0]].append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    losses = []
+    ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=device, iters_per_epoch=n_batches, seed=0,
+                        scaler=scaler, amp_dtype=dtype, on_step=lambda s, loss, lr, kr: losses.append(loss))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = E.TrainState()
+    E.train_one_epoch(model, _train_batches(n_batches), opt, state, ctx)
+    assert state.step == n_batches
+    phase[0] = "eval"
+    res = E.evaluate(model, _val_loader(1, 0, n=16, batch=16), device, amp_dtype=dtype)
+    return model, before, losses, scaler, seen, res
+
+
+def test_amp_settings_map_to_autocast_dtypes_on_every_device():
+    cpu = torch.device("cpu")
+    assert [E.amp_dtype_for(a, cpu) for a in ("none", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    assert E.amp_dtype_for("bf16", torch.device("cuda", 0)) == torch.bfloat16   # no GPU needed to resolve it
+    with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16, got 'fp8'"):
+        E.amp_dtype_for("fp8", cpu)
+    with pytest.raises(ValueError, match="cannot autocast on meta"):
+        E.amp_dtype_for("bf16", torch.device("meta"))
+    assert E.amp_dtype_for("none", torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_one_epoch_autocasts_on_the_cpu(amp):
+    """train.amp is honoured on the CPU: the matmuls run in the requested dtype, fp16 through a GradScaler, the
+    weights stay fp32 and change, and the losses track an fp32 run of the same batches."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    model, before, losses, scaler, seen, res = _amp_run(amp)
+    assert seen["train"] == [dtype] * 6 and seen["eval"] == [dtype] * 2     # 3 steps x (qkv, head); 1 eval batch
+    assert all(math.isfinite(loss) for loss in losses) and len(losses) == 3
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if b.requires_grad)
+    if amp == "fp16":
+        assert scaler.get_scale() == 2.0 ** 16                  # set, and no overflow backed it off
+        assert scaler.state_dict()["_growth_tracker"] == 3      # scaler.update() after each of the 3 steps
+    else:
+        assert scaler is None
+    _, _, fp32_losses, _, fp32_seen, fp32_res = _amp_run("none")
+    assert fp32_seen["train"] == [torch.float32] * 6
+    assert losses != fp32_losses                                # really another precision ...
+    assert losses == pytest.approx(fp32_losses, rel=0.03)       # ... of the same computation
+    assert res["num_images"] == fp32_res["num_images"] == 16 and math.isfinite(res["loss"])
 
 
 def test_provenance_fields():
