@@ -1,5 +1,5 @@
 """EViT: token reorganization for vision transformers (Liang et al., ICLR 2022).
 
-Importing `evit` registers the EViT models with timm.
+`import evit` is light (no torch): the launcher and the workflow import only `evit.config` and `evit.launch`.
+`import evit.models` registers the EViT models with timm.
 """
-from . import models  # noqa: F401  (registers the timm models)

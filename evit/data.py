@@ -36,21 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Fashion-MNIST training-set pixel statistics (grey, repeated over the three channels).
-FASHION_MEAN = (0.2860, 0.2860, 0.2860)
-FASHION_STD = (0.3530, 0.3530, 0.3530)
+from evit.config import (AUGMENTS, DATASETS, FASHION_CLASSES, FASHION_MEAN, FASHION_STD, IMAGENET_MEAN,  # noqa: F401
+                         IMAGENET_STD, default_mean_std)
 
-DATASETS = ("imagenet", "folder", "fashion_mnist")
-AUGMENTS = ("deit", "demo", "none")
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -178,10 +171,6 @@ def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
             raise DatasetError(f"{name} dataset needs data.root (a directory with train/ and val/)")
         return ImageFolderDataset(root, split, dataset=name)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-
-
-def default_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------------------------- transforms

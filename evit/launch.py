@@ -38,12 +38,8 @@ import submitit
 import yaml
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-LAUNCHER_DEFAULTS = dict(
-    backend="local", nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=2, mem_gb=None, timeout_min=60,
-    partition=None, account=None, qos=None, constraint=None, signal_delay_s=120, max_num_timeout=10,
-    sbatch_extra={}, max_failures=2,
-)
-BACKENDS = ("slurm", "local", "inline")
+from evit.config import BACKENDS, ConfigError, resolve_config, resolve_launcher
+
 COMMANDS = ("train", "eval", "bench")
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN")
@@ -53,35 +49,17 @@ class LaunchError(RuntimeError):
     """A run could not be brought to completion; the message says why and where the logs are."""
 
 
-def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
-    """The launcher options with defaults filled in; an unknown key or bad value is named."""
-    section = dict(section or {})
-    unknown = sorted(set(section) - set(LAUNCHER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown launcher key(s) {unknown}; known: {sorted(LAUNCHER_DEFAULTS)}")
-    opts = {**LAUNCHER_DEFAULTS, **section}
-    if backend is not None:
-        opts["backend"] = backend
-    if opts["backend"] not in BACKENDS:
-        raise ValueError(f"launcher backend must be one of {list(BACKENDS)}, got {opts['backend']!r}")
-    for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise ValueError(f"launcher {key} must be a positive integer, got {opts[key]!r}")
-    for key in ("gpus_per_node", "signal_delay_s", "max_num_timeout", "max_failures"):
-        if not isinstance(opts[key], int) or opts[key] < 0:
-            raise ValueError(f"launcher {key} must be a non-negative integer, got {opts[key]!r}")
-    if not isinstance(opts["sbatch_extra"], dict):
-        raise ValueError(f"launcher sbatch_extra must be a mapping of sbatch options, got {opts['sbatch_extra']!r}")
-    if opts["backend"] != "slurm" and opts["nodes"] > 1:
-        raise ValueError(f"launcher nodes={opts['nodes']} needs the slurm backend, not {opts['backend']!r}")
-    return opts
+class NotRetryableError(RuntimeError):
+    """Raised in a job for a failure that a resubmission would repeat: a bad config, missing data, a checkpoint of
+    the wrong architecture or an unreadable one, a non-finite loss. The launcher reports it at once."""
 
 
 class RunTask(submitit.helpers.Checkpointable):
     """What runs inside the job — training, evaluation or the benchmark of one run dir — on every task of the job.
 
     It holds only the config and paths: on USR2, `checkpoint()` first has a running training save the step it
-    has reached, then resubmits a fresh task, which resumes from the run dir's checkpoint.
+    has reached (rank 0 only: submitit calls it on the task of global rank 0), then resubmits a fresh task; every
+    rank of the requeued job resumes from the run dir's checkpoint.
     """
 
     def __init__(self, command: str, config: dict, run_dir: str | os.PathLike):
@@ -90,13 +68,23 @@ class RunTask(submitit.helpers.Checkpointable):
         self.command, self.config, self.run_dir = command, config, str(run_dir)
 
     def __call__(self) -> dict:
+        # the engine is imported here, in the job, never by the waiting launcher
+        from evit.checkpoint import CheckpointError
+        from evit.data import DatasetError
+        from evit.engine import NonFiniteLossError
+
+        try:
+            return self._run()
+        except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
+            raise NotRetryableError(str(e)) from e
+
+    def _run(self) -> dict:
         if "SLURM_JOB_ID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
             import torch
 
             torch.set_num_threads(resolve_launcher(self.config.get("launcher"))["cpus_per_task"])  # what it was given
         run_dir = Path(self.run_dir)
-        # the engine is imported here, in the job, not by the orchestrator
         if self.command == "bench":
             from evit.benchmark import bench_from_config
 
@@ -104,10 +92,8 @@ class RunTask(submitit.helpers.Checkpointable):
         if self.command == "eval":
             from evit.train import evaluate_checkpoint
 
-            checkpoint = (self.config.get("train") or {}).get("init_checkpoint")
-            if not checkpoint:
-                raise ValueError(f"eval run {run_dir}: its config has no train.init_checkpoint to evaluate")
-            return evaluate_checkpoint(checkpoint, self.config, out=run_dir / "eval.json")
+            return evaluate_checkpoint(_checkpoint_to_evaluate(self.config, run_dir), self.config,
+                                       out=run_dir / "eval.json")
         from evit.train import Trainer
 
         self._trainer = Trainer(self.config, run_dir)
@@ -120,7 +106,31 @@ class RunTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(RunTask(self.command, self.config, self.run_dir))
 
 
+def _checkpoint_to_evaluate(config: dict, run_dir: Path) -> str:
+    checkpoint = (config.get("train") or {}).get("init_checkpoint")
+    if not checkpoint:
+        raise ConfigError(f"eval run {run_dir}: its config has no train.init_checkpoint to evaluate")
+    return checkpoint
+
+
+def check_run(config: dict, run_dir: Path, command: str, opts: dict) -> None:
+    """Everything about a run that can be checked before it is queued: its config and the files it starts from."""
+    if command == "bench":
+        if opts["nodes"] * opts["tasks_per_node"] != 1:
+            raise ConfigError("launcher: the benchmark runs in one process; set nodes: 1 and tasks_per_node: 1")
+        return
+    resolve_config({**config, "launcher": opts})
+    checkpoint = (config.get("train") or {}).get("init_checkpoint")
+    if command == "eval":
+        checkpoint = _checkpoint_to_evaluate(config, run_dir)
+    elif (run_dir / "checkpoint.pth").is_file():
+        return  # a resumed training does not read its init checkpoint
+    if checkpoint and not Path(checkpoint).expanduser().is_file():
+        raise ConfigError(f"train.init_checkpoint: {checkpoint} does not exist")
+
+
 def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
+    """The submitit executor of a run: one task per GPU (`tasks_per_node`), `cpus_per_task` cores each."""
     cluster = opts["backend"]
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=opts["max_num_timeout"])
     params = dict(
@@ -134,6 +144,8 @@ def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
             if opts[key]:
                 params[f"slurm_{key}"] = opts[key]
         params["slurm_signal_delay_s"] = opts["signal_delay_s"]
+        # one task failing ends the others too, instead of leaving them blocked in a collective until the limit
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         if opts["sbatch_extra"]:
             params["slurm_additional_parameters"] = dict(opts["sbatch_extra"])
     executor.update_parameters(**params)
@@ -150,18 +162,37 @@ def _log_hint(job) -> str:
     return f"logs: {job.paths.stdout} and {job.paths.stderr}"
 
 
+def _tasks(job) -> list:
+    """The job's tasks (one per process), rank 0 first."""
+    return [job.task(i) for i in range(job.num_tasks)]
+
+
 def _wait(job, log, poll_s: float) -> dict:
-    """Wait for `job`, printing its state changes and its output; its result, or an exception from submitit."""
+    """Wait for `job`, printing its state changes and rank 0's output; returns rank 0's result.
+
+    Raises `LaunchError` for a failure a resubmission would repeat, and submitit's errors for the others; the
+    message names every task that failed, with its logs.
+    """
+    rank0 = job.task(0)
     last, relayed = None, 0
     while not job.done():
         state = job.state
         if state != last:
             log(f"job {job.job_id}: {state}")
             last = state
-        relayed = _relay_output(job.paths.stdout, relayed, log)
+        relayed = _relay_output(rank0.paths.stdout, relayed, log)
         time.sleep(poll_s)
-    _relay_output(job.paths.stdout, relayed, log)
-    return job.result()
+    _relay_output(rank0.paths.stdout, relayed, log)
+    errors = [(task, task.exception()) for task in _tasks(job)]
+    errors = [(task, e) for task, e in errors if e is not None]
+    if not errors:
+        return rank0.result()
+    not_retryable = [_not_retryable_message(e) for _, e in errors if _not_retryable_message(e)]
+    if not_retryable:
+        where = "\n".join(f"  task {task.task_id} {_log_hint(task)}" for task, _ in errors)
+        raise LaunchError(f"job {job.job_id} failed: {not_retryable[0]}\n{where}")
+    raise type(errors[0][1])("\n".join(f"  task {task.task_id}: {_job_error(e)}; {_log_hint(task)}"
+                                        for task, e in errors))
 
 
 def _relay_output(path: Path, offset: int, log) -> int:
@@ -178,11 +209,31 @@ def _relay_output(path: Path, offset: int, log) -> int:
     return offset + end
 
 
+def _reattach(record: dict, opts: dict, run_dir: Path, command: str, log):
+    """The SLURM job of a previous launch of this run when it is still pending, running, or finished well."""
+    if not (record.get("backend") == "slurm" == opts["backend"] and record.get("command") == command):
+        return None
+    tasks = tuple(range(record.get("num_tasks", 1)))
+    previous = submitit.SlurmJob(folder=run_dir / "submitit", job_id=record["job_id"], tasks=tasks)
+    state = previous.state
+    if state.split()[0] in ACTIVE_STATES or state == "COMPLETED":
+        log(f"reattaching to SLURM job {previous.job_id} ({state}) for {run_dir}")
+        return previous
+    return None
+
+
 def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", backend: str | None = None,
            log=print, poll_s: float = 5.0) -> dict:
-    """Run `command` for the run in `run_dir` on the configured backend; returns its metrics."""
+    """Run `command` for the run in `run_dir` on the configured backend; returns its (rank 0's) metrics.
+
+    The config is checked before anything is submitted (`check_run`). A failure that a resubmission would
+    repeat is a `LaunchError` at once; any other failed job is resubmitted up to `max_failures` times.
+    """
+    if command not in COMMANDS:
+        raise ConfigError(f"command must be one of {COMMANDS}, got {command!r}")
     opts = resolve_launcher(config.get("launcher"), backend)
     run_dir = Path(run_dir)
+    check_run(config, run_dir, command, opts)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = RunTask(command, config, run_dir)
     if opts["backend"] == "inline":
@@ -194,45 +245,51 @@ def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", bac
     if record_path.exists():
         record = json.loads(record_path.read_text())
         failures = record.get("failures", 0)
-        if record.get("backend") == "slurm" == opts["backend"] and record.get("command") == command:
-            previous = submitit.SlurmJob(folder=run_dir / "submitit", job_id=record["job_id"])
-            state = previous.state
-            if state.split()[0] in ACTIVE_STATES or state == "COMPLETED":
-                log(f"reattaching to SLURM job {previous.job_id} ({state}) for {run_dir}")
-                job = previous
-        elif record.get("backend") == "local" and _pid_alive(record.get("job_id")):
+        job = _reattach(record, opts, run_dir, command, log)
+        if record.get("backend") == "local" and _pid_alive(record.get("job_id")):
             raise LaunchError(f"a local job (pid {record['job_id']}) is still running for {run_dir}; "
                               "wait for it or kill it first")
     while True:
         if job is None:
             job = executor.submit(task)
             _write_record(record_path, dict(
-                backend=opts["backend"], command=command, job_id=str(job.job_id), failures=failures,
-                submitted=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                backend=opts["backend"], command=command, job_id=str(job.job_id), num_tasks=job.num_tasks,
+                failures=failures, submitted=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             ))
-            log(f"submitted {command} of {run_dir} as {opts['backend']} job {job.job_id}")
+            log(f"submitted {command} of {run_dir} as {opts['backend']} job {job.job_id}"
+                + (f" ({job.num_tasks} tasks)" if job.num_tasks > 1 else ""))
         try:
             return _wait(job, log, poll_s)
         except (UncompletedJobError, FailedJobError) as e:
             state = job.state
             if state.startswith("CANCELLED"):
-                raise LaunchError(f"job {job.job_id} for {run_dir} was cancelled ({state}); {_log_hint(job)}") from e
+                raise LaunchError(f"job {job.job_id} for {run_dir} was cancelled ({state}); {_log_hint(job.task(0))}"
+                                  ) from e
             failures += 1
             if failures > opts["max_failures"]:
                 raise LaunchError(
                     f"job {job.job_id} for {run_dir} ended {state}, after {failures - 1} resubmission(s) "
-                    f"(max_failures={opts['max_failures']}); {_log_hint(job)}\n{_last_line(e)}") from e
-            log(f"job {job.job_id} ended {state}: {_last_line(e)}\n"
-                f"resubmitting from the last checkpoint ({failures}/{opts['max_failures']}); {_log_hint(job)}")
+                    f"(max_failures={opts['max_failures']}):\n{e}") from e
+            log(f"job {job.job_id} ended {state}:\n{e}\n"
+                f"resubmitting from the last checkpoint ({failures}/{opts['max_failures']})")
             job = None
 
 
-def _last_line(error: Exception) -> str:
+def _job_error(error: Exception) -> str:
     """The job's own error: the last line of the remote traceback submitit quotes, else of the message."""
     text = str(error)
     parts = text.split("-" * 22)  # submitit frames the remote traceback with dashed lines
     lines = [line for line in (parts[1] if len(parts) > 2 else text).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
+
+
+def _not_retryable_message(error: Exception) -> str | None:
+    """The message of a `NotRetryableError` raised in the job (from the remote traceback), or None."""
+    marker = f"{NotRetryableError.__module__}.{NotRetryableError.__qualname__}: "
+    text = str(error)
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].split("\n" + "-" * 22)[0].strip()
 
 
 def _pid_alive(pid) -> bool:
@@ -251,7 +308,7 @@ def _cmd_launch(args) -> int:
     try:
         metrics = launch(config, args.run_dir, command=args.command, backend=args.backend,
                          log=lambda msg: print(msg, flush=True))
-    except (LaunchError, ValueError) as e:
+    except (LaunchError, NotRetryableError, ValueError) as e:
         print(f"evit launch: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))

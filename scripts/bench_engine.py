@@ -24,7 +24,7 @@ import time
 import timm
 import torch
 
-import evit  # noqa: F401  (registers the EViT models)
+import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
 from evit import engine as E
 from evit import train as T

@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-import evit  # noqa: F401  (registers the EViT models)
+import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit.benchmark import device_name, quartiles, timed_batches
 
 

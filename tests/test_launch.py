@@ -1,5 +1,11 @@
-"""The launcher: option validation, local-backend failures, and the real SLURM cluster (requeue, reattach, cancel)."""
+"""The launcher: checks before submission, failures, the sbatch script, and the real two-node SLURM cluster
+(multi-node DDP, requeue, preemption, reattach, cancel)."""
+import json
+import os
+import random
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -7,7 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from evit.launch import LaunchError, launch, resolve_launcher
+from evit.config import ConfigError, resolve_launcher
+from evit.launch import LaunchError, launch, make_executor
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIT = [sys.executable, "-m", "evit.cli"]
 
 # Jobs run with the cpus_per_task threads they ask for (1 here); the inline references must match them, as
 # fp32 sums may round differently with another thread count.
@@ -38,9 +48,20 @@ def sh(*cmd) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def job_id(run_dir: Path) -> str:
-    import json
+def child_processes(pid: int) -> list[int]:
+    """The pids of the children of process `pid` (a local job's id is its controller, which starts the task)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
+
+def job_id(run_dir: Path) -> str:
     return json.loads((run_dir / "job.json").read_text())["job_id"]
 
 
@@ -76,6 +97,13 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def epochs_logged(run_dir: Path) -> int:
     log = run_dir / "log.jsonl"
     return len(log.read_text().splitlines()) if log.exists() else 0
@@ -102,14 +130,98 @@ def test_launcher_options_are_validated_by_name():
     assert opts["backend"] == "slurm" and opts["partition"] == "gpu" and opts["max_failures"] == 2
 
 
-def test_failed_local_job_is_resubmitted_then_reported_with_its_logs(tmp_path):
-    cfg = tiny_run(1, "local", max_failures=1)
+@pytest.mark.parametrize("section, key, message", [
+    ("train", "blrr", "train.blrr: unknown key"),
+    ("data", "num_workrs", "data.num_workrs: unknown key"),
+    ("launcher", "partitoin", "unknown launcher key(s) ['partitoin']"),
+])
+def test_a_bad_config_is_refused_before_anything_is_submitted(tmp_path, section, key, message):
+    cfg = tiny_run(1, "local")
+    cfg[section][key] = 4
+    with pytest.raises(ConfigError) as info:
+        launch(cfg, tmp_path / "run")
+    assert message in str(info.value)
+    assert not (tmp_path / "run").exists()  # no job.json, no submitit folder: nothing was queued
+
+
+def test_a_missing_init_checkpoint_is_refused_before_submission(tmp_path):
+    cfg = tiny_run(1, "local")
+    cfg["train"].update(recipe="finetune", init_checkpoint=str(tmp_path / "deit_s.pth"))
+    with pytest.raises(ConfigError, match=r"train.init_checkpoint: .*deit_s.pth does not exist"):
+        launch(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="no train.init_checkpoint to evaluate"):
+        launch(tiny_run(1, "local"), tmp_path / "run", command="eval")
+
+
+def test_missing_data_fails_at_once_without_resubmission(tmp_path):
+    cfg = tiny_run(1, "local", max_failures=3)
     cfg["data"]["root"] = str(tmp_path / "no-such-dataset")
     lines = []
-    with pytest.raises(LaunchError, match=r"after 1 resubmission\(s\).*logs: .*\.out") as info:
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
         launch(cfg, tmp_path / "run", log=lines.append, poll_s=0.5)
-    assert "Fashion-MNIST not found" in str(info.value)
-    assert sum(line.startswith("submitted") for line in lines) == 2
+    message = str(info.value)
+    assert "Fashion-MNIST not found" in message.splitlines()[0]
+    assert "task 0 logs: " in message and "_0_log.out" in message
+    assert "Traceback" not in message
+    assert sum(line.startswith("submitted") for line in lines) == 1  # a retry would fail the same way
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_truncated_checkpoint_is_one_clear_error_and_is_left_as_it_was(tmp_path):
+    run_dir = tmp_path / "run"
+    launch(tiny_run(1, "inline"), run_dir)
+    checkpoint = run_dir / "checkpoint.pth"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
+    (run_dir / "metrics.json").unlink()
+    proc = subprocess.run([*EVIT, "launch", "--config", str(write_yaml(tmp_path / "c.yaml", tiny_run(1, "local"))),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    error = proc.stderr.strip()
+    assert str(checkpoint) in error and "Traceback" not in error, error
+    assert proc.stdout.count("submitted train") == 1
+    assert checkpoint.read_bytes() == data[: len(data) // 2]
+
+
+def test_a_crashed_local_job_is_resubmitted_and_resumes_bitwise(tmp_path):
+    epochs = 20
+    launch(tiny_run(epochs, "inline"), tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    lines = []
+    join = in_thread(launch, tiny_run(epochs, "local", max_failures=1), run_dir, log=lines.append, poll_s=0.5)
+    wait_for(lambda: epochs_logged(run_dir) >= 2, 180, "two epochs")
+    for pid in child_processes(int(job_id(run_dir))):  # the process that trains: a crash a retry can fix
+        os.kill(pid, signal.SIGKILL)
+    join()
+    assert sum(line.startswith("submitted") for line in lines) == 2, lines
+    assert 2 <= epochs_logged(run_dir) == epochs
+    assert_bitwise_equal(final_weights(run_dir), final_weights(tmp_path / "reference"))
+    assert json.loads((run_dir / "job.json").read_text())["failures"] == 1
+
+
+def test_the_waiting_launcher_imports_no_torch():
+    code = ("import sys; from evit import cli; cli.build_parser('launch'); import evit.launch; "
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'pandas', 'seaborn', 'numpy'});"
+            "print(heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_sbatch_script_of_a_multi_node_gpu_job(tmp_path):
+    """One task per GPU: 2 nodes x 8 GPUs is 16 processes, each with its CPUs; srun ends all if one fails."""
+    opts = resolve_launcher({"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 8, "cpus_per_task": 10, "mem_gb": 480,
+                             "timeout_min": 1440, "partition": "gpu", "account": "vision", "signal_delay_s": 300},
+                            backend="slurm")
+    executor = make_executor(opts, tmp_path, name="evit-train-x")
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --mem=480GB", "#SBATCH --time=1440",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --signal=USR2@300",
+                 "#SBATCH --job-name=evit-train-x"):
+        assert line in script.splitlines(), (line, script)
+    srun = next(line for line in script.splitlines() if line.startswith("srun"))
+    assert "--kill-on-bad-exit=1" in srun
 
 
 def test_local_job_output_is_relayed_while_it_runs(tmp_path):
@@ -184,3 +296,111 @@ def test_slurm_cancelled_job_gives_a_clear_error_promptly(tmp_path):
     with pytest.raises(LaunchError, match=r"was cancelled \(CANCELLED.*logs: "):
         join(timeout=120)
     assert time.monotonic() - t0 < 90
+
+
+# ------------------------------------------------------------------------------------------ two nodes
+
+
+def two_node_run(epochs: int, **launcher) -> dict:
+    """The tiny training as DDP over the cluster's two nodes, one process each."""
+    return tiny_run(epochs, "slurm", nodes=2, tasks_per_node=1, **launcher)
+
+
+def task_log(run_dir: Path, jid: str, task: int) -> str:
+    return (run_dir / "submitit" / f"{jid}_{task}_log.out").read_text()
+
+
+def job_processes(jid: str) -> dict:
+    """{SLURM_PROCID: pid} of the python processes of SLURM job `jid` that run its tasks."""
+    found = {}
+    for env_file in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(kv.split("=", 1) for kv in env_file.read_text().split("\0") if "=" in kv)
+            cmdline = (env_file.parent / "cmdline").read_text()
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == jid and "SLURM_PROCID" in env and "submitit" in cmdline:
+            found[int(env["SLURM_PROCID"])] = int(env_file.parent.name)
+    return found
+
+
+TWO_NODE_EPOCHS = 30
+
+
+@pytest.fixture(scope="module")
+def two_node_reference(tmp_path_factory):
+    """An uninterrupted 2-node x 1-task DDP training through the launcher."""
+    run_dir = tmp_path_factory.mktemp("two_nodes") / "run"
+    lines = []
+    metrics = launch(two_node_run(TWO_NODE_EPOCHS), run_dir, log=lines.append, poll_s=1)
+    return run_dir, metrics, lines
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_two_node_ddp_training_through_the_launcher(two_node_reference):
+    run_dir, metrics, lines = two_node_reference
+    jid = job_id(run_dir)
+    assert metrics["provenance"]["world_size"] == 2 and metrics["epochs"] == TWO_NODE_EPOCHS
+    assert json.loads((run_dir / "metrics.json").read_text())["top1"] == metrics["top1"]
+    assert json.loads((run_dir / "job.json").read_text())["num_tasks"] == 2
+    assert any(f"slurm job {jid} (2 tasks)" in line for line in lines)
+    assert any(f"epoch {TWO_NODE_EPOCHS}/{TWO_NODE_EPOCHS}: loss" in line for line in lines)  # rank 0's output
+    accounting = lambda: sh("sacct", "-j", jid, "-n", "-X", "-o", "State,NNodes,NodeList%20").split()  # noqa: E731
+    wait_for(lambda: accounting()[0] != "RUNNING", 60, "the job to leave RUNNING")  # results come before the end
+    assert accounting() == ["COMPLETED", "2", "n[1-2]"]
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_two_node_job_preempted_at_a_random_step_resumes_every_rank_bitwise(tmp_path, two_node_reference):
+    run_dir = tmp_path / "run"
+    join = in_thread(launch, two_node_run(TWO_NODE_EPOCHS), run_dir, poll_s=1)
+    wait_for(lambda: epochs_logged(run_dir) >= 1, 180, "the first epoch on two nodes")
+    delay = random.uniform(0, 2)
+    print(f"USR2 (preemption) {delay:.2f} s after the first epoch")
+    time.sleep(delay)
+    jid = job_id(run_dir)
+    sh("scancel", "--signal=USR2", jid)  # what SLURM sends before preempting or at the time limit
+    join()
+    assert epochs_logged(run_dir) == TWO_NODE_EPOCHS
+    assert "REQUEUED" in sh("sacct", "-j", jid, "-n", "-X", "-D", "-o", "State%20")
+    for task in (0, 1):  # every rank resumed from the one checkpoint rank 0 wrote
+        assert "resumed from" in task_log(run_dir, jid, task), task
+    assert_bitwise_equal(final_weights(run_dir), final_weights(two_node_reference[0]))
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_restarted_orchestrator_reattaches_to_a_running_two_node_job(tmp_path):
+    run_dir = tmp_path / f"reattach2n{time.time_ns()}"
+    config = write_yaml(tmp_path / "c.yaml", two_node_run(TWO_NODE_EPOCHS))
+    cmd = [*EVIT, "launch", "--config", str(config), "--run-dir", str(run_dir)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: epochs_logged(run_dir) >= 1, 180, "the two-node job to train")
+    first.kill()  # the orchestrator dies (login node reboot, Snakemake killed); the job goes on
+    first.wait()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    jid = job_id(run_dir)
+    assert f"reattaching to SLURM job {jid}" in second.stdout
+    assert json.loads(second.stdout[second.stdout.index("{"):])["top1"] > 0
+    jobs = sh("sacct", "-n", "-X", "-S", "now-15minutes", "-o", "JobID,JobName%80").splitlines()
+    assert sum(run_dir.name in line for line in jobs) == 1
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_a_crash_on_rank_1_is_reported_with_that_tasks_log(tmp_path):
+    run_dir = tmp_path / "run"
+    join = in_thread(launch, two_node_run(200, max_failures=0), run_dir, poll_s=1)
+    wait_for(lambda: epochs_logged(run_dir) >= 1, 180, "the two-node job to train")
+    jid = job_id(run_dir)
+    wait_for(lambda: 1 in job_processes(jid), 30, "rank 1's process")
+    os.kill(job_processes(jid)[1], signal.SIGKILL)  # the node of rank 1 goes away
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        join(timeout=300)
+    message = str(info.value)
+    assert "task 1: " in message and f"{jid}_1_log.out" in message, message
+    assert time.monotonic() - t0 < 120  # srun ends the other rank instead of leaving it blocked in all-reduce

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-import evit  # noqa: F401
+import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit.models import EViT
 
 

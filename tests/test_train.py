@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+import evit.config as C
 import evit.train as T
 from evit import cli
 from evit import data as D
@@ -67,27 +68,27 @@ def straight_run(tmp_path_factory):
 
 
 def test_config_defaults_and_recipes():
-    cfg = T.resolve_config({"data": {"dataset": "imagenet", "root": "/data/imagenet"}})
+    cfg = C.resolve_config({"data": {"dataset": "imagenet", "root": "/data/imagenet"}})
     t = cfg["train"]
     assert t["recipe"] == "scratch" and t["epochs"] == 300 and t["blr"] == 5e-4 and t["warmup_epochs"] == 5
     assert (t["mixup"], t["cutmix"], t["smoothing"], t["reprob"], t["repeated_aug"]) == (0.8, 1.0, 0.1, 0.25, 3)
     assert t["aa"] == "rand-m9-mstd0.5-inc1" and (t["shrink_start"], t["shrink_epochs"]) == (10, 100)
     assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["crop_pct"] == 0.875
     assert cfg["data"]["mean"] == list(D.IMAGENET_MEAN)
-    ft = T.resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
+    ft = C.resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
                            "train": {"recipe": "finetune", "init_checkpoint": "deit_s.pth", "epochs": 5}})["train"]
     assert (ft["blr"], ft["min_lr"], ft["weight_decay"], ft["warmup_epochs"]) == (2e-5, 2e-6, 1e-6, 0)
     assert (ft["shrink_start"], ft["shrink_epochs"], ft["hold_eval"], ft["epochs"]) == (0, 0, True, 5)
-    demo = T.resolve_config(tiny_config())
+    demo = C.resolve_config(tiny_config())
     assert demo["eval"]["crop_pct"] == 1.0 and demo["model"]["num_classes"] == 10
     assert demo["data"]["root"] is None and demo["data"]["mean"] == list(D.FASHION_MEAN)
     # resolving is idempotent, and the launcher / meta sections pass through without entering the hash
-    assert T.resolve_config(demo) == demo
-    with_launcher = T.resolve_config(dict(tiny_config(), launcher={"partition": "gpu"}, meta={"exp": "x"}))
+    assert C.resolve_config(demo) == demo
+    with_launcher = C.resolve_config(dict(tiny_config(), launcher={"partition": "gpu"}, meta={"exp": "x"}))
     assert with_launcher["launcher"] == {"partition": "gpu"}
-    assert T.config_hash(with_launcher) == T.config_hash(demo)
+    assert C.config_hash(with_launcher) == C.config_hash(demo)
     # YAML 1.1 reads 1e-3 as a string: accepted as a number
-    assert T.resolve_config(tiny_config(train={"blr": "1e-3"}))["train"]["blr"] == 1e-3
+    assert C.resolve_config(tiny_config(train={"blr": "1e-3"}))["train"]["blr"] == 1e-3
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -111,24 +112,24 @@ def test_config_errors_name_the_key(raw, key):
     base = tiny_config()
     for sec, values in raw.items():
         base[sec] = dict(base.get(sec, {}), **values)
-    with pytest.raises(T.ConfigError) as e:
-        T.resolve_config(base)
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve_config(base)
     assert key in str(e.value)
 
 
 def test_docstring_documents_every_key():
-    doc = T.__doc__
-    for sec, fields in T.SCHEMA.items():
+    doc = C.__doc__
+    for sec, fields in C.SCHEMA.items():
         assert f"``{sec}:``" in doc
         for key in fields:
-            assert f"``{key}``" in doc, f"{sec}.{key} is not documented in evit.train's docstring"
+            assert f"``{key}``" in doc, f"{sec}.{key} is not documented in evit.config's docstring"
 
 
 def test_overrides():
-    raw = T.apply_overrides({"train": {"epochs": 3}}, ["train.epochs=5", "model.drop_loc=[1, 2]", "meta.exp=a"])
+    raw = C.apply_overrides({"train": {"epochs": 3}}, ["train.epochs=5", "model.drop_loc=[1, 2]", "meta.exp=a"])
     assert raw == {"train": {"epochs": 5}, "model": {"drop_loc": [1, 2]}, "meta": {"exp": "a"}}
-    with pytest.raises(T.ConfigError, match="section.key=value"):
-        T.apply_overrides({}, ["train.epochs"])
+    with pytest.raises(C.ConfigError, match="section.key=value"):
+        C.apply_overrides({}, ["train.epochs"])
 
 
 # --------------------------------------------------------------------------------------------- training runs
@@ -148,14 +149,14 @@ def test_run_outputs(straight_run):
     assert metrics["num_eval_images"] == 101 and metrics["top1"] == log[-1]["top1"] > 10   # it learned a bit
     assert metrics["params"] == sum(v.numel() for k, v in final_weights(run_dir).items())
     prov = metrics["provenance"]
-    assert prov["config_hash"] == T.config_hash(T.resolve_config(tiny_config()))
+    assert prov["config_hash"] == C.config_hash(C.resolve_config(tiny_config()))
     assert prov["world_size"] == 1 and prov["torch"] == torch.__version__ and prov["timm"] == timm.__version__
     assert {"git_commit", "python", "device"} <= prov.keys()
     ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)   # weights_only-safe
     assert (ckpt["epoch"], ckpt["step"]) == (3, 24)
     assert {"optimizer", "scheduler", "scaler", "rng", "sampler", "config"} <= ckpt.keys()
     assert {"python", "numpy", "torch", "cuda"} == ckpt["rng"].keys()
-    assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) == T.resolve_config(tiny_config())
+    assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) == C.resolve_config(tiny_config())
 
 
 def test_resume_after_an_epoch_is_exact(straight_run, tmp_path):
@@ -183,6 +184,25 @@ def test_resume_mid_epoch_with_workers_is_exact(straight_run, tmp_path):
 
 class Preempted(Exception):
     pass
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_training_on_the_cpu_resumes_exactly(amp, tmp_path):
+    """paper.yaml's `amp: bf16` (and fp16 with its GradScaler) through the Trainer, as a GPU run takes it:
+    a run stopped mid-epoch and resumed (scaler state included) equals the uninterrupted run bitwise."""
+    cfg = tiny_config(train={"amp": amp, "epochs": 2})
+    straight = T.Trainer(cfg, tmp_path / "straight")()
+    assert T.Trainer(cfg, tmp_path / "resumed").run(max_steps=5) is None
+    saved = torch.load(tmp_path / "resumed/checkpoint.pth", weights_only=True)
+    if amp == "fp16":
+        assert saved["scaler"]["scale"] > 0 and saved["scaler"]["_growth_tracker"] == 5  # 5 unskipped steps
+    else:
+        assert saved["scaler"] is None
+    resumed = T.Trainer(cfg, tmp_path / "resumed")()
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    assert resumed["top1"] == straight["top1"]
+    T.Trainer(tiny_config(train={"epochs": 2}), tmp_path / "fp32")()
+    assert losses(tmp_path / "fp32") != losses(tmp_path / "straight")  # autocast really changed the arithmetic
 
 
 def test_checkpoint_on_request_mid_step_is_exact(straight_run, tmp_path, monkeypatch):
@@ -245,11 +265,11 @@ def test_trainer_pickles_and_finished_runs_return_metrics(straight_run, tmp_path
 
 def test_resume_refuses_another_config(straight_run):
     ref_dir, _ = straight_run
-    with pytest.raises(T.ConfigError, match=r"train\.blr: checkpoint 0\.004 vs config 0\.002"):
+    with pytest.raises(C.ConfigError, match=r"train\.blr: checkpoint 0\.004 vs config 0\.002"):
         T.Trainer(tiny_config(train={"blr": 2e-3}), ref_dir)()
     # keys that do not change the maths may differ
-    assert T.resume_mismatch(T.resolve_config(tiny_config()),
-                             T.resolve_config(tiny_config(data={"num_workers": 3}, eval={"batch_size": 7}))) == []
+    assert C.resume_mismatch(C.resolve_config(tiny_config()),
+                             C.resolve_config(tiny_config(data={"num_workers": 3}, eval={"batch_size": 7}))) == []
 
 
 def test_nan_loss_stops_without_writing_a_checkpoint(tmp_path):
@@ -294,7 +314,7 @@ def test_finetune_recipe_loads_init_and_matches_eval(straight_run, tmp_path):
                       model={"keep_rate": 0.5, "fuse_token": True})
     for key in ("shrink_start", "shrink_epochs", "warmup_epochs", "mixup", "cutmix"):
         del cfg["train"][key]                                          # the finetune recipe's values
-    resolved = T.resolve_config(cfg)
+    resolved = C.resolve_config(cfg)
     assert resolved["train"]["hold_eval"] and resolved["train"]["shrink_epochs"] == 0
     metrics = T.Trainer(cfg, tmp_path / "ft")()
     assert_same_weights(final_weights(ref_dir), final_weights(tmp_path / "ft"))
@@ -338,7 +358,7 @@ def test_eval_a_deit_checkpoint_as_evit(tmp_path):
     args = ["eval", "--checkpoint", str(ckpt), "--arch", "evit_deit_tiny_patch16_224", "--img-size", "28",
             "--patch-size", "4", "--dataset", "fashion_mnist", "--val-subset", "64", "--num-workers", "0",
             "--drop-loc", "1,2", "--set", "model.kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
-            "--set", "train.augment=demo"]
+            "--set", "train.augment=demo", "--amp", "none"]  # the recipe (scratch) would autocast to bf16
     cli.main(args + ["--keep-rate", "1.0", "--out", str(tmp_path / "k1.json")])
     cli.main(args + ["--keep-rate", "0.5", "--fuse-token", "--out", str(tmp_path / "k05.json")])
     k1, k05 = (json.loads((tmp_path / f).read_text()) for f in ("k1.json", "k05.json"))

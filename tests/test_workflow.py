@@ -10,7 +10,7 @@ import timm
 import torch
 import yaml
 
-import evit  # noqa: F401
+import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit.benchmark import count_macs
 
 ROOT = Path(__file__).resolve().parents[1]

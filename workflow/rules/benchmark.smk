@@ -9,7 +9,7 @@ rule bench_config:
             **{k: v for k, v in config["bench"].items() if k != "num_classes"},
             "labels": list(EXPERIMENTS),
             "specs": [model_spec(name) for name in EXPERIMENTS],
-            "launcher": {**config["launcher"], **config["bench_launcher"], "backend": config["backend"]},
+            "launcher": bench_launcher(),
         },
     localrule: True
     run:

@@ -1,11 +1,14 @@
 # Config validation, the experiment table, and the fully resolved config of each run.
-# No torch import here: parsing the workflow (and `snakemake -n`) stays fast.
+# Every run's config is resolved and validated here, while the DAG is built, with the torch-free evit.config:
+# `snakemake -n` finds a bad key or value anywhere, and parsing stays fast.
 import copy
 import sys
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
+
+from evit.config import ConfigError, resolve_config, resolve_launcher
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -61,7 +64,9 @@ def _check_data_root():
         root = Path(str(data.get("root")))
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
             raise ValueError(f"config: run_defaults data.root {root} is not a {data['dataset']} directory "
-                             "(expected root/train/<class>/* and root/val/<class>/*); set data.root")
+                             "(expected root/train/<class>/* and root/val/<class>/*): set run_defaults.data.root "
+                             "to your ImageNet in workflow/config/paper.yaml, or in a site file added with "
+                             "--configfile workflow/config/paper.yaml site.yaml")
 
 
 _check_data_root()
@@ -107,6 +112,30 @@ def run_config(name):
     if not is_trained(name) or exp["recipe"] == "finetune":
         cfg["train"]["init_checkpoint"] = str(weights(name) if not is_trained(name) else weights(exp["init"]))
     return deep_merge(cfg, exp.get("run", {}))
+
+
+def bench_launcher():
+    """The benchmark job's launcher options: one process (the bench is not distributed), on the runs' backend."""
+    return {**config["launcher"], "nodes": 1, "tasks_per_node": 1, **config["bench_launcher"],
+            "backend": config["backend"]}
+
+
+def _check_run_configs():
+    """Resolve every run's config now, so that a bad key or value fails the dry run, naming the experiment."""
+    for name in EXPERIMENTS:
+        try:
+            resolve_config(run_config(name))
+        except ConfigError as e:
+            raise ValueError(f"config: experiment {name!r}: {e}") from None
+    try:
+        opts = resolve_launcher(bench_launcher())
+    except ConfigError as e:
+        raise ValueError(f"config: bench_launcher: {e}") from None
+    if opts["nodes"] * opts["tasks_per_node"] != 1:
+        raise ValueError("config: bench_launcher: the benchmark runs in one process; set nodes: 1, tasks_per_node: 1")
+
+
+_check_run_configs()
 
 
 def run_cpus(wildcards):
