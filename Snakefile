@@ -1,7 +1,9 @@
 # The EViT reproduction workflow: the paper's grid -> runs (via `evit launch`) -> benchmark -> tables and figures.
-#   snakemake --profile slurm all                 # on a SLURM cluster (profile installed by `evit install-profile`)
+#   snakemake --profile slurm all                 # the paper's ImageNet grid on SLURM: the profile (installed by
+#                                                 #   `evit install-profile`) names workflow/config/paper.yaml
+#   snakemake --profile slurm all --configfile workflow/config/demo.yaml   # the demo on the cluster
 #   snakemake --profile workflow/profiles/local all   # here, the Fashion-MNIST miniature (what `make demo` runs)
-# The default config is the demo; the paper's ImageNet grid is `--configfile workflow/config/paper.yaml`.
+# Without a --configfile (from the command line or a profile) the config is the demo.
 from snakemake.utils import min_version
 
 min_version("8.0")

@@ -168,6 +168,24 @@ def test_missing_data_fails_at_once_without_resubmission(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def test_a_checkpoint_of_another_architecture_fails_at_once(tmp_path):
+    import timm
+
+    import evit.models  # noqa: F401
+
+    shallow = timm.create_model("evit_deit_tiny_patch16_224", img_size=28, patch_size=4, num_classes=10, embed_dim=32,
+                                depth=2, num_heads=2, drop_loc=(1,))
+    checkpoint = tmp_path / "shallow.pth"
+    torch.save({"model": shallow.state_dict()}, checkpoint)
+    cfg = tiny_run(1, "local", max_failures=2)
+    cfg["train"]["init_checkpoint"] = str(checkpoint)
+    lines = []
+    with pytest.raises(LaunchError, match=r"shallow.pth does not fit EViT") as info:
+        launch(cfg, tmp_path / "run", command="eval", log=lines.append, poll_s=0.5)
+    assert "missing" in str(info.value) and "task 0 logs: " in str(info.value)
+    assert sum(line.startswith("submitted") for line in lines) == 1
+
+
 def test_a_truncated_checkpoint_is_one_clear_error_and_is_left_as_it_was(tmp_path):
     run_dir = tmp_path / "run"
     launch(tiny_run(1, "inline"), run_dir)

@@ -71,6 +71,15 @@ def job_counts(dry_run_output: str) -> dict:
     (lambda c: c["tables"]["main"].update(baseline="nope"), "table 'main' has unknown baseline experiment 'nope'"),
     (lambda c: c.update(checkpoints={"ghost": "/x.pth"}), "checkpoints maps unknown experiment 'ghost'"),
     (lambda c: c["experiments"][2].update(tables=["main", "apendix"]), "unknown table(s) ['apendix']"),
+    # every run's full config is resolved while the DAG is built: a typo anywhere fails the dry run
+    (lambda c: c["run_defaults"]["train"].update(blrr=0.1), "experiment 'deit_s': train.blrr: unknown key"),
+    (lambda c: c["launcher"].update(partitoin="gpu"), "experiment 'deit_s': unknown launcher key(s) ['partitoin']"),
+    (lambda c: c["experiments"][3].update(run={"data": {"num_workrs": 4}}),
+     "experiment 'evit_s_0.7': data.num_workrs: unknown key"),
+    (lambda c: c["experiments"][1].update(run={"train": {"amp": "fp8"}}),
+     "experiment 'evit_s_0.9': train.amp: expected one of none, bf16, fp16"),
+    (lambda c: c["launcher"].update(nodes=2), "launcher nodes=2 needs the slurm backend"),
+    (lambda c: c["bench_launcher"].update(tasks_per_node=2), "bench_launcher: the benchmark runs in one process"),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
@@ -98,6 +107,15 @@ def test_paper_dry_run_lists_the_paper_grid(tmp_path):
     }
     for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5"):
         assert f"{tmp_path}/results/runs/{exp}/metrics.json" in proc.stdout
+
+
+def test_the_slurm_profile_runs_the_paper_grid_and_asks_for_the_imagenet_root(tmp_path):
+    """`snakemake --profile slurm all` on an unedited checkout: paper.yaml, which needs data.root set."""
+    proc = snakemake("-n", "--profile", str(ROOT / "workflow/profiles/slurm"), "all", check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "data.root /datasets/imagenet is not a imagenet directory" in output
+    assert "set run_defaults.data.root to your ImageNet in workflow/config/paper.yaml" in output
 
 
 def test_paper_config_requires_the_imagenet_root(tmp_path):
@@ -165,10 +183,13 @@ def test_workflow_with_the_slurm_profile_trains_through_sbatch(tmp_path):
         {"name": "evit_0.5", "keep_rate": 0.5, "tables": ["main"]},
     ]
     cfg = tiny_config(results, experiments)
-    cfg["launcher"].update(cpus_per_task=1, timeout_min=10)
+    cfg["launcher"].update(cpus_per_task=1, timeout_min=10, tasks_per_node=2)  # DDP: two processes per run
     config_file = write_config(tmp_path / "c.yaml", cfg)
     snakemake("all", "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile", str(config_file))
     assert len(pd.read_csv(results / "tables/main.csv")) == 2
+    for exp in experiments:
+        metrics = yaml.safe_load((results / "runs" / exp["name"] / "metrics.json").read_text())
+        assert metrics["provenance"]["world_size"] == 2, exp
     job_ids = {exp["name"]: yaml.safe_load((results / "runs" / exp["name"] / "job.json").read_text())["job_id"]
                for exp in experiments}
     for name, jid in job_ids.items():
