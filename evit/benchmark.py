@@ -16,7 +16,6 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
 
 import pandas as pd
 import timm
@@ -25,7 +24,7 @@ import yaml
 from torch import nn
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit.models import EViT, num_kept
+from evit.models import BlockTokens, EViT
 
 PAPER_MACS_SPECS = [
     "deit_small_patch16_224",
@@ -63,27 +62,12 @@ def create_model(spec: str, **overrides) -> nn.Module:
     return timm.create_model(arch, **{**kwargs, **overrides})
 
 
-class BlockTokens(NamedTuple):
-    attn: int  # tokens into attention, CLS (and any earlier fused token) included
-    mlp: int  # tokens into the MLP
-    reorganized: bool
-    fused: bool
-
-
 def token_counts(model: nn.Module, keep_rate: float | None = None) -> list[BlockTokens]:
     """Token counts per block of a timm ViT or EViT, at its own keep rate or the given override."""
+    if isinstance(model, EViT):
+        return model.token_counts(keep_rate=keep_rate)
     n = model.patch_embed.num_patches + model.num_prefix_tokens
-    counts = []
-    for block in model.blocks:
-        n_attn, reorganized, fused = n, False, False
-        if isinstance(model, EViT):
-            rate = block.keep_rate if (keep_rate is None or block.keep_rate >= 1) else keep_rate
-            k = num_kept(n - 1, rate)
-            if k < n - 1:
-                reorganized, fused = True, block.fuse_token
-                n = 1 + k + int(fused)
-        counts.append(BlockTokens(n_attn, n, reorganized, fused))
-    return counts
+    return [BlockTokens(n, n, False, False) for _ in model.blocks]
 
 
 def count_macs(model: nn.Module, keep_rate: float | None = None) -> int:

@@ -154,3 +154,94 @@ def test_registered_variants_and_image_sizes():
         assert timm.create_model("evit_deit_small_patch16_288").patch_embed.img_size == (288, 288)
         assert timm.create_model("evit_deit_small_patch16_224", img_size=256).patch_embed.num_patches == 256
         assert timm.create_model("evit_deit_small_patch16_224").drop_loc == (3, 6, 9)
+
+
+def tiny(**kwargs):
+    """A 6-block EViT-Ti on 64 px images (16 patches) that reorganizes in blocks 1 and 3."""
+    args = dict(img_size=64, depth=6, drop_loc=(1, 3), num_classes=5, keep_rate=0.7, fuse_token=True)
+    return make("evit_deit_tiny_patch16_224", **{**args, **kwargs})
+
+
+def test_blocks_map_tokens_to_tokens():
+    model = make("evit_deit_tiny_patch16_224", keep_rate=0.5, fuse_token=True)
+    x = images()
+    with torch.inference_mode():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        out = model.blocks(tokens)  # nn.Sequential: `x = blk(x)` for every block
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 1 + 27, 192)  # 27: the table, fused token included
+        assert torch.equal(model.norm(out), model.forward_features(x))
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.5])
+def test_grad_checkpointing_gives_the_same_loss_gradients_and_kept_tokens(keep_rate):
+    """Checkpointed blocks run again in backward; with the pass's keep rate, or shapes would not match."""
+    x = images(3, size=64)
+
+    def step(checkpointing: bool):
+        model = tiny(drop_path_rate=0.1).train()  # DropPath on: the re-run must replay the same RNG
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        for blk in model.blocks:
+            blk.register_forward_pre_hook(lambda mod, inp: calls.append(mod))
+        torch.manual_seed(3)
+        logits, kept = model(x, keep_rate=keep_rate, return_kept=True)
+        loss = logits.logsumexp(dim=-1).mean()
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        return loss.detach(), grads, kept, len(calls), model
+
+    loss, grads, kept, calls, _ = step(False)
+    ckpt_loss, ckpt_grads, ckpt_kept, ckpt_calls, ckpt_model = step(True)
+    assert (calls, ckpt_calls) == (6, 12)  # checkpointing is on: every block ran again during backward
+    assert torch.equal(loss, ckpt_loss)
+    assert grads.keys() == ckpt_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(ckpt_grads[name], grads[name], rtol=0, atol=1e-7, msg=name)
+    assert [k.shape[1] for k in kept] == ([8, 5] if keep_rate == 0.5 else [12, 10])
+    assert len(ckpt_kept) == 2 and all(torch.equal(a, b) for a, b in zip(kept, ckpt_kept))
+    # the re-run overwrote the record of its own block: still one entry per reorganizing block
+    assert list(ckpt_model.pass_state.kept) == [ckpt_model.blocks[1], ckpt_model.blocks[3]]
+
+
+def test_forward_intermediates_shrink_and_end_at_forward_features():
+    model = make("evit_deit_tiny_patch16_224", keep_rate=0.7, fuse_token=True)
+    x = images()
+    with torch.inference_mode():
+        final, inter = model.forward_intermediates(x)  # NLC, non-CLS tokens
+        assert [t.shape[1] for t in inter] == [196] * 3 + [139] * 3 + [99] * 3 + [71] * 3
+        assert torch.equal(final, model.forward_features(x))
+        _, inter = model.forward_intermediates(x, indices=[2, 11], keep_rate=0.5)
+        assert [t.shape[1] for t in inter] == [196, 27]
+        with pytest.raises(ValueError, match="NLC"):
+            model.forward_intermediates(x, output_fmt="NCHW")  # pruned tokens are no grid
+        _, grids = model.forward_intermediates(x, indices=2, keep_rate=1.0, output_fmt="NCHW")
+        assert [g.shape for g in grids] == [(2, 192, 14, 14)] * 2
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.5, 0.9, 1.0])
+def test_token_counts_are_the_shapes_the_blocks_produce(keep_rate):
+    model = tiny()
+    seen = []
+    for blk in model.blocks:
+        blk.attn.register_forward_hook(lambda mod, inp, out: seen.append([inp[0].shape[1]]))
+        blk.mlp.register_forward_hook(lambda mod, inp, out: seen[-1].append(inp[0].shape[1]))
+    with torch.inference_mode():
+        _, kept = model(images(size=64), keep_rate=keep_rate, return_kept=True)
+    counts = model.token_counts(keep_rate=keep_rate)
+    assert [[t.attn, t.mlp] for t in counts] == seen
+    assert [t.mlp - 1 - t.fused for t in counts if t.reorganized] == [k.shape[1] for k in kept]
+    assert not any(t.reorganized for i, t in enumerate(counts) if i not in (1, 3))
+    if keep_rate == 0.9:  # keeps 15 of 16 and fuses 1: a reorganization that leaves the count unchanged
+        assert counts[1] == (17, 17, True, True)
+
+
+def test_every_variant_is_a_registered_module_function():
+    import evit.models.evit as module
+
+    names = ["evit_deit_tiny_patch16_224", "evit_deit_small_patch16_224", "evit_deit_base_patch16_224",
+             *[f"evit_deit_small_patch16_{size}" for size in (256, 272, 288, 304)]]
+    assert sorted(timm.list_models("evit_*")) == sorted(names)
+    for name in names:
+        assert getattr(module, name).__name__ == name
+        size = int(name.rsplit("_", 1)[1])
+        assert timm.get_pretrained_cfg(name).input_size == (3, size, size)

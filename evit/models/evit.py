@@ -1,18 +1,23 @@
 """EViT: DeiT/ViT with attentive-token keeping and inattentive-token fusion (Liang et al., ICLR 2022).
 
-Built on timm's `VisionTransformer`: only the attention (to also expose the CLS attention row), the block
-(to reorganize tokens between attention and MLP) and the feature loop (to thread the keep rate through)
-are ours. With every keep rate at 1 the model is timm's ViT, weight for weight and logit for logit.
+Built on timm's `VisionTransformer`: only the attention (to also expose the CLS attention row) and the block
+(to reorganize tokens between attention and MLP) are ours. Blocks map tensor -> tensor like every timm block,
+so timm's own feature loop runs them, with gradient checkpointing, and `forward_intermediates` works. With
+every keep rate at 1 the model is timm's ViT, weight for weight and logit for logit.
 
 A reorganizing block, after attention and before the MLP:
   1. scores each non-CLS token by the CLS query's post-softmax attention to it, averaged over heads;
   2. keeps the k = ceil(keep_rate * (N - 1)) best-scored tokens;
   3. with `fuse_token`, appends ONE token: the rest, summed with their (not renormalized) scores as weights.
+
+What one forward pass needs besides the tokens (a keep-rate override; where asked for, the kept indices) lives
+in one `PassState`, shared by the model and its blocks and reset at the start of each pass, as ToMe does.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,28 @@ DEFAULT_DROP_LOC = (3, 6, 9)
 def num_kept(num_tokens: int, keep_rate: float) -> int:
     """Number of non-CLS tokens a block with `keep_rate` keeps out of `num_tokens`."""
     return math.ceil(keep_rate * num_tokens)
+
+
+@dataclass
+class PassState:
+    """Side information of one forward pass, shared by reference between an `EViT` and its blocks.
+
+    The model resets it at the start of each pass and leaves it in place after: gradient checkpointing runs
+    the blocks again during backward, and they must see the same keep rate. So a backward pass must come
+    before the next forward pass at another keep rate (as in any training step).
+    """
+
+    keep_rate: float | None = None  # overrides the rate of the reorganizing blocks; None: their own rates
+    kept: dict[nn.Module, torch.Tensor] | None = None  # if recording: block -> its kept indices, (B, k)
+
+
+class BlockTokens(NamedTuple):
+    """Tokens through one block in a pass, CLS (and any fused token) included."""
+
+    attn: int  # into attention
+    mlp: int  # into the MLP, that is, out of the block
+    reorganized: bool
+    fused: bool
 
 
 class EViTAttention(Attention):
@@ -52,10 +79,10 @@ class EViTAttention(Attention):
 
 
 class EViTBlock(Block):
-    """A timm `Block` that may reorganize its tokens between attention and MLP.
+    """A timm `Block` that may reorganize its tokens between attention and MLP; maps tokens to tokens.
 
-    `keep_rate` < 1 makes it a reorganizing block; the rate used in a forward pass can be overridden
-    (the training schedule), but a block whose own rate is 1 never prunes.
+    `keep_rate` < 1 makes it a reorganizing block. The pass's `PassState` (the model's, shared) may override
+    the rate for one pass (the training schedule), but a block whose own rate is 1 never prunes.
     """
 
     def __init__(self, *args, keep_rate: float = 1.0, fuse_token: bool = False, **kwargs):
@@ -63,19 +90,25 @@ class EViTBlock(Block):
         super().__init__(*args, **kwargs)
         self.keep_rate = keep_rate
         self.fuse_token = fuse_token
+        self.pass_state = PassState()  # an `EViT` replaces it with the one it shares with all its blocks
 
-    def forward(self, x: torch.Tensor, keep_rate: float | None = None):
-        """Returns the new tokens and, if it reorganized, the kept indices into the incoming non-CLS tokens."""
+    def kept_count(self, num_tokens: int, keep_rate: float | None = None) -> int | None:
+        """How many of `num_tokens` non-CLS tokens this block keeps in a pass at `keep_rate` (None: its own
+        rate), or None if it keeps them all and does not reorganize. The one place of the per-block rule."""
         rate = self.keep_rate if (keep_rate is None or self.keep_rate >= 1) else keep_rate
-        k = num_kept(x.shape[1] - 1, rate)
-        reorganize = k < x.shape[1] - 1
-        attn_out, cls_attn = self.attn(self.norm1(x), return_cls_attn=reorganize)
+        k = num_kept(num_tokens, rate)
+        return k if k < num_tokens else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kept_count(x.shape[1] - 1, self.pass_state.keep_rate)
+        attn_out, cls_attn = self.attn(self.norm1(x), return_cls_attn=k is not None)
         x = x + self.drop_path1(self.ls1(attn_out))
-        kept_idx = None
-        if reorganize:
+        if k is not None:
             x, kept_idx = reorganize_tokens(x, cls_attn, k, self.fuse_token)
+            if self.pass_state.kept is not None:
+                self.pass_state.kept[self] = kept_idx  # set, not appended: a checkpointed re-run overwrites it
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, kept_idx
+        return x
 
 
 def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, k: int, fuse_token: bool):
@@ -116,9 +149,11 @@ class EViT(VisionTransformer):
             raise ValueError("EViT needs exactly one prefix token, the CLS token (no register tokens)")
         self.drop_loc = tuple(sorted(drop_loc))
         self.fuse_token = fuse_token
+        self.pass_state = PassState()
         for i, block in enumerate(self.blocks):
             block.keep_rate = keep_rate if i in self.drop_loc else 1.0
             block.fuse_token = fuse_token
+            block.pass_state = self.pass_state
         self._keep_rate = keep_rate
 
     @property
@@ -126,26 +161,63 @@ class EViT(VisionTransformer):
         """The target keep rate of the reorganizing blocks."""
         return self._keep_rate
 
+    def token_counts(self, num_patches: int | None = None, keep_rate: float | None = None) -> list[BlockTokens]:
+        """Tokens through each block in a pass at `keep_rate` (None: the blocks' own rates), by the rule the
+        blocks apply in `forward`; `num_patches` defaults to the model's patch grid."""
+        n = (num_patches or self.patch_embed.num_patches) + 1
+        counts = []
+        for block in self.blocks:
+            k = block.kept_count(n - 1, keep_rate)
+            n_out = n if k is None else 1 + k + int(block.fuse_token)  # [CLS, kept..., (fused)]
+            counts.append(BlockTokens(n, n_out, k is not None, k is not None and block.fuse_token))
+            n = n_out
+        return counts
+
+    def _start_pass(self, keep_rate: float | None, record_kept: bool = False) -> None:
+        self.pass_state.keep_rate = keep_rate
+        self.pass_state.kept = {} if record_kept else None
+
     def forward_features(self, x: torch.Tensor, keep_rate: float | None = None, return_kept: bool = False):
         """Tokens after the final norm; with `return_kept`, also the kept patches per reorganizing block.
 
-        The kept patches are (B, k) indices into the original patch grid (row-major), -1 for a fused
-        token kept from an earlier block.
+        timm's feature loop runs the blocks (and checkpoints them if `set_grad_checkpointing`); this only
+        sets the pass's state. The kept patches are (B, k) indices into the original patch grid
+        (row-major), -1 for a fused token kept from an earlier block.
         """
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        self._start_pass(keep_rate, record_kept=return_kept)
+        x = super().forward_features(x)
+        return (x, self._kept_patches()) if return_kept else x
+
+    def _kept_patches(self) -> list[torch.Tensor]:
+        """The kept indices the blocks recorded in this pass, mapped back to original patch positions."""
         positions = None
         kept = []
         for block in self.blocks:
-            x, kept_idx = block(x, keep_rate)
-            if kept_idx is not None and return_kept:
-                if positions is None:
-                    positions = torch.arange(self.patch_embed.num_patches, device=x.device).expand(x.shape[0], -1)
-                positions = positions.gather(1, kept_idx)
-                kept.append(positions)
-                if block.fuse_token:
-                    positions = torch.cat([positions, positions.new_full((x.shape[0], 1), -1)], dim=1)
-        x = self.norm(x)
-        return (x, kept) if return_kept else x
+            kept_idx = self.pass_state.kept.get(block)
+            if kept_idx is None:
+                continue
+            if positions is None:
+                positions = torch.arange(self.patch_embed.num_patches, device=kept_idx.device)
+                positions = positions.expand(kept_idx.shape[0], -1)
+            positions = positions.gather(1, kept_idx)
+            kept.append(positions)
+            if block.fuse_token:
+                positions = torch.cat([positions, positions.new_full((positions.shape[0], 1), -1)], dim=1)
+        return kept
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, *, keep_rate: float | None = None,
+                              output_fmt: str = "NLC", **kwargs):
+        """timm's `forward_intermediates` for a pass at `keep_rate` (None: the blocks' own rates).
+
+        The default format is NLC, not timm's NCHW: after a reorganizing block the tokens are a subset of the
+        patch grid (plus a fused token that has no cell), so they cannot be reshaped to an image. NCHW is
+        refused for a pass that prunes: timm's reshape would fail, or scramble tokens when the count divides.
+        """
+        if output_fmt == "NCHW" and any(t.reorganized for t in self.token_counts(keep_rate=keep_rate)):
+            raise ValueError("forward_intermediates: pruned tokens form no grid; use output_fmt='NLC' "
+                             "(or keep_rate=1 for NCHW)")
+        self._start_pass(keep_rate)
+        return super().forward_intermediates(x, indices, output_fmt=output_fmt, **kwargs)
 
     def forward(self, x: torch.Tensor, keep_rate: float | None = None, return_kept: bool = False):
         if return_kept:
@@ -178,19 +250,19 @@ default_cfgs = generate_default_cfgs({
     "evit_deit_tiny_patch16_224.fb_in1k": _cfg("timm/deit_tiny_patch16_224.fb_in1k"),
     "evit_deit_small_patch16_224.fb_in1k": _cfg("timm/deit_small_patch16_224.fb_in1k"),
     "evit_deit_base_patch16_224.fb_in1k": _cfg("timm/deit_base_patch16_224.fb_in1k"),
-    **{
-        f"evit_deit_small_patch16_{size}.fb_in1k": _cfg(
-            "timm/deit_small_patch16_224.fb_in1k", input_size=(3, size, size), crop_pct=1.0
-        )
-        for size in (256, 272, 288, 304)
-    },
+    "evit_deit_small_patch16_256.fb_in1k": _cfg(
+        "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 256, 256), crop_pct=1.0
+    ),
+    "evit_deit_small_patch16_272.fb_in1k": _cfg(
+        "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 272, 272), crop_pct=1.0
+    ),
+    "evit_deit_small_patch16_288.fb_in1k": _cfg(
+        "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 288, 288), crop_pct=1.0
+    ),
+    "evit_deit_small_patch16_304.fb_in1k": _cfg(
+        "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 304, 304), crop_pct=1.0
+    ),
 })
-
-ARCH_ARGS = {
-    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-}
 
 
 def _create_evit(variant: str, pretrained: bool = False, **kwargs) -> EViT:
@@ -199,21 +271,50 @@ def _create_evit(variant: str, pretrained: bool = False, **kwargs) -> EViT:
     )
 
 
-def _register(size: str, img_size: int):
-    name = f"evit_deit_{size}_patch16_{img_size}"
-
-    def create(pretrained: bool = False, **kwargs) -> EViT:
-        args = dict(ARCH_ARGS[size], img_size=img_size)
-        return _create_evit(name, pretrained=pretrained, **dict(args, **kwargs))
-
-    create.__name__ = name
-    create.__qualname__ = name
-    create.__doc__ = f"EViT-DeiT-{size[0].upper()} at {img_size} px; keep_rate/fuse_token/drop_loc as kwargs."
-    create.__module__ = __name__
-    globals()[name] = register_model(create)
+@register_model
+def evit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-Ti at 224 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_evit("evit_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-for _size in ("tiny", "small", "base"):
-    _register(_size, 224)
-for _img in (256, 272, 288, 304):
-    _register("small", _img)
+@register_model
+def evit_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-S at 224 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_evit("evit_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-B at 224 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_evit("evit_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_small_patch16_256(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-S at 256 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(img_size=256, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_evit("evit_deit_small_patch16_256", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_small_patch16_272(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-S at 272 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(img_size=272, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_evit("evit_deit_small_patch16_272", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_small_patch16_288(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-S at 288 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(img_size=288, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_evit("evit_deit_small_patch16_288", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def evit_deit_small_patch16_304(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT-DeiT-S at 304 px; keep_rate / fuse_token / drop_loc as kwargs."""
+    model_args = dict(img_size=304, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_evit("evit_deit_small_patch16_304", pretrained=pretrained, **dict(model_args, **kwargs))
