@@ -1,16 +1,16 @@
 """MACs and inference throughput of DeiT / EViT models (`evit macs`, `evit bench`).
 
-Models are named by spec strings: a timm model name, optionally followed by `:key=value,...` keyword
-arguments for `timm.create_model`, e.g. `evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true`.
+The workflow's bench job measures each experiment's model built from its run config's ``model:`` section by
+the one model factory (`evit.models.factory.build_model`). On the command line, models are named by spec
+strings instead: a timm model name, optionally followed by `:key=value,...` keyword arguments for
+`timm.create_model`, e.g. `evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true`.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import math
-import platform
 import re
-import socket
 import statistics
 import sys
 import time
@@ -25,6 +25,8 @@ from torch import nn
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit.models import BlockTokens, EViT
+from evit.models.factory import build_model
+from evit.provenance import environment
 
 PAPER_MACS_SPECS = [
     "deit_small_patch16_224",
@@ -107,18 +109,6 @@ def macs_table(specs: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     """(q1, median, q3) of a list of measurements; a single value is all three."""
     return tuple(statistics.quantiles(values, n=4)) if len(values) > 1 else (values[0],) * 3
@@ -143,7 +133,7 @@ def timed_batches(model, x, iters: int, device: torch.device, autocast) -> float
 
 
 def benchmark(
-    specs: list[str],
+    models: list[str | dict],
     labels: list[str] | None = None,
     batch_size: int = 32,
     device: str = "cpu",
@@ -152,13 +142,16 @@ def benchmark(
     warmup: int = 2,
     rounds: int = 7,
     iters: int = 1,
+    num_classes: int | None = None,
     log=print,
 ) -> pd.DataFrame:
     """Throughput of each model, measured interleaved (A B C A B C ...) in this one process.
 
-    Each round times `iters` batches per model; the median and spread over rounds are reported, with the
-    speedup of each model over the first one.
+    ``models``: spec strings, or resolved ``model:`` sections of run configs (built by `build_model`, with
+    ``num_classes`` or the section's own). Each round times `iters` batches per model; the median and spread
+    over rounds are reported, with the speedup of each model over the first one.
     """
+    specs = [m if isinstance(m, str) else _section_spec(m) for m in models]
     labels = labels or specs
     if len(labels) != len(specs):
         raise ValueError(f"got {len(labels)} labels for {len(specs)} models")
@@ -170,8 +163,9 @@ def benchmark(
     autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
     gen = torch.Generator().manual_seed(0)
     entries = []
-    for spec, label in zip(specs, labels):
-        model = create_model(spec).eval().to(dev)
+    for item, spec, label in zip(models, specs, labels):
+        model = (create_model(item) if isinstance(item, str)
+                 else build_model(item, num_classes or item["num_classes"] or 1000)).eval().to(dev)
         img = model.patch_embed.img_size
         x = torch.randn(batch_size, 3, *img, generator=gen).to(dev)
         entries.append(dict(
@@ -188,10 +182,8 @@ def benchmark(
             log(f"round {r + 1}/{rounds}: " + "  ".join(
                 f"{e['label']} {batch_size * iters / e['times'][-1]:.1f}" for e in entries) + " img/s")
     meta = dict(
-        device=device_name(dev), device_type=dev.type, threads=torch.get_num_threads(), batch_size=batch_size,
-        dtype=amp, compile=compile, rounds=rounds, iters_per_round=iters, torch=torch.__version__,
-        timm=timm.__version__, python=platform.python_version(), host=socket.gethostname(),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **environment(dev), device_type=dev.type, batch_size=batch_size, dtype=amp, compile=compile, rounds=rounds,
+        iters_per_round=iters, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     rows = []
     for e in entries:
@@ -207,18 +199,28 @@ def benchmark(
     return df
 
 
-BENCH_CONFIG_KEYS = ("batch_size", "device", "amp", "compile", "warmup", "rounds", "iters")
+def _section_spec(section: dict) -> str:
+    """A ``model:`` section as one line for the results' `spec` column (arch, then the keys that shape it)."""
+    keys = ("img_size", "patch_size", "keep_rate", "fuse_token", "drop_loc", "kwargs")
+    return section["arch"] + ":" + ",".join(
+        f"{k}={yaml.safe_dump(section[k], default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k in keys if section.get(k) is not None)
+
+
+BENCH_CONFIG_KEYS = ("batch_size", "device", "amp", "compile", "warmup", "rounds", "iters", "num_classes")
 
 
 def bench_from_config(config: dict, out_dir: str | Path) -> dict:
-    """The benchmark job of the workflow: `specs`, `labels` and benchmark() options -> out_dir/throughput.csv."""
-    unknown = sorted(set(config) - {"specs", "labels", "launcher", *BENCH_CONFIG_KEYS})
+    """The benchmark job of the workflow: ``models`` (``{label, model}``: a label and a run config's resolved
+    ``model:`` section each) and benchmark() options -> out_dir/throughput.csv."""
+    unknown = sorted(set(config) - {"models", "launcher", *BENCH_CONFIG_KEYS})
     if unknown:
-        raise ValueError(f"unknown bench config key(s) {unknown}; known: specs, labels, {', '.join(BENCH_CONFIG_KEYS)}")
-    if not config.get("specs"):
-        raise ValueError("bench config has no `specs` to measure")
+        raise ValueError(f"unknown bench config key(s) {unknown}; known: models, {', '.join(BENCH_CONFIG_KEYS)}")
+    if not config.get("models"):
+        raise ValueError("bench config has no `models` to measure")
     options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config}
-    df = benchmark(config["specs"], labels=config.get("labels"), log=lambda m: print(m, flush=True), **options)
+    df = benchmark([m["model"] for m in config["models"]], labels=[m["label"] for m in config["models"]],
+                   log=lambda m: print(m, flush=True), **options)
     out = Path(out_dir) / "throughput.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".csv.tmp")

@@ -44,7 +44,7 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose tensors do not fit the model's architecture."""
 
 
-TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "state", "config")  # what `evit.train` resumes from
+TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "state", "config")  # what `evit.trainer` resumes from
 
 
 def _why_unreadable(e: Exception) -> str:
@@ -71,7 +71,7 @@ def read_checkpoint(path: str | os.PathLike, *, advice: str = "") -> object:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """One of our training checkpoints (``checkpoint.pth`` of a run dir, written by `evit.train`), read-only.
+    """One of our training checkpoints (``checkpoint.pth`` of a run dir, written by `evit.trainer`), read-only.
 
     A file that cannot be read, or that lacks any of `TRAIN_CHECKPOINT_KEYS`, raises `CheckpointError` with a
     one-line message naming it; the file itself is never modified or removed.
@@ -92,7 +92,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     `read_checkpoint`. A DDP "module." prefix is stripped.
     """
     path = Path(path)
-    state = read_checkpoint(path)
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def state_dict_of(checkpoint: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights in a loaded checkpoint (read from ``path``, named in errors); see `read_state_dict`."""
+    state = checkpoint
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -102,16 +107,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, state: dict | None = None) -> None:
     """Load DeiT, official EViT or our own weights (timm key names) into a timm ViT / EViT.
 
+    ``state``: the weights of ``path`` when already read (`state_dict_of`), so the file is read once.
     `pos_embed` is resized to the model's input size; a classifier head of another class count is
     dropped with a warning (fine-tuning to a new dataset). Any other mismatch raises
     `CheckpointMismatchError` naming the keys.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = checkpoint_filter_fn(read_state_dict(path), model)  # resizes pos_embed, adapts patch embed
+    state = checkpoint_filter_fn(read_state_dict(path) if state is None else state, model)  # resizes pos_embed
     own = model.state_dict()
     head = []
     if "head.weight" in state and "head.weight" in own:

@@ -11,7 +11,7 @@ import sys
 
 # Each command and the module that defines it with `add_commands(subparsers)` (its subparser sets `func`).
 COMMANDS = {
-    "train": "evit.train", "eval": "evit.train", "launch": "evit.launch", "macs": "evit.benchmark",
+    "train": "evit.trainer", "eval": "evit.evaluate", "launch": "evit.launch", "macs": "evit.benchmark",
     "bench": "evit.benchmark", "report": "evit.report", "visualize": "evit.visualize",
     "install-profile": "evit.profiles",
 }

@@ -75,6 +75,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Fashion-MNIST training-set pixel statistics (grey, repeated over the three channels).
 FASHION_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_STD = (0.3530, 0.3530, 0.3530)
+DEFAULT_CROP_PCT = 0.875          # DeiT's evaluation: resize to img_size / 0.875, centre crop
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -338,7 +339,7 @@ def resolve_config(raw: dict | None) -> dict:
     if t["recipe"] == "finetune" and not t["init_checkpoint"]:
         raise ConfigError("train.init_checkpoint: the finetune recipe starts from a checkpoint; give its path")
     if ev["crop_pct"] is None:
-        ev["crop_pct"] = 1.0 if t["augment"] == "demo" else 0.875
+        ev["crop_pct"] = 1.0 if t["augment"] == "demo" else DEFAULT_CROP_PCT
     if ev["keep_rate"] is not None and ev["keep_rate"] < 1.0 and not is_evit(m["arch"]):
         raise ConfigError(f"eval.keep_rate: needs an EViT arch (evit_*), not {m['arch']!r}")
     return out

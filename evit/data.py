@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from evit.config import (AUGMENTS, DATASETS, FASHION_CLASSES, FASHION_MEAN, FASHION_STD, IMAGENET_MEAN,  # noqa: F401
-                         IMAGENET_STD, default_mean_std)
+from evit.config import (AUGMENTS, DATASETS, DEFAULT_CROP_PCT, FASHION_CLASSES, FASHION_MEAN, FASHION_STD,  # noqa: F401
+                         IMAGENET_MEAN, IMAGENET_STD, ConfigError, default_mean_std)
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {
@@ -229,7 +229,7 @@ class DemoEvalTransform(DemoTrainTransform):
 
 def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *, aa: str | None = None,
                     reprob: float = 0.0, color_jitter: float = 0.3, interpolation: str = "bicubic",
-                    crop_pct: float = 0.875, demo_padding: int = 2) -> Callable:
+                    crop_pct: float = DEFAULT_CROP_PCT, demo_padding: int = 2) -> Callable:
     """Training or evaluation transform for ``augment`` in {'deit', 'demo', 'none'}."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
@@ -247,6 +247,56 @@ def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *
                                  re_mode="pixel", re_count=1, mean=mean, std=std)
     return create_transform(input_size=img_size, is_training=False, interpolation=interpolation,
                             crop_pct=crop_pct, mean=mean, std=std)
+
+
+def eval_transform(cfg: dict) -> Callable:
+    """The evaluation transform of a resolved run config (evaluation and the kept-patch figure)."""
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
+    interpolation = t["interpolation"] if t["interpolation"] != "random" else "bicubic"
+    return build_transform(t["augment"], False, m["img_size"], d["mean"], d["std"], interpolation=interpolation,
+                           crop_pct=cfg["eval"]["crop_pct"])
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+def raw_dataset(cfg: dict, split: str, transform) -> Dataset:
+    """The config's dataset split, decoded as the transform wants it (uint8 tensors or PIL images)."""
+    d = cfg["data"]
+    return build_dataset(d["dataset"], d["root"], split, pil=not getattr(transform, "accepts_tensor", False))
+
+
+def build_eval_loader(cfg: dict, rank: int, world_size: int, device: torch.device):
+    """The val-split loader of this rank (exact sharding, no padding), the val set's size, and the raw val set."""
+    d = cfg["data"]
+    tf = eval_transform(cfg)
+    raw = raw_dataset(cfg, "val", tf)
+    ds = SeededDataset(raw, tf, subset_indices(len(raw), d["val_subset"]))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=cfg["eval"]["batch_size"], sampler=ShardSampler(len(ds), world_size, rank),
+        num_workers=d["num_workers"], pin_memory=device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+    return loader, len(ds), raw
+
+
+def num_classes_of(cfg: dict, raw) -> int:
+    """``model.num_classes``, or the dataset's class count when it is null; a disagreement is a `ConfigError`."""
+    n = cfg["model"]["num_classes"]
+    have = len(getattr(raw, "classes", ()) or ()) or None
+    if n is None:
+        if have is None:
+            raise ConfigError("model.num_classes: cannot infer it from the dataset; set it")
+        return have
+    if have is not None and have != n:
+        raise ConfigError(f"model.num_classes: {n}, but the dataset has {have} classes")
+    return n
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a DataLoader's persistent workers now (the garbage collector may take seconds to join them)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        loader._iterator = None
 
 
 # --------------------------------------------------------------------------------------------- seeding

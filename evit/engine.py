@@ -1,27 +1,20 @@
-"""The training and evaluation loops, the keep-rate schedule, distributed helpers and provenance.
+"""The training and evaluation loops, the keep-rate schedule, and mixed precision.
 
-Everything here works on one process of a (possibly) distributed job; `evit.train` wires it together.
+Everything here works on one process of a (possibly) distributed job; `evit.trainer` wires it together.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
-import os
-import platform
-import re
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 from evit.data import mix_seed, seed_all
+from evit.distributed import all_reduce_sum
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,105 +46,6 @@ def keep_rate_at(step: int, iters_per_epoch: int, target: float, shrink_start: f
     if t >= total:
         return float(target)
     return target + (1.0 - target) * (math.cos(math.pi * t / total) + 1.0) / 2.0
-
-
-# --------------------------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    source: str = "single"     # "torchrun" (RANK/WORLD_SIZE env, also set by submitit), "slurm" or "single"
-    initialized_here: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM node list such as ``gpu[003-005,010],cpu1`` -> ``gpu003``."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = m.groups()
-    return prefix if not ranges else prefix + ranges.split(",")[0].split("-")[0]
-
-
-def dist_env(environ=None) -> DistInfo:
-    """Rank / world size / local rank from torchrun's env vars, else SLURM's, else a single process."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", rank))
-        return DistInfo(rank, world, local, "torchrun" if world > 1 else "single")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                        "slurm")
-    return DistInfo()
-
-
-def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU."""
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
-def init_distributed(device: torch.device | None = None, info: DistInfo | None = None,
-                     timeout_min: float = 30) -> DistInfo:
-    """Join the process group described by the environment (NCCL on GPU, gloo on CPU). No-op for 1 process."""
-    info = info or dist_env()
-    if not info.distributed or (dist.is_available() and dist.is_initialized()):
-        return info
-    if info.source == "slurm":
-        os.environ.setdefault("MASTER_ADDR", first_slurm_host(
-            os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 50000))
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(f"distributed run ({info.world_size} processes) but {', '.join(missing)} not set")
-    device = device or resolve_device("auto", info.local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(minutes=timeout_min))
-    info.initialized_here = True
-    return info
-
-
-def cleanup_distributed(info: DistInfo) -> None:
-    if info.initialized_here and dist.is_initialized():
-        dist.destroy_process_group()
-        info.initialized_here = False
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
 
 
 # --------------------------------------------------------------------------------------------- AMP
@@ -302,7 +196,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, amp_dtype: torch.dtype | None = None,
-             keep_rate: float | None = None, progress: Callable[[int], None] | None = None) -> dict:
+             keep_rate: float | None = None) -> dict:
     """Top-1 / top-5 / mean cross-entropy over this rank's share of ``loader``, summed over all ranks.
 
     With `evit.data.ShardSampler` each image is counted exactly once over the ranks. ``keep_rate`` overrides the
@@ -323,63 +217,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, 
         sums[1] += hit.any(dim=-1).sum()
         sums[2] += torch.nn.functional.cross_entropy(output, targets, reduction="sum")
         sums[3] += targets.numel()
-        if progress is not None:
-            progress(targets.numel())
     all_reduce_sum(sums)
     c1, c5, loss, n = sums.tolist()
     n = int(round(n))
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "loss": loss / max(n, 1),
             "num_images": n}
-
-
-# --------------------------------------------------------------------------------------------- provenance
-
-
-def git_commit(path: str | Path | None = None) -> str | None:
-    """The commit of the source tree (``-dirty`` appended if tracked files changed); EVIT_GIT_COMMIT overrides."""
-    if os.environ.get("EVIT_GIT_COMMIT"):
-        return os.environ["EVIT_GIT_COMMIT"]
-    where = str(path or Path(__file__).resolve().parent)
-    try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        if not commit:
-            return None
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu: {name} ({torch.get_num_threads()} threads)"
-
-
-def provenance(*, config_hash: str | None, device: torch.device, world_size: int) -> dict:
-    """Where a result came from: one function shared by `evit train` (metrics.json) and `evit eval`."""
-    import timm
-
-    return {
-        "git_commit": git_commit(),
-        "config_hash": config_hash,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "device": device_name(device),
-        "world_size": world_size,
-        "host": socket.gethostname(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
-    }

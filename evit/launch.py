@@ -62,20 +62,17 @@ class RunTask(submitit.helpers.Checkpointable):
     rank of the requeued job resumes from the run dir's checkpoint.
     """
 
-    def __init__(self, command: str, config: dict, run_dir: str | os.PathLike):
+    def __init__(self, command: str, config: dict, run_dir: str | os.PathLike, checkpoint: str | None = None):
         if command not in COMMANDS:
             raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
-        self.command, self.config, self.run_dir = command, config, str(run_dir)
+        self.command, self.config, self.run_dir, self.checkpoint = command, config, str(run_dir), checkpoint
 
     def __call__(self) -> dict:
-        # the engine is imported here, in the job, never by the waiting launcher
-        from evit.checkpoint import CheckpointError
-        from evit.data import DatasetError
-        from evit.engine import NonFiniteLossError
+        from evit.trainer import RUN_ERRORS  # the engine is imported here, in the job, never by the launcher
 
         try:
             return self._run()
-        except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
+        except RUN_ERRORS as e:
             raise NotRetryableError(str(e)) from e
 
     def _run(self) -> dict:
@@ -90,11 +87,10 @@ class RunTask(submitit.helpers.Checkpointable):
 
             return bench_from_config(self.config, run_dir)
         if self.command == "eval":
-            from evit.train import evaluate_checkpoint
+            from evit.evaluate import evaluate_checkpoint
 
-            return evaluate_checkpoint(_checkpoint_to_evaluate(self.config, run_dir), self.config,
-                                       out=run_dir / "eval.json")
-        from evit.train import Trainer
+            return evaluate_checkpoint(self.checkpoint, self.config, out=run_dir / "eval.json")
+        from evit.trainer import Trainer
 
         self._trainer = Trainer(self.config, run_dir)
         return self._trainer()
@@ -103,30 +99,25 @@ class RunTask(submitit.helpers.Checkpointable):
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.checkpoint_now():
             print(f"saved the step reached to {self.run_dir}/checkpoint.pth before requeue", flush=True)
-        return submitit.helpers.DelayedSubmission(RunTask(self.command, self.config, self.run_dir))
+        return submitit.helpers.DelayedSubmission(RunTask(self.command, self.config, self.run_dir, self.checkpoint))
 
 
-def _checkpoint_to_evaluate(config: dict, run_dir: Path) -> str:
-    checkpoint = (config.get("train") or {}).get("init_checkpoint")
-    if not checkpoint:
-        raise ConfigError(f"eval run {run_dir}: its config has no train.init_checkpoint to evaluate")
-    return checkpoint
-
-
-def check_run(config: dict, run_dir: Path, command: str, opts: dict) -> None:
+def check_run(config: dict, run_dir: Path, command: str, opts: dict, checkpoint: str | None) -> None:
     """Everything about a run that can be checked before it is queued: its config and the files it starts from."""
     if command == "bench":
         if opts["nodes"] * opts["tasks_per_node"] != 1:
             raise ConfigError("launcher: the benchmark runs in one process; set nodes: 1 and tasks_per_node: 1")
         return
     resolve_config({**config, "launcher": opts})
-    checkpoint = (config.get("train") or {}).get("init_checkpoint")
     if command == "eval":
-        checkpoint = _checkpoint_to_evaluate(config, run_dir)
-    elif (run_dir / "checkpoint.pth").is_file():
-        return  # a resumed training does not read its init checkpoint
-    if checkpoint and not Path(checkpoint).expanduser().is_file():
-        raise ConfigError(f"train.init_checkpoint: {checkpoint} does not exist")
+        if not checkpoint:
+            raise ConfigError(f"eval run {run_dir}: no checkpoint to evaluate (--checkpoint)")
+        if not Path(checkpoint).expanduser().is_file():
+            raise ConfigError(f"checkpoint {checkpoint} to evaluate does not exist")
+        return
+    init = (config.get("train") or {}).get("init_checkpoint")
+    if init and not (run_dir / "checkpoint.pth").is_file() and not Path(init).expanduser().is_file():
+        raise ConfigError(f"train.init_checkpoint: {init} does not exist")
 
 
 def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
@@ -223,8 +214,10 @@ def _reattach(record: dict, opts: dict, run_dir: Path, command: str, log):
 
 
 def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", backend: str | None = None,
-           log=print, poll_s: float = 5.0) -> dict:
+           checkpoint: str | os.PathLike | None = None, log=print, poll_s: float = 5.0) -> dict:
     """Run `command` for the run in `run_dir` on the configured backend; returns its (rank 0's) metrics.
+
+    ``checkpoint``: the weights an ``eval`` evaluates.
 
     The config is checked before anything is submitted (`check_run`). A failure that a resubmission would
     repeat is a `LaunchError` at once; any other failed job is resubmitted up to `max_failures` times.
@@ -233,9 +226,10 @@ def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", bac
         raise ConfigError(f"command must be one of {COMMANDS}, got {command!r}")
     opts = resolve_launcher(config.get("launcher"), backend)
     run_dir = Path(run_dir)
-    check_run(config, run_dir, command, opts)
+    checkpoint = None if checkpoint is None else str(checkpoint)
+    check_run(config, run_dir, command, opts, checkpoint)
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = RunTask(command, config, run_dir)
+    task = RunTask(command, config, run_dir, checkpoint)
     if opts["backend"] == "inline":
         return task()
 
@@ -307,7 +301,7 @@ def _cmd_launch(args) -> int:
     config = yaml.safe_load(config_path.read_text()) or {}
     try:
         metrics = launch(config, args.run_dir, command=args.command, backend=args.backend,
-                         log=lambda msg: print(msg, flush=True))
+                         checkpoint=args.checkpoint, log=lambda msg: print(msg, flush=True))
     except (LaunchError, NotRetryableError, ValueError) as e:
         print(f"evit launch: {e}", file=sys.stderr)
         return 1
@@ -321,4 +315,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="the run directory (checkpoint, logs, metrics, job.json)")
     p.add_argument("--command", choices=COMMANDS, default="train")
     p.add_argument("--backend", choices=BACKENDS, help="override launcher.backend from the config")
+    p.add_argument("--checkpoint", help="the weights to evaluate (--command eval)")
     p.set_defaults(func=_cmd_launch)

@@ -37,6 +37,8 @@ import seaborn as sns
 import yaml
 from matplotlib.figure import Figure  # no pyplot: figures render with the Agg canvas, no global state
 
+from evit.layout import REPORT_FIGURES as FIGURES
+
 REQUIRED = ("name", "img_size", "keep_rate", "fuse_token", "tables", "result")
 BENCH_COLUMNS = {  # bench CSV column -> results frame column
     "label": "experiment", "img_size": "bench_img_size", "gmacs": "gmacs", "img_s": "img_s",
@@ -57,7 +59,6 @@ FORMATS = {
     "paper_gmacs": "{:.1f}".format, "delta_gmacs": lambda v: f"{round(v, 2) + 0:+.2f}", "paper_img_s": "{:.0f}".format,
     "paper_speedup": "{:.2f}".format, "delta_speedup": lambda v: f"{round(v, 2) + 0:+.2f}",
 }
-FIGURES = ("accuracy_vs_throughput", "keep_rate_sweep")
 FUSION_ORDER = ["keep all", "fused", "not fused"]
 PALETTE = dict(zip(FUSION_ORDER, ["0.2", "tab:blue", "tab:orange"]))
 _LATEX = str.maketrans({c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\^{}",

@@ -78,19 +78,17 @@ def plot_kept_tokens(images: torch.Tensor, masks: list[torch.Tensor], mean, std,
 
 def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, num_images: int = 6) -> Path:
     from evit import data as D
-    from evit.train import build_model, load_config, resolve_config
+    from evit.config import is_evit, load_config, resolve_config
+    from evit.models.factory import build_model
 
-    raw = load_config(config_path)
-    raw["train"] = {**(raw.get("train") or {}), "recipe": "none", "init_checkpoint": None}
-    cfg = resolve_config(raw)
+    cfg = resolve_config(load_config(config_path))
     m, d = cfg["model"], cfg["data"]
-    if not m["arch"].startswith("evit_"):
+    if not is_evit(m["arch"]):
         raise ValueError(f"visualize needs an EViT model; {config_path} has {m['arch']!r}")
-    tf = D.build_transform(cfg["train"]["augment"], False, m["img_size"], d["mean"], d["std"],
-                           crop_pct=cfg["eval"]["crop_pct"] or 1.0)
-    val = D.build_dataset(d["dataset"], d["root"], "val", pil=not getattr(tf, "accepts_tensor", False))
+    tf = D.eval_transform(cfg)
+    val = D.raw_dataset(cfg, "val", tf)
     images = torch.stack([tf(val[i][0]) for i in pick_images(val, num_images)])
-    model = build_model(m, len(val.classes))
+    model = build_model(m, D.num_classes_of(cfg, val))
     load_pretrained(model, checkpoint)
     masks = kept_patch_masks(model, images)
     title = (f"{m['arch']} at {m['img_size']} px, keep rate {m['keep_rate']}"

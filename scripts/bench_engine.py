@@ -27,7 +27,8 @@ import torch
 import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
 from evit import engine as E
-from evit import train as T
+from evit import trainer as T
+from evit.provenance import device_name
 from evit.benchmark import quartiles
 
 
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
         "bare_timm": summary(t_bare, n), "engine": summary(t_eng, n),
         "model": f"{args.arch} patch {args.patch_size} dim {args.embed_dim} depth {args.depth} keep {args.keep_rate}",
         "batch_size": args.batch_size, "steps_per_round": args.steps, "threads": torch.get_num_threads(),
-        "device": E.device_name(torch.device("cpu")), "torch": torch.__version__, "timm": timm.__version__,
+        "device": device_name(torch.device("cpu")), "torch": torch.__version__, "timm": timm.__version__,
     }
     # paired per-round ratios are less sensitive to drifting load than a ratio of medians
     res["engine_overhead_pct"] = 100 * (statistics.median(e / b for e, b in zip(t_eng, t_bare)) - 1)

@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
+from evit import distributed as dist
 from evit import engine as E
+from evit.provenance import provenance
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,21 +46,21 @@ def test_keep_rate_schedule_values():
 
 
 def test_dist_env_sources():
-    assert E.dist_env({}) == E.DistInfo()
-    info = E.dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert dist.dist_env({}) == dist.DistInfo()
+    info = dist.dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.source) == (3, 8, 1, "torchrun")
-    info = E.dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})
+    info = dist.dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.source) == (5, 8, 1, "slurm")
     # a single SLURM task is not distributed; torchrun's variables win over SLURM's
-    assert not E.dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).distributed
-    info = E.dist_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
+    assert not dist.dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).distributed
+    info = dist.dist_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
     assert (info.rank, info.world_size) == (1, 2)
 
 
 def test_first_slurm_host():
-    assert E.first_slurm_host("gpu[003-005,010],cpu1") == "gpu003"
-    assert E.first_slurm_host("node7") == "node7"
-    assert E.first_slurm_host("a-b[1,3]") == "a-b1"
+    assert dist.first_slurm_host("gpu[003-005,010],cpu1") == "gpu003"
+    assert dist.first_slurm_host("node7") == "node7"
+    assert dist.first_slurm_host("a-b[1,3]") == "a-b1"
 
 
 def _free_port() -> int:
@@ -83,13 +85,13 @@ def _ddp_eval_worker(rank: int, world: int, port: int, out):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    info = E.init_distributed(torch.device("cpu"))
+    info = dist.init_distributed(torch.device("cpu"))
     try:
         assert info.initialized_here and torch.distributed.get_backend() == "gloo"
         res = E.evaluate(_tiny_model(keep_rate=0.7, fuse_token=True), _val_loader(world, rank), torch.device("cpu"))
         out[rank] = res
     finally:
-        E.cleanup_distributed(info)
+        dist.cleanup_distributed(info)
 
 
 def test_distributed_evaluation_counts_every_image_once():
@@ -258,7 +260,7 @@ def test_train_one_epoch_autocasts_on_the_cpu(amp):
 
 
 def test_provenance_fields():
-    p = E.provenance(config_hash="abc", device=torch.device("cpu"), world_size=1)
+    p = provenance(config_hash="abc", device=torch.device("cpu"), world_size=1)
     assert p["config_hash"] == "abc" and p["world_size"] == 1
     assert p["torch"] == torch.__version__ and p["timm"] == timm.__version__
     assert p["python"].count(".") == 2 and p["device"].startswith("cpu")

@@ -149,8 +149,10 @@ def test_a_missing_init_checkpoint_is_refused_before_submission(tmp_path):
     cfg["train"].update(recipe="finetune", init_checkpoint=str(tmp_path / "deit_s.pth"))
     with pytest.raises(ConfigError, match=r"train.init_checkpoint: .*deit_s.pth does not exist"):
         launch(cfg, tmp_path / "run")
-    with pytest.raises(ConfigError, match="no train.init_checkpoint to evaluate"):
+    with pytest.raises(ConfigError, match="no checkpoint to evaluate"):
         launch(tiny_run(1, "local"), tmp_path / "run", command="eval")
+    with pytest.raises(ConfigError, match=r"checkpoint .*deit_s.pth to evaluate does not exist"):
+        launch(tiny_run(1, "local"), tmp_path / "run", command="eval", checkpoint=tmp_path / "deit_s.pth")
 
 
 def test_missing_data_fails_at_once_without_resubmission(tmp_path):
@@ -177,11 +179,10 @@ def test_a_checkpoint_of_another_architecture_fails_at_once(tmp_path):
                                 depth=2, num_heads=2, drop_loc=(1,))
     checkpoint = tmp_path / "shallow.pth"
     torch.save({"model": shallow.state_dict()}, checkpoint)
-    cfg = tiny_run(1, "local", max_failures=2)
-    cfg["train"]["init_checkpoint"] = str(checkpoint)
     lines = []
     with pytest.raises(LaunchError, match=r"shallow.pth does not fit EViT") as info:
-        launch(cfg, tmp_path / "run", command="eval", log=lines.append, poll_s=0.5)
+        launch(tiny_run(1, "local", max_failures=2), tmp_path / "run", command="eval", checkpoint=checkpoint,
+               log=lines.append, poll_s=0.5)
     assert "missing" in str(info.value) and "task 0 logs: " in str(info.value)
     assert sum(line.startswith("submitted") for line in lines) == 1
 

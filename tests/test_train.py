@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import yaml
 
 import evit.config as C
-import evit.train as T
+import evit.trainer as T
 from evit import cli
 from evit import data as D
 from evit import engine as E

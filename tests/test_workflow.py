@@ -1,5 +1,4 @@
 """The Snakemake workflow: config validation, the paper grid's dry run, tables from checkpoints, and SLURM."""
-import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import yaml
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit.benchmark import count_macs
+from evit.config import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -80,6 +80,9 @@ def job_counts(dry_run_output: str) -> dict:
      "experiment 'evit_s_0.9': train.amp: expected one of none, bf16, fp16"),
     (lambda c: c["launcher"].update(nodes=2), "launcher nodes=2 needs the slurm backend"),
     (lambda c: c["bench_launcher"].update(tasks_per_node=2), "bench_launcher: the benchmark runs in one process"),
+    # an experiment's own values label its table row: its run: section may not train or bench another one
+    (lambda c: c["experiments"][3].update(run={"model": {"keep_rate": 0.6}}),
+     "experiment 'evit_s_0.7' sets model.keep_rate in its run: section; set `keep_rate:` on the experiment"),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
@@ -157,6 +160,10 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
                                   keep_rate=0.5, fuse_token=True, **{"patch_size": 4, **TINY_MODEL["kwargs"]})
     bench = pd.read_csv(results / "bench/throughput.csv").set_index("label")
     assert bench.loc["evit_0.5", "gmacs"] == pytest.approx(count_macs(evaluated) / 1e9)  # the benched = the evaluated
+    benched = {m["label"]: m["model"] for m in yaml.safe_load((results / "bench/config.yaml").read_text())["models"]}
+    for name in ("base", "evit_0.5"):  # one model factory: the bench builds the run config's model section
+        run_cfg = resolve_config(yaml.safe_load((results / "runs" / name / "config.yaml").read_text()))
+        assert benched[name] == run_cfg["model"]
     assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
     (results / "runs/evit_0.5/eval.json").unlink()  # one run's output gone: only it and what uses it rerun
     assert job_counts(snakemake("all", "-n", "--configfile", str(config_file)).stdout) == {

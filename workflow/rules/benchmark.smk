@@ -1,4 +1,5 @@
-# Throughput of every experiment's architecture, all in ONE job, interleaved (weights do not matter).
+# Throughput of every experiment's model, all in ONE job, interleaved (weights do not matter); each model is
+# built from its run config's model section by the same factory as training and evaluation.
 
 
 rule bench_config:
@@ -6,9 +7,8 @@ rule bench_config:
         RESULTS + "/bench/config.yaml",
     params:
         cfg=lambda w: {
-            **{k: v for k, v in config["bench"].items() if k != "num_classes"},
-            "labels": list(EXPERIMENTS),
-            "specs": [model_spec(name) for name in EXPERIMENTS],
+            **config["bench"],
+            "models": [{"label": name, "model": resolve_config(run_config(name))["model"]} for name in EXPERIMENTS],
             "launcher": bench_launcher(),
         },
     localrule: True

@@ -9,13 +9,17 @@ import yaml
 from snakemake.utils import validate
 
 from evit.config import ConfigError, resolve_config, resolve_launcher
+from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, REPORT_FIGURES
 
 validate(config, "../schemas/config.schema.yaml")
 
 RESULTS = config["results"]
 RUNS = f"{RESULTS}/runs"
 EVIT = f"{sys.executable} -m evit.cli"
-FIGURES = ["accuracy_vs_throughput", "keep_rate_sweep", "kept_tokens"]
+
+
+# Model keys that are experiment fields: the tables label rows with them, so a run: section may not override them.
+OWNED_MODEL_KEYS = ("arch", "img_size", "keep_rate", "fuse_token", "drop_loc")
 
 
 def deep_merge(base, override):
@@ -39,6 +43,10 @@ def _experiment_table():
         if not Path(path).is_file():
             raise ValueError(f"config: checkpoint {path} for experiment {name!r} does not exist")
     for exp in experiments.values():
+        owned = sorted(set(OWNED_MODEL_KEYS) & set((exp.get("run") or {}).get("model") or {}))
+        if owned:
+            raise ValueError(f"config: experiment {exp['name']!r} sets model.{owned[0]} in its run: section; set "
+                             f"`{owned[0]}:` on the experiment itself (its table rows are labelled from it)")
         init = exp.get("init")
         if exp["recipe"] in ("finetune", "none") and exp["name"] not in config["checkpoints"] and not init:
             raise ValueError(f"config: experiment {exp['name']!r} (recipe {exp['recipe']}) needs `init`: "
@@ -104,13 +112,12 @@ def run_config(name):
     """The fully resolved config of one run, as `evit train` / `evit eval` read it."""
     exp = EXPERIMENTS[name]
     cfg = deep_merge(config["run_defaults"], {
-        "model": {"arch": exp["arch"], "img_size": exp["img_size"], "keep_rate": exp["keep_rate"],
-                  "fuse_token": exp["fuse_token"], "drop_loc": exp["drop_loc"]},
+        "model": {key: exp[key] for key in OWNED_MODEL_KEYS},
         "train": {"recipe": "none" if not is_trained(name) else exp["recipe"], "epochs": exp["epochs"]},
         "launcher": {**config["launcher"], "backend": config["backend"]},
     })
-    if not is_trained(name) or exp["recipe"] == "finetune":
-        cfg["train"]["init_checkpoint"] = str(weights(name) if not is_trained(name) else weights(exp["init"]))
+    if is_trained(name) and exp["recipe"] == "finetune":
+        cfg["train"]["init_checkpoint"] = str(weights(exp["init"]))
     return deep_merge(cfg, exp.get("run", {}))
 
 
@@ -141,20 +148,6 @@ _check_run_configs()
 def run_cpus(wildcards):
     """Cores a train/eval rule holds: its run's launcher cpus_per_task (the job uses that many threads)."""
     return run_config(wildcards.exp)["launcher"]["cpus_per_task"]
-
-
-def model_spec(name):
-    """`evit bench` spec of an experiment's architecture: ARCH:key=value,..."""
-    model = run_config(name)["model"]
-    kwargs = {"img_size": model["img_size"], "keep_rate": model["keep_rate"], "fuse_token": model["fuse_token"],
-              "drop_loc": model["drop_loc"], **model.get("kwargs", {})}
-    if model.get("patch_size"):
-        kwargs["patch_size"] = model["patch_size"]
-    if "num_classes" in config["bench"]:
-        kwargs["num_classes"] = config["bench"]["num_classes"]
-    flat = ",".join(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                    for k, v in kwargs.items())
-    return f"{model['arch']}:{flat}"
 
 
 def write_yaml(path, data):

@@ -9,6 +9,9 @@ rule evaluate:
         RUNS + "/{exp}/eval.json",
     log:
         RUNS + "/{exp}/eval.log",
+    params:
+        checkpoint=lambda w: weights(w.exp),
     threads: run_cpus
     shell:
-        "{EVIT} launch --command eval --config {input.config} --run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"
+        "{EVIT} launch --command eval --config {input.config} --checkpoint {params.checkpoint} "
+        "--run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"

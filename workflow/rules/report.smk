@@ -28,7 +28,7 @@ rule report:
         reference="results/reference/paper.csv",
     output:
         expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex")),
-        expand(RESULTS + "/figures/{fig}.{ext}", fig=FIGURES[:2], ext=("png", "pdf")),
+        expand(RESULTS + "/figures/{fig}.{ext}", fig=REPORT_FIGURES, ext=("png", "pdf")),
     localrule: True
     shell:
         "{EVIT} report --experiments {input.experiments} --bench {input.bench} "

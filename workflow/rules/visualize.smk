@@ -6,11 +6,11 @@ rule visualize:
         config=RUNS + "/" + config["visualize"]["experiment"] + "/config.yaml",
         result=result_file(config["visualize"]["experiment"]),
     output:
-        multiext(RESULTS + "/figures/kept_tokens", ".png", ".pdf"),
+        multiext(f"{RESULTS}/figures/{KEPT_TOKENS_FIGURE}", ".png", ".pdf"),
     params:
         weights=weights(config["visualize"]["experiment"]),
         num_images=config["visualize"]["num_images"],
     localrule: True
     shell:
         "{EVIT} visualize --config {input.config} --checkpoint {params.weights} "
-        "--num-images {params.num_images} --out {RESULTS}/figures/kept_tokens"
+        "--num-images {params.num_images} --out {RESULTS}/figures/" + KEPT_TOKENS_FIGURE

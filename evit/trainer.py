@@ -1,6 +1,4 @@
-"""`evit train` and `evit eval`: the `Trainer` (one training run), and evaluation of checkpoints.
-
-The run config they read is defined, documented and validated in `evit.config` (which imports no torch).
+"""`evit train`: the `Trainer`, one training run from its run config to its final metrics.
 
 Run directory
 =============
@@ -12,15 +10,14 @@ Mixup draws are functions of (seed, epoch, step, rank, sample position), never o
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import inspect
 import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,79 +25,11 @@ import yaml
 
 from evit import data as D
 from evit import engine as E
-from evit.checkpoint import CheckpointError, load_checkpoint
-from evit.config import (ConfigError, apply_overrides, config_hash, is_evit, load_config, resolve_config,
-                         resume_mismatch)
-
-
-# --------------------------------------------------------------------------------------------- building
-
-
-def build_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
-    """`timm.create_model` from the model section (never pretrained: weights come from checkpoints)."""
-    import timm
-
-    import evit.models  # noqa: F401  (registers the EViT models with timm)
-
-    kwargs = dict(model_cfg["kwargs"])
-    kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
-    if model_cfg["patch_size"]:
-        kwargs["patch_size"] = model_cfg["patch_size"]
-    if is_evit(model_cfg["arch"]):
-        kwargs.update(keep_rate=model_cfg["keep_rate"], fuse_token=model_cfg["fuse_token"],
-                      drop_loc=tuple(model_cfg["drop_loc"]))
-    try:
-        return timm.create_model(model_cfg["arch"], pretrained=False, **kwargs)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise ConfigError(f"model: cannot build {model_cfg['arch']!r} with {kwargs}: {e}") from e
-
-
-def supports_keep_rate(model: torch.nn.Module) -> bool:
-    return "keep_rate" in inspect.signature(model.forward).parameters
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _raw_dataset(cfg: dict, split: str, transform) -> D.Dataset:
-    d = cfg["data"]
-    return D.build_dataset(d["dataset"], d["root"], split, pil=not getattr(transform, "accepts_tensor", False))
-
-
-def build_eval_loader(cfg: dict, info: E.DistInfo, device: torch.device):
-    """The val-split loader for this rank (exact sharding, no padding) and the full val dataset size."""
-    d, m, t, ev = cfg["data"], cfg["model"], cfg["train"], cfg["eval"]
-    tf = D.build_transform(t["augment"], False, m["img_size"], d["mean"], d["std"],
-                           interpolation=t["interpolation"] if t["interpolation"] != "random" else "bicubic",
-                           crop_pct=ev["crop_pct"])
-    raw = _raw_dataset(cfg, "val", tf)
-    ds = D.SeededDataset(raw, tf, D.subset_indices(len(raw), d["val_subset"]))
-    sampler = D.ShardSampler(len(ds), info.world_size, info.rank)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=ev["batch_size"], sampler=sampler, num_workers=d["num_workers"],
-        pin_memory=device.type == "cuda", persistent_workers=d["num_workers"] > 0)
-    return loader, len(ds), raw
-
-
-def _num_classes(cfg: dict, raw) -> int:
-    n = cfg["model"]["num_classes"]
-    have = len(getattr(raw, "classes", ()) or ()) or None
-    if n is None:
-        if have is None:
-            raise ConfigError("model.num_classes: cannot infer it from the dataset; set it")
-        return have
-    if have is not None and have != n:
-        raise ConfigError(f"model.num_classes: {n}, but the dataset has {have} classes")
-    return n
-
-
-def shutdown_workers(loader) -> None:
-    """Stop a DataLoader's persistent workers now (the garbage collector may take seconds to join them)."""
-    it = getattr(loader, "_iterator", None)
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-        loader._iterator = None
+from evit.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from evit.config import ConfigError, apply_overrides, config_hash, is_evit, load_config, resolve_config, resume_mismatch
+from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, init_distributed, resolve_device
+from evit.models.factory import build_model, count_params
+from evit.provenance import device_name, provenance
 
 
 def _is_tty() -> bool:
@@ -148,6 +77,41 @@ class _Progress:
 # --------------------------------------------------------------------------------------------- Trainer
 
 
+@dataclass
+class Runtime:
+    """What a running training holds besides its config, filled in by `Trainer._setup`'s steps in order."""
+
+    info: DistInfo
+    device: torch.device
+    state: E.TrainState
+    # data
+    sampler: D.TrainSampler | None = None
+    train_loader: torch.utils.data.DataLoader | None = None
+    eval_loader: torch.utils.data.DataLoader | None = None
+    num_train: int = 0
+    num_eval: int = 0
+    num_classes: int = 0
+    batch: int = 0                          # per process
+    world_batch: int = 0                    # all processes
+    ipe: int = 0                            # iterations (optimizer steps) per epoch
+    # model
+    model: torch.nn.Module | None = None
+    train_model: torch.nn.Module | None = None   # the DDP wrapper when distributed
+    params: int = 0
+    keep_rate_fn: Callable[[int], float] | None = None
+    # optimization
+    lr: float = 0.0
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    ctx: E.StepContext | None = None
+    # lifecycle
+    ready: bool = False                     # set up: `checkpoint_now` may save
+    closed: bool = False
+    epoch_started: float | None = None      # perf_counter at the start of the running epoch
+
+
 class Trainer:
     """One training run: ``Trainer(config, run_dir)()`` trains to the end and returns the final metrics.
 
@@ -163,7 +127,7 @@ class Trainer:
         raw = load_config(config) if isinstance(config, (str, Path)) else config
         self.config = resolve_config(raw)
         self.run_dir = Path(run_dir)
-        self._rt: SimpleNamespace | None = None
+        self._rt: Runtime | None = None
 
     def __getstate__(self) -> dict:
         return {"config": self.config, "run_dir": self.run_dir}
@@ -186,9 +150,9 @@ class Trainer:
     def run(self, max_steps: int | None = None) -> dict | None:
         """Train (resuming if a checkpoint exists) to the end and return the metrics; with ``max_steps``,
         stop once that many global steps are done, write a checkpoint and return None."""
-        info = E.dist_env()
-        device = E.resolve_device(self.config["train"]["device"], info.local_rank)
-        info = E.init_distributed(device, info)
+        info = dist_env()
+        device = resolve_device(self.config["train"]["device"], info.local_rank)
+        info = init_distributed(device, info)
         try:
             self._setup(info, device)
             return self._train(max_steps)
@@ -196,7 +160,7 @@ class Trainer:
             if self._rt is not None:
                 self._rt.closed = True
                 self._close_loaders()
-            E.cleanup_distributed(info)
+            cleanup_distributed(info)
 
     def checkpoint_now(self) -> bool:
         """Write ``checkpoint.pth`` for the latest consistent point of the running training; safe to call from
@@ -215,51 +179,66 @@ class Trainer:
     def _close_loaders(self) -> None:
         """Stop persistent DataLoader workers now, rather than whenever the garbage collector gets to them."""
         rt = self._rt
-        if hasattr(rt, "ctx"):
+        if rt.ctx is not None:
             rt.ctx.on_step = None
-        for name in ("train_loader", "eval_loader"):
-            shutdown_workers(getattr(rt, name, None))
+        for loader in (rt.train_loader, rt.eval_loader):
+            D.shutdown_workers(loader)
 
     # ------------------------------------------------------------------ setup
 
-    def _setup(self, info: E.DistInfo, device: torch.device) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
-        cfg = self.config
-        m, d, t = cfg["model"], cfg["data"], cfg["train"]
-        rt = self._rt = SimpleNamespace(info=info, device=device, closed=False, ready=False, epoch_started=None)
+    def _setup(self, info: DistInfo, device: torch.device) -> None:
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        E.seed_all(D.mix_seed(t["seed"], 0xB11D))  # model init: same on every rank
-
-        ckpt = None
-        if self.checkpoint_path.is_file():
-            ckpt = load_checkpoint(self.checkpoint_path)
-            diff = resume_mismatch(ckpt["config"], cfg)
-            if diff:
-                raise ConfigError(f"{self.checkpoint_path} was written by another config; use a new run dir or "
-                                  "delete it. Differences: " + "; ".join(diff))
+        E.seed_all(D.mix_seed(self.config["train"]["seed"], 0xB11D))  # model init: same on every rank
+        ckpt = self._resume_checkpoint()
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            (self.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        rt = self._rt = Runtime(info=info, device=device, state=E.TrainState())
+        self._build_data(rt)
+        self._build_model(rt, init=ckpt is None)
+        self._build_optimization(rt)
+        rt.ready = True
+        if ckpt is not None:
+            self._restore(ckpt)
+            who = f"rank {info.rank}: " if info.distributed else ""  # every rank says where it resumed
+            _log(f"{who}resumed from {self.checkpoint_path} at epoch {rt.state.epoch}, step {rt.state.step}")
+        if info.is_main:
+            t = self.config["train"]
+            _log(f"{self.config['model']['arch']} ({rt.params / 1e6:.2f} M params), {rt.num_train} train / "
+                 f"{rt.num_eval} val images, {info.world_size} process(es) on {device_name(device)} "
+                 f"({torch.get_num_threads()} threads), "
+                 f"batch {rt.world_batch}, lr {rt.lr:.3g}, {rt.ipe} steps/epoch, "
+                 f"amp {t['amp'] if rt.amp_dtype else 'none (fp32)'}")
 
-        # data
+    def _resume_checkpoint(self) -> dict | None:
+        """The run dir's checkpoint, if any, after checking that this config wrote it."""
+        if not self.checkpoint_path.is_file():
+            return None
+        ckpt = load_checkpoint(self.checkpoint_path)
+        diff = resume_mismatch(ckpt["config"], self.config)
+        if diff:
+            raise ConfigError(f"{self.checkpoint_path} was written by another config; use a new run dir or "
+                              "delete it. Differences: " + "; ".join(diff))
+        return ckpt
+
+    def _build_data(self, rt: Runtime) -> None:
+        cfg = self.config
+        m, d, t = cfg["model"], cfg["data"], cfg["train"]
         train_tf = D.build_transform(t["augment"], True, m["img_size"], d["mean"], d["std"], aa=t["aa"],
                                      reprob=t["reprob"], color_jitter=t["color_jitter"],
                                      interpolation=t["interpolation"], demo_padding=t["demo_padding"])
-        raw_train = _raw_dataset(cfg, "train", train_tf)
+        raw_train = D.raw_dataset(cfg, "train", train_tf)
         train_ds = D.SeededDataset(raw_train, train_tf, D.subset_indices(len(raw_train), d["train_subset"]))
-        rt.eval_loader, rt.num_eval, raw_val = build_eval_loader(cfg, info, device)
-        num_classes = _num_classes(cfg, raw_train)
+        rt.eval_loader, rt.num_eval, raw_val = D.build_eval_loader(cfg, rt.info.rank, rt.info.world_size, rt.device)
+        rt.num_classes = D.num_classes_of(cfg, raw_train)
         if getattr(raw_train, "classes", None) != getattr(raw_val, "classes", None):
             raise D.DatasetError(f"{d['dataset']} dataset at {d['root']}: the train/ and val/ class folders differ "
                                  f"({len(raw_train.classes)} vs {len(raw_val.classes)}); both need the same classes")
-        rt.sampler = D.TrainSampler(len(train_ds), seed=t["seed"], world_size=info.world_size, rank=info.rank,
-                                    repeats=t["repeated_aug"])
-        rt.batch = t["batch_size"]
+        rt.num_train = len(train_ds)
+        rt.sampler = D.TrainSampler(len(train_ds), seed=t["seed"], world_size=rt.info.world_size,
+                                    rank=rt.info.rank, repeats=t["repeated_aug"])
+        rt.batch, rt.world_batch = t["batch_size"], t["batch_size"] * rt.info.world_size
         rt.ipe = len(rt.sampler) // rt.batch
         if rt.ipe < 1:
             raise ConfigError(f"train.batch_size: {rt.batch} is more than the {len(rt.sampler)} training images "
@@ -267,89 +246,78 @@ class Trainer:
         batch_sampler = torch.utils.data.BatchSampler(rt.sampler, rt.batch, drop_last=True)
         rt.train_loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=batch_sampler, num_workers=d["num_workers"],
-            pin_memory=device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+            pin_memory=rt.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
 
-        # model
-        model = build_model(m, num_classes)
+    def _build_model(self, rt: Runtime, init: bool) -> None:
+        """The model (from ``train.init_checkpoint`` when ``init``), its DDP wrapper and its keep-rate schedule."""
+        m, t = self.config["model"], self.config["train"]
+        model = build_model(m, rt.num_classes)
         rt.params = count_params(model)
-        if ckpt is None and t["init_checkpoint"]:
+        if init and t["init_checkpoint"]:
             from evit.checkpoint import load_pretrained
 
             if not Path(t["init_checkpoint"]).is_file():
                 raise ConfigError(f"train.init_checkpoint: {t['init_checkpoint']} does not exist")
             load_pretrained(model, t["init_checkpoint"])
-            if info.is_main:
+            if rt.info.is_main:
                 _log(f"initialized from {t['init_checkpoint']}")
-        model.to(device)
-        rt.model = model
+        rt.model = model.to(rt.device)
         rt.keep_rate_fn = (functools.partial(E.keep_rate_at, iters_per_epoch=rt.ipe, target=m["keep_rate"],
                                              shrink_start=t["shrink_start"], shrink_epochs=t["shrink_epochs"])
-                           if supports_keep_rate(model) else None)
-        if info.distributed:
-            rt.train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            rt.train_model = model
+                           if is_evit(m["arch"]) else None)
+        rt.train_model = (torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            if rt.info.distributed else model)
 
-        # optimization
-        rt.world_batch = rt.batch * info.world_size
+    def _build_optimization(self, rt: Runtime) -> None:
+        """Optimizer, per-iteration lr schedule, mixed precision, Mixup/CutMix and the loss."""
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        t = self.config["train"]
         rt.lr = t["blr"] * rt.world_batch / 512
         opt_kwargs = {"momentum": t["momentum"]} if t["opt"] in ("sgd", "momentum", "nesterov") else {}
         if "adam" in t["opt"] or "lamb" in t["opt"]:
             opt_kwargs["eps"] = t["opt_eps"]
-        rt.optimizer = create_optimizer_v2(model, opt=t["opt"], lr=rt.lr, weight_decay=t["weight_decay"],
+        rt.optimizer = create_optimizer_v2(rt.model, opt=t["opt"], lr=rt.lr, weight_decay=t["weight_decay"],
                                            **opt_kwargs)
         rt.scheduler, _ = create_scheduler_v2(
             rt.optimizer, sched=t["sched"], num_epochs=t["epochs"], min_lr=t["min_lr"], warmup_lr=t["warmup_lr"],
             warmup_epochs=t["warmup_epochs"], step_on_epochs=False, updates_per_epoch=rt.ipe)
-        rt.amp_dtype = E.amp_dtype_for(t["amp"], device)
-        rt.scaler = torch.amp.GradScaler(device.type) if rt.amp_dtype == torch.float16 else None
+        rt.amp_dtype = E.amp_dtype_for(t["amp"], rt.device)
+        rt.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
         mixup_on = t["mixup"] > 0 or t["cutmix"] > 0
-        rt.mixup = (Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], prob=t["mixup_prob"],
-                          switch_prob=t["mixup_switch_prob"], mode="batch", label_smoothing=t["smoothing"],
-                          num_classes=num_classes) if mixup_on else None)
+        mixup = (Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], prob=t["mixup_prob"],
+                       switch_prob=t["mixup_switch_prob"], mode="batch", label_smoothing=t["smoothing"],
+                       num_classes=rt.num_classes) if mixup_on else None)
         if mixup_on:
             criterion = SoftTargetCrossEntropy()
         elif t["smoothing"] > 0:
             criterion = LabelSmoothingCrossEntropy(smoothing=t["smoothing"])
         else:
             criterion = torch.nn.CrossEntropyLoss()
-        rt.state = E.TrainState()
         rt.ctx = E.StepContext(
-            criterion=criterion, device=device, iters_per_epoch=rt.ipe, seed=t["seed"], rank=info.rank,
-            scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, mixup_fn=rt.mixup, scaler=rt.scaler,
+            criterion=criterion, device=rt.device, iters_per_epoch=rt.ipe, seed=t["seed"], rank=rt.info.rank,
+            scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, mixup_fn=mixup, scaler=rt.scaler,
             amp_dtype=rt.amp_dtype, clip_grad=t["clip_grad"], hold_eval=t["hold_eval"])
-
-        rt.ready = True
-        if ckpt is not None:
-            self._restore(ckpt)
-            who = f"rank {info.rank}: " if info.distributed else ""  # every rank says where it resumed
-            _log(f"{who}resumed from {self.checkpoint_path} at epoch {rt.state.epoch}, step {rt.state.step}")
-        if info.is_main:
-            _log(f"{m['arch']} ({rt.params / 1e6:.2f} M params), {len(train_ds)} train / {rt.num_eval} val images, "
-                 f"{info.world_size} process(es) on {E.device_name(device)}, batch {rt.world_batch}, lr {rt.lr:.3g}, "
-                 f"{rt.ipe} steps/epoch, amp {t['amp'] if rt.amp_dtype else 'none (fp32)'}")
 
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, state: E.TrainState) -> None:
-        from evit.checkpoint import save_atomic
-
         rt = self._rt
-        rng = rng_states(rt.device)
         save_atomic({
-            "format": "evit-train-v1",
             "model": rt.model.state_dict(),
             "optimizer": rt.optimizer.state_dict(),
             "scheduler": rt.scheduler.state_dict(),
             "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
             "state": state.state_dict(),
-            "epoch": state.epoch,
+            "epoch": state.epoch,             # epoch, step and sampler: for people reading the file
             "step": state.step,
-            "rng": rng,
+            "rng": rng_states(rt.device),
             "sampler": dict(rt.sampler.state_dict(), epoch=state.epoch, start=state.epoch_step * rt.batch),
             "config": self.config,
-            "config_hash": config_hash(self.config),
         }, self.checkpoint_path)
 
     def _restore(self, ckpt: dict) -> None:
@@ -430,14 +398,14 @@ class Trainer:
         metrics = self._metrics(eval_res)
         if main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        E.barrier()
+        barrier()
         return metrics
 
     def _stop(self, state: E.TrainState, max_steps: int) -> None:
         if self._rt.info.is_main:
             self._save(state)
             _log(f"stopped at step {state.step} (max_steps {max_steps}); checkpoint written")
-        E.barrier()
+        barrier()
         return None
 
     def _metrics(self, ev: dict) -> dict:
@@ -448,7 +416,7 @@ class Trainer:
             "steps": rt.state.step, "train_time_s": rt.state.train_time, "arch": cfg["model"]["arch"],
             "img_size": cfg["model"]["img_size"], "dataset": cfg["data"]["dataset"],
             "run_dir": str(self.run_dir), "meta": cfg.get("meta"),
-            "provenance": E.provenance(config_hash=config_hash(cfg), device=rt.device,
+            "provenance": provenance(config_hash=config_hash(cfg), device=rt.device,
                                        world_size=rt.info.world_size),
         }
 
@@ -486,144 +454,43 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-# --------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, overrides: list[str] | None = None,
-                        out: str | Path | None = None) -> dict:
-    """Evaluate a checkpoint (ours, DeiT, official EViT) on the val split; returns (and writes) eval.json.
-
-    The run config is: ``config`` if given, else the checkpoint's own (ours), else defaults; ``overrides``
-    (``section.key=value``) apply last. A foreign checkpoint therefore needs at least ``model.arch`` and the
-    data section. ``model.keep_rate`` (or ``eval.keep_rate``) sets the keep rate evaluated.
-    """
-    from evit.checkpoint import load_pretrained, read_checkpoint, read_state_dict
-
-    checkpoint = Path(checkpoint)
-    blob = read_checkpoint(checkpoint)
-    saved = blob.get("config") if isinstance(blob, dict) and isinstance(blob.get("config"), dict) else None
-    del blob
-    base = config if config is not None else (saved or {})
-    raw = apply_overrides(base, overrides or [])
-    raw = {k: v for k, v in raw.items() if k != "train" or isinstance(v, dict)}
-    # the checkpoint evaluated is the run's starting point (a finetune recipe needs one; its other keys stay)
-    raw["train"] = dict(raw.get("train") or {}, init_checkpoint=str(checkpoint))
-    cfg = resolve_config(raw)
-    if cfg["eval"]["keep_rate"] is not None:
-        cfg["model"]["keep_rate"] = cfg["eval"]["keep_rate"]
-
-    info = E.dist_env()
-    device = E.resolve_device(cfg["train"]["device"], info.local_rank)
-    info = E.init_distributed(device, info)
-    try:
-        loader, n, raw_val = build_eval_loader(cfg, info, device)
-        num_classes = _num_classes(cfg, raw_val)
-        model = build_model(cfg["model"], num_classes)
-        state = read_state_dict(checkpoint)
-        if "head.weight" in state and state["head.weight"].shape[0] != num_classes:
-            raise ConfigError(f"{checkpoint} has a {state['head.weight'].shape[0]}-class head but the "
-                              f"{cfg['data']['dataset']} dataset has {num_classes} classes")
-        load_pretrained(model, checkpoint)
-        model.to(device)
-        if cfg["model"]["keep_rate"] < 1.0 and not supports_keep_rate(model):
-            raise ConfigError(f"model.keep_rate: {cfg['model']['arch']} has no keep rate")
-        amp_dtype = E.amp_dtype_for(cfg["train"]["amp"], device)
-        t0 = time.perf_counter()
-        try:
-            res = E.evaluate(model, loader, device, amp_dtype=amp_dtype)
-        finally:
-            shutdown_workers(loader)
-        dt = time.perf_counter() - t0
-        m = cfg["model"]
-        result = {
-            "checkpoint": str(checkpoint), "top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"],
-            "num_eval_images": res["num_images"], "keep_rate": m["keep_rate"], "arch": m["arch"],
-            "img_size": m["img_size"], "fuse_token": m["fuse_token"], "drop_loc": m["drop_loc"],
-            "dataset": cfg["data"]["dataset"], "params": count_params(model), "eval_time_s": dt,
-            "img_per_s": res["num_images"] / max(dt, 1e-9), "meta": cfg.get("meta"),
-            "provenance": E.provenance(config_hash=config_hash(cfg), device=device, world_size=info.world_size),
-        }
-        if out is not None and info.is_main:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(result, indent=2) + "\n")
-        return result
-    finally:
-        E.cleanup_distributed(info)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _cmd_train(args) -> int:
-    raw = apply_overrides(load_config(args.config), args.set)
-    metrics = Trainer(raw, args.run_dir).run(max_steps=args.max_steps)
-    if metrics is not None and E.dist_env().is_main:
-        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "num_eval_images", "train_time_s")}))
-    return 0
+# Failures of a run that the user must fix (a retry repeats them): one line in `evit train/eval`, no resubmission
+# by the launcher.
+RUN_ERRORS = (ConfigError, D.DatasetError, CheckpointError, E.NonFiniteLossError)
 
 
-def _cmd_eval(args) -> int:
-    overrides = list(args.set or [])
-    for flag, key in (("arch", "model.arch"), ("img_size", "model.img_size"), ("patch_size", "model.patch_size"),
-                      ("num_classes", "model.num_classes"), ("keep_rate", "eval.keep_rate"),
-                      ("fuse_token", "model.fuse_token"), ("dataset", "data.dataset"), ("data_root", "data.root"),
-                      ("val_subset", "data.val_subset"), ("batch_size", "eval.batch_size"),
-                      ("num_workers", "data.num_workers"), ("crop_pct", "eval.crop_pct"),
-                      ("device", "train.device"), ("amp", "train.amp")):
-        v = getattr(args, flag)
-        if v is not None:
-            overrides.append(f"{key}={json.dumps(v)}")
-    if args.drop_loc is not None:
-        overrides.append(f"model.drop_loc=[{args.drop_loc}]")
-    config = load_config(args.config) if args.config else None
-    result = evaluate_checkpoint(args.checkpoint, config, overrides, args.out)
-    if E.dist_env().is_main:
-        print(json.dumps({k: result[k] for k in ("top1", "top5", "num_eval_images", "keep_rate")}))
-    return 0
-
-
-def _guard(fn):
-    """Run a command; config / data / NaN errors become one line on stderr and exit status 2."""
+def command_errors(fn):
+    """Run a command; `RUN_ERRORS` and a missing file become one line on stderr and exit status 2."""
 
     @functools.wraps(fn)
     def wrapper(args) -> int:
         try:
             return fn(args)
-        except (ConfigError, D.DatasetError, E.NonFiniteLossError, FileNotFoundError, CheckpointError) as e:
+        except (*RUN_ERRORS, FileNotFoundError) as e:
             print(f"evit {args.command}: error: {e}", file=sys.stderr, flush=True)
             return 2
     return wrapper
 
 
+def _cmd_train(args) -> int:
+    raw = apply_overrides(load_config(args.config), args.set)
+    metrics = Trainer(raw, args.run_dir).run(max_steps=args.max_steps)
+    if metrics is not None and dist_env().is_main:
+        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "num_eval_images", "train_time_s")}))
+    return 0
+
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train one run (resumes from RUN_DIR/checkpoint.pth)",
-                       description="Train one run described by a run config (see `evit.train`'s docstring).")
+                       description="Train one run described by a run config (see `evit.config`'s docstring).")
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--run-dir", required=True, help="output directory (checkpoint.pth, log.jsonl, metrics.json)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (YAML-parsed); repeatable")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps (checkpointed)")
-    p.set_defaults(func=_guard(_cmd_train))
+    p.set_defaults(func=command_errors(_cmd_train))
 
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on the val split",
-                       description="Evaluate our, DeiT or official EViT checkpoints, at any keep rate.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--config", help="run config YAML for model/data (default: the checkpoint's own)")
-    p.add_argument("--arch")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--keep-rate", type=float, help="keep rate to evaluate at (default: the model's)")
-    p.add_argument("--fuse-token", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--drop-loc", help="comma-separated block indices, e.g. 3,6,9")
-    p.add_argument("--dataset", choices=D.DATASETS)
-    p.add_argument("--data-root")
-    p.add_argument("--val-subset", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--crop-pct", type=float)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"))
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--out", help="write the result JSON here (e.g. eval.json)")
-    p.set_defaults(func=_guard(_cmd_eval))
