@@ -6,52 +6,17 @@ run before it is queued.
 Run config
 ==========
 
-A YAML mapping with the sections below. Every key has a default except ``data.dataset`` (and ``data.root``
-for imagenet / folder); unknown keys and bad values are rejected with one error naming the key
-(``ConfigError``). `resolve_config` fills in every default, so a resolved config is complete.
-Top-level ``launcher`` (read by ``evit launch``; its keys are checked by `resolve_launcher`, see
-`LAUNCHER_DEFAULTS`) and ``meta`` (free-form, e.g. the experiment name) are kept as given; they are not
-part of the config hash.
+A YAML mapping with the sections of `SCHEMA` (model, data, train, eval). Every key has a default except
+``data.dataset`` (and ``data.root`` for imagenet / folder); unknown keys and bad values are rejected with one
+error naming the key (``ConfigError``). `resolve_config` fills in every default, so a resolved config is
+complete. Top-level ``launcher`` (read by ``evit launch``; its keys are checked by `resolve_launcher`, see
+`LAUNCHER_DEFAULTS`) and ``meta`` (free-form, e.g. the experiment name) are kept as given; they are not part
+of the config hash.
 
-``model:``
-  ``arch`` (str) timm model name, e.g. ``evit_deit_small_patch16_224`` or plain ``deit_small_patch16_224``.
-  ``img_size`` (int, 224). ``patch_size`` (int or null = the arch's). ``num_classes`` (int or null = the
-  dataset's). ``keep_rate`` (float in (0, 1], 1.0) target keep rate of the reorganizing blocks; must be 1
-  for a non-EViT arch. ``fuse_token`` (bool, true). ``drop_loc`` (list of block indices, [3, 6, 9]).
-  ``drop_path`` (float, 0.1) stochastic depth rate. ``kwargs`` (mapping, {}) more `timm.create_model`
-  arguments, e.g. ``{embed_dim: 96, depth: 12, num_heads: 3}``.
-
-``data:``
-  ``dataset`` (imagenet | folder | fashion_mnist). ``root`` (path; null = /usr/share/datasets/fashion-mnist
-  for fashion_mnist, required otherwise). ``num_workers`` (int, 8) per process. ``train_subset`` /
-  ``val_subset`` (int or null) use a fixed random subset of that many images (seed-independent).
-  ``mean`` / ``std`` (3 floats or null = the dataset's: ImageNet's, or Fashion-MNIST's).
-
-``train:``
-  ``recipe`` (scratch | finetune | demo | none; default scratch) picks the defaults of the keys below from
-  `RECIPES` (one table: scratch = DeiT, finetune = the EViT paper's fine-tuning, demo = small images on a
-  CPU, none = plain); any key given in the config overrides its recipe value.
-  ``init_checkpoint`` (path or null) weights to start from (DeiT / official EViT / ours) when the run dir
-  has no checkpoint yet; required by the finetune recipe.
-  ``epochs`` (int). ``batch_size`` (int, per process). ``blr`` (float) lr per 512 samples: the lr is
-  ``blr * batch_size * world_size / 512``. ``min_lr``, ``warmup_lr`` (float). ``warmup_epochs`` (float).
-  ``weight_decay`` (float). ``opt`` (timm optimizer name, adamw). ``opt_eps`` (float). ``momentum``
-  (float). ``sched`` (timm scheduler name, cosine), stepped every iteration. ``clip_grad`` (float or null).
-  ``shrink_start``, ``shrink_epochs`` (float) keep-rate schedule: 1 before ``shrink_start`` epochs, then a
-  cosine to ``model.keep_rate`` over ``shrink_epochs``, per iteration (`evit.engine.keep_rate_at`).
-  ``hold_eval`` (bool) keep the model in eval mode while training (fine-tuning: DropPath off).
-  ``mixup``, ``cutmix`` (float alphas, 0 = off), ``mixup_prob``, ``mixup_switch_prob`` (float),
-  ``smoothing`` (float) label smoothing. ``augment`` (deit | demo | none) the transform family;
-  ``aa`` (str or null) RandAugment spec; ``reprob`` (float) random erasing; ``color_jitter`` (float);
-  ``interpolation`` (str); ``demo_padding`` (int) crop padding of the demo transform.
-  ``repeated_aug`` (int, 1 = off) repeated augmentation count (timm's RepeatAugSampler).
-  ``amp`` (none | bf16 | fp16) autocast dtype, on GPU and CPU alike (fp16 with a GradScaler).
-  ``seed`` (int). ``device`` (auto | cpu | cuda). ``eval_every`` (int, epochs; 0 = only at the end).
-  ``log_every`` (int) steps between progress lines when stdout is not a terminal.
-
-``eval:``
-  ``batch_size`` (int, per process). ``crop_pct`` (float or null = 0.875 for deit/none augment, 1.0 for
-  demo). ``keep_rate`` (float or null = model.keep_rate) keep rate for evaluation.
+The per-key reference (type, bounds, default, per recipe where `RECIPES` sets it, and meaning) is generated
+from `SCHEMA` (each `Field`'s ``help``, and `SECTION_HELP`) by `config_reference`: read it in
+docs/run_config.md or print it with ``python -m evit.config``. After changing the schema, regenerate it with
+``python -m evit.config > docs/run_config.md`` (a test checks that the file is up to date).
 """
 from __future__ import annotations
 
@@ -148,71 +113,123 @@ class Field:
     hi: float | None = None         # inclusive upper bound
     lo_open: bool = False           # lower bound exclusive
     choices: tuple = ()
+    help: str = ""                  # the key's description (Markdown) in the reference; every SCHEMA key has one
 
+
+# One line per section of the reference (`config_reference`).
+SECTION_HELP: dict[str, str] = {
+    "model": "The network: a timm architecture and EViT's token reorganization.",
+    "data": "The dataset, where it lives, and how it is loaded and normalized.",
+    "train": "Optimization, schedules, augmentation, precision and logging; most defaults come from the "
+             "recipe (`train.recipe`, table `RECIPES`).",
+    "eval": "Evaluation on the validation set (during training and by `evit eval`).",
+}
 
 _RECIPE = "recipe"
 SCHEMA: dict[str, dict[str, Field]] = {
     "model": {
-        "arch": Field("str", "evit_deit_small_patch16_224"),
-        "img_size": Field("int", 224, lo=1),
-        "patch_size": Field("int", None, nullable=True, lo=1),
-        "num_classes": Field("int", None, nullable=True, lo=1),
-        "keep_rate": Field("float", 1.0, lo=0.0, lo_open=True, hi=1.0),
-        "fuse_token": Field("bool", True),
-        "drop_loc": Field("intlist", [3, 6, 9], lo=0),
-        "drop_path": Field("float", 0.1, lo=0.0, hi=1.0),
-        "kwargs": Field("dict", {}),
+        "arch": Field("str", "evit_deit_small_patch16_224",
+                      help="timm model name, e.g. `evit_deit_small_patch16_224` or plain `deit_small_patch16_224`."),
+        "img_size": Field("int", 224, lo=1, help="Input image size (side, in pixels)."),
+        "patch_size": Field("int", None, nullable=True, lo=1, help="Patch size; null = the arch's."),
+        "num_classes": Field("int", None, nullable=True, lo=1, help="Number of classes; null = the dataset's."),
+        "keep_rate": Field("float", 1.0, lo=0.0, lo_open=True, hi=1.0,
+                           help="Target keep rate of the reorganizing blocks; must be 1 for a non-EViT arch."),
+        "fuse_token": Field("bool", True,
+                            help="Fuse the inattentive tokens into one extra token (weighted by their attention "
+                                 "scores); false drops them."),
+        "drop_loc": Field("intlist", [3, 6, 9], lo=0,
+                          help="Block indices (0-based) of the reorganizing blocks."),
+        "drop_path": Field("float", 0.1, lo=0.0, hi=1.0, help="Stochastic depth rate."),
+        "kwargs": Field("dict", {},
+                        help="More `timm.create_model` arguments, e.g. `{embed_dim: 96, depth: 12, num_heads: 3}` "
+                             "(the keys above are set as `model.*`, not here; `pretrained` is not allowed)."),
     },
     "data": {
-        "dataset": Field("choice", _REQUIRED, choices=DATASETS),
-        "root": Field("path", None, nullable=True),
-        "num_workers": Field("int", 8, lo=0),
-        "train_subset": Field("int", None, nullable=True, lo=1),
-        "val_subset": Field("int", None, nullable=True, lo=1),
-        "mean": Field("floatlist", None, nullable=True),
-        "std": Field("floatlist", None, nullable=True, lo=0.0, lo_open=True),
+        "dataset": Field("choice", _REQUIRED, choices=DATASETS,
+                         help="The dataset (layouts on disk: see evit/data.py's docstring)."),
+        "root": Field("path", None, nullable=True,
+                      help="Dataset directory; null = /usr/share/datasets/fashion-mnist for fashion_mnist, "
+                           "required otherwise."),
+        "num_workers": Field("int", 8, lo=0, help="Data-loading workers per process."),
+        "train_subset": Field("int", None, nullable=True, lo=1,
+                              help="Use a fixed random subset of that many training images (seed-independent); "
+                                   "null = all."),
+        "val_subset": Field("int", None, nullable=True, lo=1,
+                            help="Use a fixed random subset of that many validation images (seed-independent); "
+                                 "null = all."),
+        "mean": Field("floatlist", None, nullable=True,
+                      help="Normalization mean, 3 floats, or null = the dataset's: ImageNet's, or Fashion-MNIST's."),
+        "std": Field("floatlist", None, nullable=True, lo=0.0, lo_open=True,
+                     help="Normalization std, 3 floats, or null = the dataset's: ImageNet's, or Fashion-MNIST's."),
     },
     "train": {
-        "recipe": Field("choice", "scratch", choices=RECIPE_NAMES),
-        "init_checkpoint": Field("path", None, nullable=True),
-        "epochs": Field("int", _RECIPE, lo=1),
-        "batch_size": Field("int", _RECIPE, lo=1),
-        "blr": Field("float", _RECIPE, lo=0.0),
-        "min_lr": Field("float", _RECIPE, lo=0.0),
-        "warmup_lr": Field("float", _RECIPE, lo=0.0),
-        "warmup_epochs": Field("float", _RECIPE, lo=0.0),
-        "weight_decay": Field("float", _RECIPE, lo=0.0),
-        "opt": Field("str", _RECIPE),
-        "opt_eps": Field("float", _RECIPE, lo=0.0, lo_open=True),
-        "momentum": Field("float", _RECIPE, lo=0.0, hi=1.0),
+        "recipe": Field("choice", "scratch", choices=RECIPE_NAMES,
+                        help="Picks the defaults of the recipe-driven keys below from `RECIPES` (one table: "
+                             "scratch = DeiT, finetune = the EViT paper's fine-tuning, demo = small images on a "
+                             "CPU, none = plain); any key given in the config overrides its recipe value."),
+        "init_checkpoint": Field("path", None, nullable=True,
+                                 help="Weights to start from (DeiT / official EViT / ours) when the run dir has no "
+                                      "checkpoint yet; required by the finetune recipe."),
+        "epochs": Field("int", _RECIPE, lo=1, help="Training epochs."),
+        "batch_size": Field("int", _RECIPE, lo=1, help="Batch size per process."),
+        "blr": Field("float", _RECIPE, lo=0.0,
+                     help="lr per 512 samples: the lr is `blr * batch_size * world_size / 512`."),
+        "min_lr": Field("float", _RECIPE, lo=0.0, help="Lowest lr of the schedule (timm's `min_lr`)."),
+        "warmup_lr": Field("float", _RECIPE, lo=0.0, help="lr at the start of the warmup (timm's `warmup_lr`)."),
+        "warmup_epochs": Field("float", _RECIPE, lo=0.0, help="lr warmup length, in epochs (may be fractional)."),
+        "weight_decay": Field("float", _RECIPE, lo=0.0, help="Weight decay."),
+        "opt": Field("str", _RECIPE, help="timm optimizer name (`timm.optim.create_optimizer_v2`)."),
+        "opt_eps": Field("float", _RECIPE, lo=0.0, lo_open=True,
+                         help="Optimizer epsilon (Adam and LAMB family only)."),
+        "momentum": Field("float", _RECIPE, lo=0.0, hi=1.0,
+                          help="Optimizer momentum (sgd, momentum, nesterov only)."),
         "sched": Field("choice", _RECIPE, choices=("cosine", "step", "multistep", "plateau", "tanh", "poly",
-                                                    "const")),
-        "clip_grad": Field("float", _RECIPE, nullable=True, lo=0.0, lo_open=True),
-        "shrink_start": Field("float", _RECIPE, lo=0.0),
-        "shrink_epochs": Field("float", _RECIPE, lo=0.0),
-        "hold_eval": Field("bool", _RECIPE),
-        "mixup": Field("float", _RECIPE, lo=0.0),
-        "cutmix": Field("float", _RECIPE, lo=0.0),
-        "mixup_prob": Field("float", _RECIPE, lo=0.0, hi=1.0),
-        "mixup_switch_prob": Field("float", _RECIPE, lo=0.0, hi=1.0),
-        "smoothing": Field("float", _RECIPE, lo=0.0, hi=0.999),
-        "augment": Field("choice", _RECIPE, choices=AUGMENTS),
-        "aa": Field("str", _RECIPE, nullable=True),
-        "reprob": Field("float", _RECIPE, lo=0.0, hi=1.0),
-        "color_jitter": Field("float", _RECIPE, lo=0.0),
-        "interpolation": Field("choice", _RECIPE, choices=("bicubic", "bilinear", "nearest", "random")),
-        "demo_padding": Field("int", _RECIPE, lo=0),
-        "repeated_aug": Field("int", _RECIPE, lo=1),
-        "amp": Field("choice", _RECIPE, choices=("none", "bf16", "fp16")),
-        "seed": Field("int", 0, lo=0),
-        "device": Field("choice", "auto", choices=("auto", "cpu", "cuda")),
-        "eval_every": Field("int", 1, lo=0),
-        "log_every": Field("int", 50, lo=1),
+                                                    "const"),
+                       help="timm scheduler name, stepped every iteration."),
+        "clip_grad": Field("float", _RECIPE, nullable=True, lo=0.0, lo_open=True,
+                           help="Gradient-norm clipping threshold; null = no clipping."),
+        "shrink_start": Field("float", _RECIPE, lo=0.0,
+                              help="Keep-rate schedule: 1 before `shrink_start` epochs, then a cosine to "
+                                   "`model.keep_rate` over `shrink_epochs`, per iteration "
+                                   "(`evit.engine.keep_rate_at`)."),
+        "shrink_epochs": Field("float", _RECIPE, lo=0.0,
+                               help="Length of the keep-rate cosine, in epochs (see `shrink_start`)."),
+        "hold_eval": Field("bool", _RECIPE,
+                           help="Keep the model in eval mode while training (fine-tuning: DropPath off)."),
+        "mixup": Field("float", _RECIPE, lo=0.0, help="Mixup alpha, 0 = off."),
+        "cutmix": Field("float", _RECIPE, lo=0.0, help="CutMix alpha, 0 = off."),
+        "mixup_prob": Field("float", _RECIPE, lo=0.0, hi=1.0,
+                            help="Probability of applying Mixup / CutMix to a batch (timm's `Mixup` `prob`)."),
+        "mixup_switch_prob": Field("float", _RECIPE, lo=0.0, hi=1.0,
+                                   help="Probability of CutMix rather than Mixup when both are on (timm's `Mixup` "
+                                        "`switch_prob`)."),
+        "smoothing": Field("float", _RECIPE, lo=0.0, hi=0.999, help="Label smoothing."),
+        "augment": Field("choice", _RECIPE, choices=AUGMENTS,
+                         help="The transform family (`evit.data.build_transform`)."),
+        "aa": Field("str", _RECIPE, nullable=True, help="RandAugment spec; null = off."),
+        "reprob": Field("float", _RECIPE, lo=0.0, hi=1.0, help="Random erasing probability."),
+        "color_jitter": Field("float", _RECIPE, lo=0.0, help="Color jitter (deit augment)."),
+        "interpolation": Field("choice", _RECIPE, choices=("bicubic", "bilinear", "nearest", "random"),
+                               help="Resize interpolation (`random`: random in training, bicubic at evaluation)."),
+        "demo_padding": Field("int", _RECIPE, lo=0, help="Crop padding of the demo transform."),
+        "repeated_aug": Field("int", _RECIPE, lo=1,
+                              help="Repeated augmentation count (timm's RepeatAugSampler), 1 = off."),
+        "amp": Field("choice", _RECIPE, choices=("none", "bf16", "fp16"),
+                     help="Autocast dtype, on GPU and CPU alike (fp16 with a GradScaler)."),
+        "seed": Field("int", 0, lo=0, help="Random seed."),
+        "device": Field("choice", "auto", choices=("auto", "cpu", "cuda"),
+                        help="`auto`: this process's GPU when CUDA is available, else the CPU."),
+        "eval_every": Field("int", 1, lo=0, help="Evaluate every that many epochs; 0 = only at the end."),
+        "log_every": Field("int", 50, lo=1, help="Steps between progress lines when stdout is not a terminal."),
     },
     "eval": {
-        "batch_size": Field("int", 256, lo=1),
-        "crop_pct": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0),
-        "keep_rate": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0),
+        "batch_size": Field("int", 256, lo=1, help="Batch size per process."),
+        "crop_pct": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0,
+                          help="Crop fraction (resize to `img_size / crop_pct`, centre crop); null = 0.875 for "
+                               "deit/none augment, 1.0 for demo."),
+        "keep_rate": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0,
+                           help="Keep rate for evaluation; null = `model.keep_rate`."),
     },
 }
 PASSTHROUGH = ("launcher", "meta")
@@ -389,6 +406,90 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# --------------------------------------------------------------------------------------------- reference
+
+REFERENCE_PATH = "docs/run_config.md"      # config_reference()'s output, committed; a test checks it is current
+
+
+def _md_value(v: Any) -> str:
+    """A value as YAML would write it (null, true, [3, 6, 9], {}), in a Markdown code span."""
+    def plain(x: Any) -> str:
+        if x is None:
+            return "null"
+        if isinstance(x, bool):
+            return "true" if x else "false"
+        if isinstance(x, (list, tuple)):
+            return "[" + ", ".join(plain(e) for e in x) + "]"
+        if isinstance(x, dict):
+            return "{" + ", ".join(f"{k}: {plain(e)}" for k, e in x.items()) + "}"
+        return str(x)
+    return f"`{plain(v)}`"
+
+
+def _md_type(f: Field) -> str:
+    """The key's type with its choices and bounds, e.g. ``float in (0, 1]``, ``int >= 1 or null``."""
+    if f.kind == "choice":
+        return "one of " + ", ".join(f"`{c}`" for c in f.choices) + (" or null" if f.nullable else "")
+    base = {"intlist": "list of int", "floatlist": "list of float", "dict": "mapping"}.get(f.kind, f.kind)
+    lo = None if f.lo is None else f"{f.lo:g}"
+    hi = None if f.hi is None else f"{f.hi:g}"
+    if lo is not None and hi is not None:
+        base += f" in {'(' if f.lo_open else '['}{lo}, {hi}]"
+    elif lo is not None:
+        base += f" {'>' if f.lo_open else '>='} {lo}"
+    elif hi is not None:
+        base += f" <= {hi}"
+    return base + (" or null" if f.nullable else "")
+
+
+def _md_default(key: str, f: Field, recipe_order: list[str]) -> str:
+    if f.default is _REQUIRED:
+        return "required"
+    if f.default == _RECIPE:
+        values = [recipe_defaults(r)[key] for r in recipe_order]
+        if all(v == values[0] for v in values):
+            return f"{_md_value(values[0])} (every recipe)"
+        return " / ".join(f"{r} {_md_value(v)}" for r, v in zip(recipe_order, values))
+    return _md_value(f.default)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def config_reference() -> str:
+    """The run-config reference as Markdown, rendered from `SCHEMA`, `SECTION_HELP` and `RECIPES`.
+
+    Committed as docs/run_config.md (`REFERENCE_PATH`); ``python -m evit.config`` prints it."""
+    default_recipe = SCHEMA["train"]["recipe"].default
+    # the default recipe first, the plain one (none) last, the others in RECIPE_NAMES order
+    recipe_order = sorted(RECIPE_NAMES, key=lambda r: (r != default_recipe, r == "none"))
+    lines = [
+        "# Run config reference",
+        "",
+        "<!-- Generated from SCHEMA in evit/config.py: do not edit by hand; after changing the schema run",
+        f"     `python -m evit.config > {REFERENCE_PATH}` (a test checks that this file is up to date). -->",
+        "",
+        "A run config is a YAML mapping with the sections below. Every key has a default except "
+        "`data.dataset` (and `data.root` for imagenet / folder); unknown keys and bad values are rejected "
+        "with one error naming the key (`ConfigError`). `resolve_config` fills in every default, so a "
+        "resolved config is complete. Top-level `launcher` (read by `evit launch`; its keys are documented "
+        "in evit/launch.py's docstring and checked by `resolve_launcher`) and `meta` (free-form, e.g. the "
+        "experiment name) are kept as given; they are not part of the config hash.",
+        "",
+        "A default written as `" + " / ".join(f"{r} ..." for r in recipe_order) + "` comes from the recipe "
+        f"chosen by `train.recipe` (default `{default_recipe}`; table `RECIPES` in evit/config.py); a key "
+        "given in the config overrides it.",
+    ]
+    for sec, fields in SCHEMA.items():
+        lines += ["", f"## `{sec}`", "", SECTION_HELP[sec], "",
+                  "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for key, f in fields.items():
+            cells = (f"`{sec}.{key}`", _md_type(f), _md_default(key, f, recipe_order), f.help)
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- launcher
 
 # The `launcher:` section of a run config (documented in evit/launch.py's docstring).
@@ -430,3 +531,7 @@ def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
     if opts["backend"] != "slurm" and opts["nodes"] > 1:
         raise ConfigError(f"launcher nodes={opts['nodes']} needs the slurm backend, not {opts['backend']!r}")
     return opts
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")
