@@ -1,4 +1,4 @@
-"""Datasets, transforms and samplers for `evit train` / `evit eval`.
+"""Datasets, transforms, samplers and the evaluation loader for `evit train` / `evit eval`.
 
 Datasets (``data.dataset`` in the run config):
 

@@ -1,6 +1,8 @@
-"""Send one run (train or eval) to where it executes: SLURM, a local subprocess, or this process.
+"""Send one run (train, eval or the bench) to where it executes: SLURM, a local subprocess, or this process.
 
-`evit launch --config run.yaml --run-dir DIR` reads the run config's `launcher:` section:
+`evit launch --config run.yaml --run-dir DIR [--command eval --checkpoint X]` checks the run config (with the
+torch-free `evit.config`; this waiting process never imports torch), then submits it as its `launcher:`
+section says (defaults in `evit.config.LAUNCHER_DEFAULTS`):
 
     launcher:
       backend: slurm          # slurm | local | inline  (always explicit: never auto-detected)
@@ -19,10 +21,13 @@
       sbatch_extra: {}        # any other sbatch options, e.g. {exclude: "node[1-2]", reservation: x}
       max_failures: 2         # resubmissions (from the last checkpoint) after a failed job
 
-The job is a submitit `Checkpointable`: on USR2 (timeout or preemption) a training saves the step it has
-reached, and the job is requeued and, like any restart, resumes from `checkpoint.pth` in the run dir. The
-launcher records the job in `DIR/job.json`; invoked again for the same run while that SLURM job is pending or
-running, it waits on it instead of submitting another.
+A job has nodes x tasks_per_node processes (DDP ranks); the launcher returns rank 0's result, and a failure
+names each failed task with its logs. The job is a submitit `Checkpointable`: on USR2 (timeout or preemption)
+rank 0 saves the step the training has reached, and the job is requeued; every rank resumes from
+`checkpoint.pth` in the run dir. A failure a resubmission would repeat (`NotRetryableError`) is reported at
+once; other failures are resubmitted up to `max_failures` times. The launcher records the job in
+`DIR/job.json`; invoked again for the same run while that SLURM job is pending or running, it waits on it
+instead of submitting another.
 """
 from __future__ import annotations
 
