@@ -261,6 +261,7 @@ class Trainer:
             load_pretrained(model, t["init_checkpoint"])
             if rt.info.is_main:
                 _log(f"initialized from {t['init_checkpoint']}")
+        model.set_grad_checkpointing(t["grad_checkpointing"])
         rt.model = model.to(rt.device)
         rt.keep_rate_fn = (functools.partial(E.keep_rate_at, iters_per_epoch=rt.ipe, target=m["keep_rate"],
                                              shrink_start=t["shrink_start"], shrink_epochs=t["shrink_epochs"])

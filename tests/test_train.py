@@ -197,6 +197,15 @@ def test_amp_training_on_the_cpu_resumes_exactly(amp, tmp_path):
     assert losses(tmp_path / "fp32") != losses(tmp_path / "straight")  # autocast really changed the arithmetic
 
 
+def test_gradient_checkpointing_trains_the_same_weights(straight_run, tmp_path):
+    ref_dir, ref = straight_run
+    trainer = T.Trainer(tiny_config(train={"grad_checkpointing": True}), tmp_path)
+    metrics = trainer()
+    assert_same_weights(final_weights(ref_dir), final_weights(tmp_path))  # DropPath draws are replayed too
+    assert metrics["top1"] == ref["top1"]
+    assert trainer._rt.model.grad_checkpointing  # really on (the blocks re-run in backward: tests/test_models.py)
+
+
 def test_checkpoint_on_request_mid_step_is_exact(straight_run, tmp_path, monkeypatch):
     """A request arriving inside a forward pass (as from a signal handler) saves the state at the start of
     that step; the resumed run redoes the step and ends bitwise equal to the straight run."""
