@@ -219,6 +219,14 @@ def test_a_crashed_local_job_is_resubmitted_and_resumes_bitwise(tmp_path):
     assert json.loads((run_dir / "job.json").read_text())["failures"] == 1
 
 
+def test_a_two_task_local_job_trains_with_ddp_and_returns_rank_0s_result(tmp_path):
+    run_dir = tmp_path / "run"
+    metrics = launch(tiny_run(1, "local", tasks_per_node=2), run_dir, poll_s=0.5)
+    assert metrics["provenance"]["world_size"] == 2
+    assert json.loads((run_dir / "job.json").read_text())["num_tasks"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["top1"] == metrics["top1"]  # rank 0 wrote it
+
+
 def test_the_waiting_launcher_imports_no_torch():
     code = ("import sys; from evit import cli; cli.build_parser('launch'); import evit.launch; "
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'pandas', 'seaborn', 'numpy'});"
