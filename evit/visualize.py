@@ -19,10 +19,9 @@ def kept_patch_masks(model, images: torch.Tensor, keep_rate: float | None = None
     grid_h, grid_w = model.patch_embed.grid_size
     masks = []
     for idx in kept:
-        mask = torch.zeros(images.shape[0], grid_h * grid_w, dtype=torch.bool)
-        real = idx.clamp(min=0)
-        mask.scatter_(1, real, idx >= 0)
-        masks.append(mask.view(-1, grid_h, grid_w))
+        mask = torch.zeros(images.shape[0], 1 + grid_h * grid_w, dtype=torch.bool)
+        mask.scatter_(1, idx + 1, True)  # a fused token (-1) lands in slot 0, which is dropped: it is no patch
+        masks.append(mask[:, 1:].view(-1, grid_h, grid_w))
     return masks
 
 
@@ -76,7 +75,10 @@ def plot_kept_tokens(images: torch.Tensor, masks: list[torch.Tensor], mean, std,
     plt.close(fig)
 
 
-def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, num_images: int = 6) -> Path:
+def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, num_images: int = 6,
+              name: str | None = None) -> Path:
+    """Draw the kept patches of ``checkpoint`` under the run config at ``config_path``; ``name`` (the
+    experiment's) titles the figure, else the arch."""
     from evit import data as D
     from evit.config import is_evit, load_config, resolve_config
     from evit.models.factory import build_model
@@ -91,7 +93,7 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
     model = build_model(m, D.num_classes_of(cfg, val))
     load_pretrained(model, checkpoint)
     masks = kept_patch_masks(model, images)
-    title = (f"{m['arch']} at {m['img_size']} px, keep rate {m['keep_rate']}"
+    title = (f"{name or m['arch']} at {m['img_size']} px, keep rate {m['keep_rate']}"
              f"{', fused' if m['fuse_token'] else ''}: patches kept after each reorganizing block")
     out = Path(out)
     plot_kept_tokens(images, masks, d["mean"], d["std"], model.drop_loc, title, out)
@@ -99,7 +101,7 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
 
 
 def _cmd_visualize(args) -> int:
-    visualize(args.config, args.checkpoint, args.out, args.num_images)
+    visualize(args.config, args.checkpoint, args.out, args.num_images, args.name)
     return 0
 
 
@@ -108,5 +110,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="the run's config (model and data sections)")
     p.add_argument("--checkpoint", required=True, help="weights to visualize")
     p.add_argument("--num-images", type=int, default=6)
+    p.add_argument("--name", help="the experiment's name, for the title (default: the arch)")
     p.add_argument("--out", required=True, help="output path without extension: writes .png and .pdf")
     p.set_defaults(func=_cmd_visualize)

@@ -10,7 +10,8 @@ rule visualize:
     params:
         weights=weights(config["visualize"]["experiment"]),
         num_images=config["visualize"]["num_images"],
+        name=config["visualize"]["experiment"],
     localrule: True
     shell:
-        "{EVIT} visualize --config {input.config} --checkpoint {params.weights} "
+        "{EVIT} visualize --config {input.config} --checkpoint {params.weights} --name {params.name} "
         "--num-images {params.num_images} --out {RESULTS}/figures/" + KEPT_TOKENS_FIGURE
