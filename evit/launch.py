@@ -70,7 +70,7 @@ class RunTask(submitit.helpers.Checkpointable):
     def __init__(self, command: str, config: dict, run_dir: str | os.PathLike, checkpoint: str | None = None):
         if command not in COMMANDS:
             raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
-        self.command, self.config, self.run_dir, self.checkpoint = command, config, str(run_dir), checkpoint
+        self.command, self.config, self.run_dir, self.eval_checkpoint = command, config, str(run_dir), checkpoint
 
     def __call__(self) -> dict:
         from evit.trainer import RUN_ERRORS  # the engine is imported here, in the job, never by the launcher
@@ -94,7 +94,7 @@ class RunTask(submitit.helpers.Checkpointable):
         if self.command == "eval":
             from evit.evaluate import evaluate_checkpoint
 
-            return evaluate_checkpoint(self.checkpoint, self.config, out=run_dir / "eval.json")
+            return evaluate_checkpoint(self.eval_checkpoint, self.config, out=run_dir / "eval.json")
         from evit.trainer import Trainer
 
         self._trainer = Trainer(self.config, run_dir)
@@ -104,7 +104,8 @@ class RunTask(submitit.helpers.Checkpointable):
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.checkpoint_now():
             print(f"saved the step reached to {self.run_dir}/checkpoint.pth before requeue", flush=True)
-        return submitit.helpers.DelayedSubmission(RunTask(self.command, self.config, self.run_dir, self.checkpoint))
+        fresh = RunTask(self.command, self.config, self.run_dir, self.eval_checkpoint)
+        return submitit.helpers.DelayedSubmission(fresh)
 
 
 def check_run(config: dict, run_dir: Path, command: str, opts: dict, checkpoint: str | None) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from evit.config import ConfigError, resolve_launcher
-from evit.launch import LaunchError, launch, make_executor
+from evit.launch import LaunchError, RunTask, launch, make_executor
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIT = [sys.executable, "-m", "evit.cli"]
@@ -225,6 +225,16 @@ def test_a_two_task_local_job_trains_with_ddp_and_returns_rank_0s_result(tmp_pat
     assert metrics["provenance"]["world_size"] == 2
     assert json.loads((run_dir / "job.json").read_text())["num_tasks"] == 2
     assert json.loads((run_dir / "metrics.json").read_text())["top1"] == metrics["top1"]  # rank 0 wrote it
+
+
+def test_on_usr2_a_task_hands_submitit_a_fresh_copy_of_itself(tmp_path):
+    """What submitit requeues: `checkpoint()` must return a DelayedSubmission of a new RunTask with the same run."""
+    task = RunTask("eval", tiny_run(1, "slurm"), tmp_path, checkpoint=str(tmp_path / "w.pth"))
+    delayed = task.checkpoint()
+    fresh = delayed.function
+    assert isinstance(fresh, RunTask) and fresh is not task
+    assert (fresh.command, fresh.config, fresh.run_dir, fresh.eval_checkpoint) == (
+        "eval", task.config, str(tmp_path), str(tmp_path / "w.pth"))
 
 
 def test_the_waiting_launcher_imports_no_torch():
