@@ -23,8 +23,9 @@ import torch
 import yaml
 from torch import nn
 
-import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit.models import BlockTokens, EViT
+import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
+from evit.models import BlockTokens, EViT, ToMe
+from evit.models.tome import matching_macs
 from evit.models.factory import build_model
 from evit.provenance import environment
 
@@ -64,27 +65,33 @@ def create_model(spec: str, **overrides) -> nn.Module:
     return timm.create_model(arch, **{**kwargs, **overrides})
 
 
-def token_counts(model: nn.Module, keep_rate: float | None = None) -> list[BlockTokens]:
-    """Token counts per block of a timm ViT or EViT, at its own keep rate or the given override."""
+def token_counts(model: nn.Module, keep_rate: float | None = None, r=None) -> list[BlockTokens]:
+    """Token counts per block of a timm ViT, EViT (at its own keep rate or `keep_rate`) or ToMe (at its own r
+    or `r`)."""
     if isinstance(model, EViT):
         return model.token_counts(keep_rate=keep_rate)
+    if isinstance(model, ToMe):
+        return model.token_counts(r=r)
     n = model.patch_embed.num_patches + model.num_prefix_tokens
     return [BlockTokens(n, n, False, False) for _ in model.blocks]
 
 
-def count_macs(model: nn.Module, keep_rate: float | None = None) -> int:
+def count_macs(model: nn.Module, keep_rate: float | None = None, r=None) -> int:
     """Multiply-accumulates of one image's forward pass, attention matmuls included.
 
-    Analytic, for timm ViTs and EViT: patch embedding, qkv/proj/MLP linears, QK^T and AV, the CLS
-    attention row and the fused token in reorganizing blocks, and the head.
+    Analytic, for timm ViTs, EViT and ToMe: patch embedding, qkv/proj/MLP linears, QK^T and AV, the CLS
+    attention row and the fused token in EViT's reorganizing blocks, ToMe's matching similarities in its
+    merging blocks, and the head.
     """
     pe = model.patch_embed.proj
     macs = model.patch_embed.num_patches * pe.out_channels * pe.in_channels * math.prod(pe.kernel_size)
     dim = model.embed_dim
     hidden = model.blocks[0].mlp.fc1.out_features
-    for t in token_counts(model, keep_rate):
+    for t in token_counts(model, keep_rate, r):
         macs += t.attn * 4 * dim * dim + 2 * t.attn * t.attn * dim  # qkv + proj; QK^T + AV
-        if t.reorganized:
+        if t.reorganized and isinstance(model, ToMe):
+            macs += matching_macs(t.attn, model.blocks[0].attn.head_dim)  # the A x B key similarities
+        elif t.reorganized:
             macs += t.attn * dim  # the CLS attention row
         if t.fused:
             macs += (t.attn - 1) * dim  # the fused token's weighted sum
