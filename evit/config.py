@@ -537,5 +537,13 @@ def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
     return opts
 
 
+def resolve_bench_launcher(section: dict | None, backend: str | None = None) -> dict:
+    """`resolve_launcher` for the benchmark job, which runs in one process (it is not distributed)."""
+    opts = resolve_launcher(section, backend)
+    if opts["nodes"] * opts["tasks_per_node"] != 1:
+        raise ConfigError("the benchmark runs in one process; set its launcher to nodes: 1 and tasks_per_node: 1")
+    return opts
+
+
 if __name__ == "__main__":
     print(config_reference(), end="")

@@ -43,7 +43,7 @@ import submitit
 import yaml
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from evit.config import BACKENDS, ConfigError, resolve_config, resolve_launcher
+from evit.config import BACKENDS, ConfigError, resolve_bench_launcher, resolve_config, resolve_launcher
 
 COMMANDS = ("train", "eval", "bench")
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -111,8 +111,7 @@ class RunTask(submitit.helpers.Checkpointable):
 def check_run(config: dict, run_dir: Path, command: str, opts: dict, checkpoint: str | None) -> None:
     """Everything about a run that can be checked before it is queued: its config and the files it starts from."""
     if command == "bench":
-        if opts["nodes"] * opts["tasks_per_node"] != 1:
-            raise ConfigError("launcher: the benchmark runs in one process; set nodes: 1 and tasks_per_node: 1")
+        resolve_bench_launcher(opts)
         return
     resolve_config({**config, "launcher": opts})
     if command == "eval":
@@ -184,7 +183,7 @@ def _wait(job, log, poll_s: float) -> dict:
     errors = [(task, e) for task, e in errors if e is not None]
     if not errors:
         return rank0.result()
-    not_retryable = [_not_retryable_message(e) for _, e in errors if _not_retryable_message(e)]
+    not_retryable = [message for _, e in errors if (message := _not_retryable_message(e))]
     if not_retryable:
         where = "\n".join(f"  task {task.task_id} {_log_hint(task)}" for task, _ in errors)
         raise LaunchError(f"job {job.job_id} failed: {not_retryable[0]}\n{where}")

@@ -29,6 +29,9 @@ def test_macs_match_the_paper():
     "evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true",
     "evit_deit_small_patch16_224:keep_rate=0.5,fuse_token=false",
     "evit_deit_tiny_patch16_224:img_size=96,keep_rate=0.6,fuse_token=true,drop_loc=[2,5]",
+    "tome_deit_small_patch16_224:r=8",
+    "tome_deit_small_patch16_224:r=0",
+    "tome_deit_tiny_patch16_224:img_size=96,r=[0,5,5,0,3,3,100,2,2,2,1,1]",
 ])
 def test_analytic_macs_equal_torch_flop_counter(spec):
     model = create_model(spec).eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from evit.config import ConfigError, resolve_config, resolve_launcher
+from evit.config import ConfigError, resolve_bench_launcher, resolve_config
 from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, REPORT_FIGURES
 
 validate(config, "../schemas/config.schema.yaml")
@@ -135,11 +135,9 @@ def _check_run_configs():
         except ConfigError as e:
             raise ValueError(f"config: experiment {name!r}: {e}") from None
     try:
-        opts = resolve_launcher(bench_launcher())
+        resolve_bench_launcher(bench_launcher())
     except ConfigError as e:
         raise ValueError(f"config: bench_launcher: {e}") from None
-    if opts["nodes"] * opts["tasks_per_node"] != 1:
-        raise ValueError("config: bench_launcher: the benchmark runs in one process; set nodes: 1, tasks_per_node: 1")
 
 
 _check_run_configs()
