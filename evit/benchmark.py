@@ -1,4 +1,4 @@
-"""MACs and inference throughput of DeiT / EViT models (`evit macs`, `evit bench`).
+"""MACs and inference throughput of DeiT / EViT / ToMe models (`evit macs`, `evit bench`).
 
 The workflow's bench job measures each experiment's model built from its run config's ``model:`` section by
 the one model factory (`evit.models.factory.build_model`). On the command line, models are named by spec
@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
+from evit.config import METHODS
 from evit.models import BlockTokens, EViT, ToMe
 from evit.models.tome import matching_macs
 from evit.models.factory import build_model
@@ -207,9 +208,10 @@ def benchmark(
 
 
 def _section_spec(section: dict) -> str:
-    """A ``model:`` section as one line for the results' `spec` column (arch, then the keys that shape it)."""
-    keys = ("img_size", "patch_size", "keep_rate", "fuse_token", "drop_loc", "kwargs")
-    return section["arch"] + ":" + ",".join(
+    """A ``model:`` section as one spec line for the results' `spec` column: the method's timm model, then the
+    keys that shape it."""
+    keys = ("img_size", "patch_size", *METHODS[section["method"]].params, "kwargs")
+    return METHODS[section["method"]].prefix + section["arch"] + ":" + ",".join(
         f"{k}={yaml.safe_dump(section[k], default_flow_style=True).strip().removesuffix('...').strip()}"
         for k in keys if section.get(k) is not None)
 

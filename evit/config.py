@@ -6,9 +6,11 @@ run before it is queued.
 Run config
 ==========
 
-A YAML mapping with the sections of `SCHEMA` (model, data, train, eval). Every key has a default except
-``data.dataset`` (and ``data.root`` for imagenet / folder); unknown keys and bad values are rejected with one
-error naming the key (``ConfigError``). `resolve_config` fills in every default, so a resolved config is
+A YAML mapping with the sections of `SCHEMA` (model, data, train, eval). The model section names a backbone
+(``arch``) and a token-reduction method (``method``, one of `METHODS`: none, evit, tome) with that method's own
+parameters; a parameter of another method is an error. Every key has a default except ``data.dataset`` (and
+``data.root`` for imagenet / folder); unknown keys and bad values are rejected with one error naming the key
+(``ConfigError``). `resolve_config` fills in every default, so a resolved config is
 complete. Top-level ``launcher`` (read by ``evit launch``; its keys are checked by `resolve_launcher`, see
 `LAUNCHER_DEFAULTS`) and ``meta`` (free-form, e.g. the experiment name) are kept as given; they are not part
 of the config hash.
@@ -27,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -116,9 +118,47 @@ class Field:
     help: str = ""                  # the key's description (Markdown) in the reference; every SCHEMA key has one
 
 
+@dataclass(frozen=True)
+class Method:
+    """A token-reduction method: its models are timm's ``prefix + model.arch``, built with its params as kwargs."""
+
+    label: str                      # its name in tables and figures
+    prefix: str                     # timm registry prefix of its models ("" = the plain backbone)
+    params: dict[str, Field]        # its keys in the model section (`model.<param>`), with their defaults
+    describe: Callable[[dict], str]  # its params in brief, for table rows and figure labels
+
+
+METHODS: dict[str, Method] = {
+    "none": Method("baseline", "", {}, lambda p: ""),
+    "evit": Method("EViT", "evit_", {
+        "keep_rate": Field("float", 1.0, lo=0.0, lo_open=True, hi=1.0,
+                           help="EViT: target keep rate of the reorganizing blocks."),
+        "fuse_token": Field("bool", True,
+                            help="EViT: fuse the inattentive tokens into one extra token (weighted by their "
+                                 "attention scores); false drops them."),
+        "drop_loc": Field("intlist", [3, 6, 9], lo=0,
+                          help="EViT: block indices (0-based) of the reorganizing blocks."),
+    }, lambda p: f"keep {p['keep_rate']:g}, {'fused' if p['fuse_token'] else 'not fused'}"),
+    "tome": Method("ToMe", "tome_", {
+        "r": Field("int", 0, lo=0, help="ToMe: tokens merged per block (at most half of its non-CLS tokens)."),
+    }, lambda p: f"r {p['r']}"),
+}
+PARAM_METHOD = {key: name for name, m in METHODS.items() for key in m.params}  # model.<param> -> its method
+
+
+def method_params(model: dict) -> dict:
+    """The method's own parameters of a resolved ``model:`` section."""
+    return {k: model[k] for k in METHODS[model["method"]].params}
+
+
+def describe_method(method: str, params: dict) -> str:
+    """A method's parameters in brief, e.g. ``keep 0.7, fused``, ``r 8``, ``""`` for none."""
+    return METHODS[method].describe(params)
+
+
 # One line per section of the reference (`config_reference`).
 SECTION_HELP: dict[str, str] = {
-    "model": "The network: a timm architecture and EViT's token reorganization.",
+    "model": "The network: a timm backbone and the token-reduction method applied to it (`METHODS`).",
     "data": "The dataset, where it lives, and how it is loaded and normalized.",
     "train": "Optimization, schedules, augmentation, precision and logging; most defaults come from the "
              "recipe (`train.recipe`, table `RECIPES`).",
@@ -128,18 +168,19 @@ SECTION_HELP: dict[str, str] = {
 _RECIPE = "recipe"
 SCHEMA: dict[str, dict[str, Field]] = {
     "model": {
-        "arch": Field("str", "evit_deit_small_patch16_224",
-                      help="timm model name, e.g. `evit_deit_small_patch16_224` or plain `deit_small_patch16_224`."),
+        "arch": Field("str", "deit_small_patch16_224",
+                      help="The backbone: a timm model name, e.g. `deit_small_patch16_224`; the method's model is "
+                           "timm's `<prefix><arch>` (e.g. `evit_deit_small_patch16_224`, see `model.method`)."),
+        "method": Field("choice", "none", choices=tuple(METHODS),
+                        help="The token-reduction method: " + "; ".join(
+                            f"`{name}` = {m.label}" + (f" (`{m.prefix}*` models; parameters "
+                                                       + ", ".join(f"`model.{k}`" for k in m.params) + ")"
+                                                       if m.params else "")
+                            for name, m in METHODS.items())
+                        + ". A parameter of another method is an error."),
         "img_size": Field("int", 224, lo=1, help="Input image size (side, in pixels)."),
         "patch_size": Field("int", None, nullable=True, lo=1, help="Patch size; null = the arch's."),
         "num_classes": Field("int", None, nullable=True, lo=1, help="Number of classes; null = the dataset's."),
-        "keep_rate": Field("float", 1.0, lo=0.0, lo_open=True, hi=1.0,
-                           help="Target keep rate of the reorganizing blocks; must be 1 for a non-EViT arch."),
-        "fuse_token": Field("bool", True,
-                            help="Fuse the inattentive tokens into one extra token (weighted by their attention "
-                                 "scores); false drops them."),
-        "drop_loc": Field("intlist", [3, 6, 9], lo=0,
-                          help="Block indices (0-based) of the reorganizing blocks."),
         "drop_path": Field("float", 0.1, lo=0.0, hi=1.0, help="Stochastic depth rate."),
         "kwargs": Field("dict", {},
                         help="More `timm.create_model` arguments, e.g. `{embed_dim: 96, depth: 12, num_heads: 3}` "
@@ -232,7 +273,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                           help="Crop fraction (resize to `img_size / crop_pct`, centre crop); null = 0.875 for "
                                "deit/none augment, 1.0 for demo."),
         "keep_rate": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0,
-                           help="Keep rate for evaluation; null = `model.keep_rate`."),
+                           help="EViT: keep rate for evaluation; null = `model.keep_rate`."),
     },
 }
 PASSTHROUGH = ("launcher", "meta")
@@ -292,8 +333,18 @@ def _check(key: str, f: Field, v: Any) -> Any:
     return v
 
 
-def is_evit(arch: str) -> bool:
-    return arch.startswith("evit")
+def _model_fields(given: dict) -> dict[str, Field]:
+    """The model section's keys for the method it names: `SCHEMA`'s and that method's own parameters."""
+    method = _check("model.method", SCHEMA["model"]["method"], given.get("method", SCHEMA["model"]["method"].default))
+    foreign = [k for k in given if PARAM_METHOD.get(k, method) != method]
+    if foreign:
+        raise ConfigError(f"model.{foreign[0]}: a parameter of method {PARAM_METHOD[foreign[0]]}, not of {method}")
+    arch = given.get("arch", "")
+    for name, m in METHODS.items():
+        if m.prefix and isinstance(arch, str) and arch.startswith(m.prefix):
+            raise ConfigError(f"model.arch: {arch!r} includes the method ({m.label}); write `arch: "
+                              f"{arch.removeprefix(m.prefix)}` and `method: {name}`")
+    return {**SCHEMA["model"], **METHODS[method].params}
 
 
 def resolve_config(raw: dict | None) -> dict:
@@ -310,6 +361,8 @@ def resolve_config(raw: dict | None) -> dict:
         given = raw.get(sec) or {}
         if not isinstance(given, dict):
             raise ConfigError(f"{sec}: expected a mapping, got {given!r}")
+        if sec == "model":
+            fields = _model_fields(given)
         unknown = [k for k in given if k not in fields]
         if unknown:
             raise ConfigError(f"{sec}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
@@ -335,10 +388,7 @@ def resolve_config(raw: dict | None) -> dict:
             out[k] = copy.deepcopy(raw[k])
 
     m, d, t, ev = out["model"], out["data"], out["train"], out["eval"]
-    if not is_evit(m["arch"]) and m["keep_rate"] < 1.0:
-        raise ConfigError(f"model.keep_rate: {m['keep_rate']} needs an EViT arch (evit_*), not {m['arch']!r}")
-    for key in ("img_size", "patch_size", "num_classes", "keep_rate", "fuse_token", "drop_loc",
-                "drop_path_rate", "pretrained"):
+    for key in ("img_size", "patch_size", "num_classes", "method", *PARAM_METHOD, "drop_path_rate", "pretrained"):
         if key in m["kwargs"]:
             raise ConfigError(f"model.kwargs.{key}: set it as model.{key.removesuffix('_rate')} instead"
                               if key != "pretrained" else "model.kwargs.pretrained: not allowed (no hub "
@@ -361,8 +411,10 @@ def resolve_config(raw: dict | None) -> dict:
         raise ConfigError("train.init_checkpoint: the finetune recipe starts from a checkpoint; give its path")
     if ev["crop_pct"] is None:
         ev["crop_pct"] = 1.0 if t["augment"] == "demo" else DEFAULT_CROP_PCT
-    if ev["keep_rate"] is not None and ev["keep_rate"] < 1.0 and not is_evit(m["arch"]):
-        raise ConfigError(f"eval.keep_rate: needs an EViT arch (evit_*), not {m['arch']!r}")
+    if t["grad_checkpointing"] and m["method"] == "tome":
+        raise ConfigError("train.grad_checkpointing: not with method tome (token sizes change as its blocks run)")
+    if ev["keep_rate"] is not None and m["method"] != "evit":
+        raise ConfigError(f"eval.keep_rate: a parameter of method evit, not of {m['method']}")
     return out
 
 
@@ -486,6 +538,8 @@ def config_reference() -> str:
         "given in the config overrides it.",
     ]
     for sec, fields in SCHEMA.items():
+        if sec == "model":  # then every method's parameters, each valid with its own method only
+            fields = {**fields, **{k: f for m in METHODS.values() for k, f in m.params.items()}}
         lines += ["", f"## `{sec}`", "", SECTION_HELP[sec], "",
                   "| key | type | default | description |", "| --- | --- | --- | --- |"]
         for key, f in fields.items():

@@ -1,4 +1,5 @@
-"""`evit eval`: top-1 / top-5 of one checkpoint (ours, DeiT or official EViT) on a val split, at any keep rate."""
+"""`evit eval`: top-1 / top-5 of one checkpoint (ours, DeiT or official EViT) on a val split, as any method (EViT at
+any keep rate, ToMe at any r)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,9 @@ from pathlib import Path
 from evit import data as D
 from evit import engine as E
 from evit.checkpoint import load_pretrained, read_checkpoint, state_dict_of
-from evit.config import ConfigError, apply_overrides, config_hash, load_config, resolve_config
+from evit.config import (
+    METHODS, ConfigError, apply_overrides, config_hash, load_config, method_params, resolve_config,
+)
 from evit.distributed import cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import provenance
@@ -22,7 +25,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, over
 
     The run config is: ``config`` if given, else the checkpoint's own (ours), else defaults; ``overrides``
     (``section.key=value``) apply last. A foreign checkpoint therefore needs at least ``model.arch`` and the
-    data section. ``model.keep_rate`` (or ``eval.keep_rate``) sets the keep rate evaluated. The file is read once.
+    data section; the result names the method and its parameters. For EViT, ``model.keep_rate`` (or
+    ``eval.keep_rate``) sets the keep rate evaluated. The file is read once.
     """
     checkpoint = Path(checkpoint)
     blob = read_checkpoint(checkpoint)
@@ -55,9 +59,9 @@ def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, over
         m = cfg["model"]
         result = {
             "checkpoint": str(checkpoint), "top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"],
-            "num_eval_images": res["num_images"], "keep_rate": m["keep_rate"], "arch": m["arch"],
-            "img_size": m["img_size"], "fuse_token": m["fuse_token"], "drop_loc": m["drop_loc"],
-            "dataset": cfg["data"]["dataset"], "params": count_params(model), "eval_time_s": dt,
+            "num_eval_images": res["num_images"], "arch": m["arch"], "img_size": m["img_size"],
+            "method": m["method"], **method_params(m), "dataset": cfg["data"]["dataset"],
+            "params": count_params(model), "eval_time_s": dt,
             "img_per_s": res["num_images"] / max(dt, 1e-9), "meta": cfg.get("meta"),
             "provenance": provenance(config_hash=config_hash(cfg), device=device, world_size=info.world_size),
         }
@@ -74,9 +78,10 @@ def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, over
 
 def _cmd_eval(args) -> int:
     overrides = list(args.set or [])
-    for flag, key in (("arch", "model.arch"), ("img_size", "model.img_size"), ("patch_size", "model.patch_size"),
-                      ("num_classes", "model.num_classes"), ("keep_rate", "eval.keep_rate"),
-                      ("fuse_token", "model.fuse_token"), ("dataset", "data.dataset"), ("data_root", "data.root"),
+    for flag, key in (("arch", "model.arch"), ("method", "model.method"), ("img_size", "model.img_size"),
+                      ("patch_size", "model.patch_size"), ("num_classes", "model.num_classes"),
+                      ("keep_rate", "eval.keep_rate"), ("fuse_token", "model.fuse_token"), ("r", "model.r"),
+                      ("dataset", "data.dataset"), ("data_root", "data.root"),
                       ("val_subset", "data.val_subset"), ("batch_size", "eval.batch_size"),
                       ("num_workers", "data.num_workers"), ("crop_pct", "eval.crop_pct"),
                       ("device", "train.device"), ("amp", "train.amp")):
@@ -88,7 +93,8 @@ def _cmd_eval(args) -> int:
     config = load_config(args.config) if args.config else None
     result = evaluate_checkpoint(args.checkpoint, config, overrides, args.out)
     if dist_env().is_main:
-        print(json.dumps({k: result[k] for k in ("top1", "top5", "num_eval_images", "keep_rate")}))
+        print(json.dumps({k: result[k] for k in ("top1", "top5", "num_eval_images", "method")}
+                         | method_params(result)))
     return 0
 
 
@@ -98,13 +104,15 @@ def add_commands(sub) -> None:
                        description="Evaluate our, DeiT or official EViT checkpoints, at any keep rate.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", help="run config YAML for model/data (default: the checkpoint's own)")
-    p.add_argument("--arch")
+    p.add_argument("--arch", help="the backbone, e.g. deit_small_patch16_224")
+    p.add_argument("--method", choices=tuple(METHODS), help="token-reduction method (default: none)")
     p.add_argument("--img-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--keep-rate", type=float, help="keep rate to evaluate at (default: the model's)")
-    p.add_argument("--fuse-token", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--drop-loc", help="comma-separated block indices, e.g. 3,6,9")
+    p.add_argument("--keep-rate", type=float, help="EViT: keep rate to evaluate at (default: the model's)")
+    p.add_argument("--fuse-token", action=argparse.BooleanOptionalAction, default=None, help="EViT: fuse or drop")
+    p.add_argument("--drop-loc", help="EViT: comma-separated block indices, e.g. 3,6,9")
+    p.add_argument("--r", type=int, help="ToMe: tokens merged per block")
     p.add_argument("--dataset", choices=D.DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--val-subset", type=int)

@@ -4,8 +4,9 @@
         [--reference results/reference/paper.csv] [--out-dir results]
 
 Writes `<out-dir>/tables/<table>.{md,csv,tex}` (one per table of the experiments file) and
-`<out-dir>/figures/{accuracy_vs_throughput,keep_rate_sweep}.{png,pdf}`. Everything is built in memory first,
-so bad input writes nothing.
+`<out-dir>/figures/{accuracy_vs_throughput,keep_rate_sweep,frontier}.{png,pdf}`. Rows are labelled by method
+and parameters (`evit.config.METHODS`) and by how the weights were trained (their recipe). Everything is built
+in memory first, so bad input writes nothing.
 
 The experiments file (YAML, written by the workflow's `experiments_file` rule):
 
@@ -13,13 +14,14 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
     tables:                           # required: one entry per table, in output order
       main: {title: "EViT-DeiT-S keep-rate sweep (fused)", baseline: deit_s}   # title optional
     experiments:                      # required: rows of every table, in this order
-      - name: deit_s                  # required, unique; the `label` of its row in the bench CSV
-        arch: evit_deit_small_patch16_224         # optional, not used
+      - name: evit_s_0.7              # required, unique; the `label` of its row in the bench CSV
+        arch: deit_small_patch16_224  # optional, not used
         img_size: 224                 # required; must equal the bench CSV's img_size
-        keep_rate: 1.0                # required
-        fuse_token: true              # required
+        method: evit                  # required: none, evit or tome
+        params: {keep_rate: 0.7, fuse_token: true, drop_loc: [3, 6, 9]}  # required: all of its method's, {} for none
+        recipe: finetune              # required: none (evaluated off the shelf), finetune, scratch or demo
         tables: [main]                # required (may be empty): tables this experiment is a row of
-        paper: deit_small             # optional: a `ref` of the reference CSV, or null
+        paper: evit_deit_small_0.7_fused  # optional: a `ref` of the reference CSV, or null
         result: results/runs/deit_s/metrics.json  # required: JSON with top1 (and top5), in percent;
                                                   # relative paths are relative to the current directory
 """
@@ -37,9 +39,11 @@ import seaborn as sns
 import yaml
 from matplotlib.figure import Figure  # no pyplot: figures render with the Agg canvas, no global state
 
+from evit.config import METHODS, describe_method
 from evit.layout import REPORT_FIGURES as FIGURES
 
-REQUIRED = ("name", "img_size", "keep_rate", "fuse_token", "tables", "result")
+REQUIRED = ("name", "img_size", "method", "params", "recipe", "tables", "result")
+TRAINING = {"none": "off the shelf", "finetune": "fine-tuned", "scratch": "from scratch", "demo": "from scratch"}
 BENCH_COLUMNS = {  # bench CSV column -> results frame column
     "label": "experiment", "img_size": "bench_img_size", "gmacs": "gmacs", "img_s": "img_s",
     "img_s_q1": "img_s_q1", "img_s_q3": "img_s_q3", "device": "device", "threads": "threads", "dtype": "dtype",
@@ -47,20 +51,21 @@ BENCH_COLUMNS = {  # bench CSV column -> results frame column
 }
 PROVENANCE = ["device", "threads", "dtype", "batch_size", "compile", "bench_date", "torch", "timm"]
 TABLE_COLUMNS = {  # results frame column -> table header (.md/.tex; the .csv keeps the frame's names)
-    "experiment": "experiment", "keep_rate": "keep rate", "fuse_token": "fused", "img_size": "img size",
+    "experiment": "experiment", "method": "method", "parameters": "parameters", "training": "training",
+    "img_size": "img size",
     "top1": "top-1", "top5": "top-5", "gmacs": "GMACs", "img_s": "img/s", "speedup": "speedup",
     "paper_top1": "paper top-1", "delta_top1": "Δ top-1", "paper_gmacs": "paper GMACs", "delta_gmacs": "Δ GMACs",
     "paper_img_s": "paper img/s", "paper_speedup": "paper speedup", "delta_speedup": "Δ speedup",
 }
 FORMATS = {
-    "keep_rate": "{:g}".format, "fuse_token": lambda v: "yes" if v else "no", "img_size": "{:.0f}".format,
+    "method": lambda m: METHODS[m].label, "img_size": "{:.0f}".format,
     "top1": "{:.2f}".format, "top5": "{:.2f}".format, "gmacs": "{:.3g}".format, "img_s": "{:.1f}".format,
     "speedup": "{:.2f}".format, "paper_top1": "{:.1f}".format, "delta_top1": lambda v: f"{round(v, 2) + 0:+.2f}",
     "paper_gmacs": "{:.1f}".format, "delta_gmacs": lambda v: f"{round(v, 2) + 0:+.2f}", "paper_img_s": "{:.0f}".format,
     "paper_speedup": "{:.2f}".format, "delta_speedup": lambda v: f"{round(v, 2) + 0:+.2f}",
 }
-FUSION_ORDER = ["keep all", "fused", "not fused"]
-PALETTE = dict(zip(FUSION_ORDER, ["0.2", "tab:blue", "tab:orange"]))
+VARIANTS = ["baseline", "EViT fused", "EViT not fused", "ToMe"]  # the figures' colours: method, and EViT's fusion
+PALETTE = dict(zip(VARIANTS, ["0.2", "tab:blue", "tab:orange", "tab:green"]))  # another method: the next free colour
 _LATEX = str.maketrans({c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\^{}",
                                                           "\\": r"\textbackslash{}"})
 
@@ -101,6 +106,15 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     lacking = exps[list(REQUIRED)].isna().set_axis(names).stack()
     _check([f"{exp} lacks {key!r}" for exp, key in lacking[lacking].index], f"experiments file {experiments}")
     _check(names[names.duplicated()], f"experiments file {experiments}: duplicate experiment names")
+    _check([f"{n} (method {m!r})" for n, m in zip(names, exps["method"]) if m not in METHODS],
+           f"experiments file {experiments}: unknown methods (known: {', '.join(METHODS)})")
+    _check([f"{n} (params {sorted(p)}, method {m})" for n, m, p in zip(names, exps["method"], exps["params"])
+            if not isinstance(p, dict) or set(p) != set(METHODS[m].params)],
+           f"experiments file {experiments}: params that are not all of their method's")
+    _check([f"{n} (recipe {r!r})" for n, r in zip(names, exps["recipe"]) if r not in TRAINING],
+           f"experiments file {experiments}: unknown recipes (known: {', '.join(TRAINING)})")
+    exps["parameters"] = [describe_method(m, p) for m, p in zip(exps["method"], exps["params"])]
+    exps["training"] = exps["recipe"].map(TRAINING)
     tables = pd.DataFrame.from_dict(spec["tables"], orient="index").reindex(columns=["title", "baseline"])
     tables = tables.rename_axis("table").reset_index()
     tables["title"] = tables["title"].fillna(tables["table"])
@@ -190,16 +204,28 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
 
 
 def _runs(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per experiment, with its fusion label for the figures and whether it is a table's baseline."""
+    """One row per experiment, with its variant (colour) for the figures, EViT's keep rate and fusion (the
+    baseline: keep rate 1), and whether it is a table's baseline."""
     runs = results.drop_duplicates("experiment").copy()
-    runs["fusion"] = np.select([runs["keep_rate"] >= 1, runs["fuse_token"].astype(bool)], FUSION_ORDER[:2],
-                               FUSION_ORDER[2])
+    evit = runs["method"] == "evit"
+    runs["keep_rate"] = [p.get("keep_rate", 1.0) for p in runs["params"]]
+    runs["fuse_token"] = [p.get("fuse_token", False) for p in runs["params"]]
+    runs["variant"] = runs["method"].map(lambda m: METHODS[m].label).where(
+        ~evit, np.where(runs["fuse_token"], "EViT fused", "EViT not fused"))
     runs["is_baseline"] = runs["experiment"].isin(results["baseline"])
     main_size = (runs.loc[runs["is_baseline"], "img_size"] if runs["is_baseline"].any() else runs["img_size"]).mode()[0]
     runs["main_size"] = runs["img_size"] == main_size
-    other_size = runs["keep_rate"].map(", keep {:g}".format).where(~runs["main_size"], "")
+    other_size = (", " + runs["parameters"]).where(~runs["main_size"] & (runs["parameters"] != ""), "")
     runs["img size"] = runs["img_size"].astype(int).astype(str) + " px" + other_size  # the marker legend
     return runs
+
+
+def _colours(variants) -> tuple[list[str], dict[str, str]]:
+    """The figures' hue order and palette for these variants (a method not in `VARIANTS` gets a colour too)."""
+    present = set(variants)
+    order = [v for v in VARIANTS if v in present] + sorted(present - set(VARIANTS))
+    spare = iter(c for c in sns.color_palette("tab10").as_hex()[4:])
+    return order, {v: PALETTE[v] if v in PALETTE else next(spare) for v in order}
 
 
 def _data_name(results: pd.DataFrame) -> str:
@@ -207,30 +233,32 @@ def _data_name(results: pd.DataFrame) -> str:
 
 
 def plot_accuracy_vs_throughput(results: pd.DataFrame) -> Figure:
-    """Top-1 against median img/s (bars: interquartile range), fused vs not fused, labelled by keep rate."""
+    """Top-1 against median img/s (bars: interquartile range), coloured by method (EViT: fused or not), labelled
+    by parameters."""
     runs = _runs(results)
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.subplots()
     ax.errorbar(runs["img_s"], runs["top1"], xerr=[runs["img_s"] - runs["img_s_q1"], runs["img_s_q3"] - runs["img_s"]],
                 fmt="none", ecolor="0.6", elinewidth=1, zorder=1)
-    sns.scatterplot(data=runs, x="img_s", y="top1", hue="fusion", style="img size", s=90, zorder=3, ax=ax,
-                    palette=PALETTE, hue_order=[f for f in FUSION_ORDER if f in set(runs["fusion"])])
+    order, palette = _colours(runs["variant"])
+    sns.scatterplot(data=runs, x="img_s", y="top1", hue="variant", style="img size", s=90, zorder=3, ax=ax,
+                    palette=palette, hue_order=order)
     base = runs[runs["is_baseline"]]
     ax.scatter(base["img_s"], base["top1"], s=380, facecolors="none", edgecolors="black", linewidths=1.5,
                zorder=2, label="baseline")
-    # label by keep rate, on the side away from the run's fused/not-fused partner (they sit close together);
-    # runs at other image sizes are named by the marker legend
+    # label by parameters, on the side away from the run's partner at the same keep rate (they sit close
+    # together); runs at other image sizes are named by the marker legend
     labelled = runs[runs["main_size"] | runs["is_baseline"]]
     labelled = labelled.assign(left=labelled["img_s"] < labelled.groupby("keep_rate")["img_s"].transform("max"))
     for r in labelled.itertuples():
-        text = f"{r.experiment} (baseline)" if r.is_baseline else f"{r.keep_rate:g}"
+        text = f"{r.experiment} (baseline)" if r.is_baseline else r.parameters
         left = r.left and not r.is_baseline
         ax.annotate(text, (r.img_s, r.top1), xytext=(-9 if left else 9, 9 if r.is_baseline else 0),
-                    textcoords="offset points", ha="right" if left else "left", va="center", fontsize=9)
+                    textcoords="offset points", ha="right" if left else "left", va="center", fontsize=8)
     ax.margins(x=0.12, y=0.12)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     ax.set(xlabel="throughput (img/s, median over rounds; bars: interquartile range)",
-           ylabel="top-1 accuracy (%)", title=f"Top-1 vs throughput, labelled by keep rate: {_data_name(results)}\n"
+           ylabel="top-1 accuracy (%)", title=f"Top-1 vs throughput, labelled by parameters: {_data_name(results)}\n"
                                                f"measured on {provenance(runs, full=False)}")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
@@ -238,32 +266,35 @@ def plot_accuracy_vs_throughput(results: pd.DataFrame) -> Figure:
 
 
 def plot_keep_rate_sweep(results: pd.DataFrame) -> Figure:
-    """Top-1 and GMACs against keep rate at the baseline's image size, fused vs not fused (paper dashed)."""
+    """Top-1 and GMACs of the trained EViT runs against keep rate at the baseline's image size, fused vs not
+    fused (paper dashed), from the baseline (keep rate 1); EViT evaluated off the shelf is left out."""
     runs = _runs(results)
-    sweep = runs[runs["main_size"]]
+    sweep = runs[runs["main_size"] & ((runs["method"] == "none") | ((runs["method"] == "evit")
+                                                                     & (runs["recipe"] != "none")))]
     img_size = sweep["img_size"].iloc[0]
-    pruned = sweep[sweep["keep_rate"] < 1]
-    keep_all = sweep[sweep["keep_rate"] >= 1]  # keep rate 1 is the start of every curve
-    fusions = pruned["fusion"].unique() if len(pruned) else ["keep all"]
-    sweep = pd.concat([pruned, *(keep_all.assign(fusion=f) for f in fusions)])
+    pruned = sweep[sweep["method"] == "evit"]
+    baseline = sweep[sweep["method"] == "none"]  # keep rate 1 is the start of every curve
+    fusions = pruned["variant"].unique() if len(pruned) else ["baseline"]
+    sweep = pd.concat([pruned, *(baseline.assign(variant=f) for f in fusions)])
     dataset = _data_name(results)
     imagenet = results["dataset"].isna().all() or "imagenet" in dataset.lower()  # else the paper is not comparable
     paper = [sweep.assign(source="paper", top1=sweep["paper_top1"], gmacs=sweep["paper_gmacs"])] if imagenet else []
     long = (pd.concat([sweep.assign(source="ours"), *paper])
-            .melt(id_vars=["keep_rate", "fusion", "source"], value_vars=["top1", "gmacs"], var_name="metric")
+            .melt(id_vars=["keep_rate", "variant", "source"], value_vars=["top1", "gmacs"], var_name="metric")
             .dropna(subset="value"))
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
+    order, palette = _colours(long["variant"])
     for ax, (metric, label) in zip(axes, [("top1", "top-1 accuracy (%)"), ("gmacs", "GMACs per image")]):
-        sns.lineplot(data=long[long["metric"] == metric], x="keep_rate", y="value", hue="fusion", style="source",
-                     palette=PALETTE, hue_order=[f for f in FUSION_ORDER if f in set(long["fusion"])],
+        sns.lineplot(data=long[long["metric"] == metric], x="keep_rate", y="value", hue="variant", style="source",
+                     palette=palette, hue_order=order,
                      style_order=[s for s in ("ours", "paper") if s in set(long["source"])],
                      markers=True, markersize=8, ax=ax, legend=ax is axes[1])
         ax.set(xlabel="keep rate", ylabel=label)
         ax.grid(alpha=0.3)
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     note = "" if imagenet else " (the paper's ImageNet numbers are not plotted)"
-    fig.suptitle(f"Keep-rate sweep at {img_size} px: {dataset}{note}\nGMACs: analytic count, attention included",
+    fig.suptitle(f"EViT keep-rate sweep at {img_size} px: {dataset}{note}\nGMACs: analytic count, attention included",
                  fontsize=10)
     return fig
 

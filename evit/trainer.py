@@ -26,7 +26,7 @@ import yaml
 from evit import data as D
 from evit import engine as E
 from evit.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from evit.config import ConfigError, apply_overrides, config_hash, is_evit, load_config, resolve_config, resume_mismatch
+from evit.config import ConfigError, apply_overrides, config_hash, load_config, resolve_config, resume_mismatch
 from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import device_name, provenance
@@ -265,7 +265,7 @@ class Trainer:
         rt.model = model.to(rt.device)
         rt.keep_rate_fn = (functools.partial(E.keep_rate_at, iters_per_epoch=rt.ipe, target=m["keep_rate"],
                                              shrink_start=t["shrink_start"], shrink_epochs=t["shrink_epochs"])
-                           if is_evit(m["arch"]) else None)
+                           if m["method"] == "evit" else None)
         rt.train_model = (torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
             if rt.info.distributed else model)
@@ -415,7 +415,7 @@ class Trainer:
             "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"], "num_eval_images": ev["num_images"],
             "keep_rate": self._eval_keep_rate(), "params": rt.params, "epochs": rt.state.epoch,
             "steps": rt.state.step, "train_time_s": rt.state.train_time, "arch": cfg["model"]["arch"],
-            "img_size": cfg["model"]["img_size"], "dataset": cfg["data"]["dataset"],
+            "method": cfg["model"]["method"], "img_size": cfg["model"]["img_size"], "dataset": cfg["data"]["dataset"],
             "run_dir": str(self.run_dir), "meta": cfg.get("meta"),
             "provenance": provenance(config_hash=config_hash(cfg), device=rt.device,
                                        world_size=rt.info.world_size),

@@ -80,13 +80,13 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
     """Draw the kept patches of ``checkpoint`` under the run config at ``config_path``; ``name`` (the
     experiment's) titles the figure, else the arch."""
     from evit import data as D
-    from evit.config import is_evit, load_config, resolve_config
+    from evit.config import load_config, resolve_config
     from evit.models.factory import build_model
 
     cfg = resolve_config(load_config(config_path))
     m, d = cfg["model"], cfg["data"]
-    if not is_evit(m["arch"]):
-        raise ValueError(f"visualize needs an EViT model; {config_path} has {m['arch']!r}")
+    if m["method"] != "evit":
+        raise ValueError(f"visualize needs an EViT model; {config_path} has method {m['method']!r}")
     tf = D.eval_transform(cfg)
     val = D.raw_dataset(cfg, "val", tf)
     images = torch.stack([tf(val[i][0]) for i in pick_images(val, num_images)])

@@ -1,27 +1,93 @@
-"""The run-config reference: one source (`SCHEMA`'s help texts), rendered by `config_reference`."""
+"""The run config's methods (`METHODS`: each method's own parameters), and its reference: one source (`SCHEMA`'s
+and `METHODS`' help texts), rendered by `config_reference`."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 import evit.config as C
 
 ROOT = Path(__file__).resolve().parents[1]
+FASHION = {"dataset": "fashion_mnist"}
+
+
+def model_of(**model) -> dict:
+    return C.resolve_config({"model": model, "data": FASHION})["model"]
+
+
+def test_the_resolved_model_section_holds_its_methods_parameters_only():
+    assert set(model_of()) == set(C.SCHEMA["model"]) and model_of()["method"] == "none"
+    evit = model_of(method="evit", keep_rate=0.7)
+    assert C.method_params(evit) == {"keep_rate": 0.7, "fuse_token": True, "drop_loc": [3, 6, 9]}
+    assert set(evit) == set(C.SCHEMA["model"]) | {"keep_rate", "fuse_token", "drop_loc"}
+    tome = model_of(method="tome", r=8)
+    assert C.method_params(tome) == {"r": 8} and set(tome) == set(C.SCHEMA["model"]) | {"r"}
+    assert C.method_params(model_of(method="tome")) == {"r": 0}
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"method": "evit", "r": 8}, "model.r: a parameter of method tome, not of evit"),
+    ({"method": "tome", "fuse_token": False}, "model.fuse_token: a parameter of method evit, not of tome"),
+    ({"keep_rate": 0.7}, "model.keep_rate: a parameter of method evit, not of none"),
+    ({"method": "tome", "r": -1}, "model.r: expected a value >= 0, got -1"),
+    ({"method": "tome", "r": 1.5}, "model.r: expected an integer, got 1.5"),
+    ({"method": "tome", "r": 2, "keep_rat": 0.7}, "model.keep_rat: unknown key"),
+    ({"arch": "tome_deit_small_patch16_224", "method": "tome"},
+     "model.arch: 'tome_deit_small_patch16_224' includes the method (ToMe); write `arch: deit_small_patch16_224` "
+     "and `method: tome`"),
+])
+def test_a_parameter_of_another_method_or_a_bad_value_is_named(model, message):
+    with pytest.raises(C.ConfigError) as e:
+        model_of(**model)
+    assert str(e.value).startswith(message)
+
+
+def test_tome_refuses_gradient_checkpointing():
+    with pytest.raises(C.ConfigError, match="train.grad_checkpointing: not with method tome"):
+        C.resolve_config({"model": {"method": "tome"}, "data": FASHION, "train": {"grad_checkpointing": True}})
+
+
+def test_eval_keep_rate_is_evits_only():
+    with pytest.raises(C.ConfigError, match="eval.keep_rate: a parameter of method evit, not of tome"):
+        C.resolve_config({"model": {"method": "tome", "r": 4}, "data": FASHION, "eval": {"keep_rate": 0.5}})
+    assert C.resolve_config({"model": {"method": "evit"}, "data": FASHION, "eval": {"keep_rate": 0.5}})
+
+
+def test_describe_labels_rows_by_method_and_parameters():
+    assert [C.METHODS[m].label for m in C.METHODS] == ["baseline", "EViT", "ToMe"]
+    assert C.describe_method("evit", C.method_params(model_of(method="evit", keep_rate=0.7))) == "keep 0.7, fused"
+    assert C.describe_method("evit", {"keep_rate": 0.5, "fuse_token": False, "drop_loc": [3]}) == "keep 0.5, not fused"
+    assert C.describe_method("tome", {"r": 8}) == "r 8" and C.describe_method("none", {}) == ""
+
+
+def test_the_workflow_schema_knows_every_method_and_parameter():
+    fields = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["experiment_fields"]
+    assert fields["properties"]["method"]["enum"] == list(C.METHODS)
+    assert set(C.PARAM_METHOD) <= set(fields["properties"])
+
+
+def documented_fields() -> dict[str, dict[str, C.Field]]:
+    """SCHEMA's sections, the model section with every method's parameters."""
+    params = {k: f for m in C.METHODS.values() for k, f in m.params.items()}
+    return {sec: {**fields, **params} if sec == "model" else fields for sec, fields in C.SCHEMA.items()}
 
 
 def test_every_key_has_help():
     assert set(C.SECTION_HELP) == set(C.SCHEMA)
     for sec, text in C.SECTION_HELP.items():
         assert text.strip() and "\n" not in text, f"SECTION_HELP[{sec!r}] must be one non-empty line"
-    for sec, fields in C.SCHEMA.items():
+    for sec, fields in documented_fields().items():
         for key, f in fields.items():
             assert f.help.strip(), f"{sec}.{key}: its Field has no help text"
 
 
 def test_reference_mentions_every_section_and_key():
     ref = C.config_reference()
-    for sec, fields in C.SCHEMA.items():
+    for sec, fields in documented_fields().items():
         assert f"## `{sec}`" in ref and C.SECTION_HELP[sec] in ref
         for key, f in fields.items():
             row = next((ln for ln in ref.splitlines() if ln.startswith(f"| `{sec}.{key}` |")), None)

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_run(epochs: int, backend: str, **launcher) -> dict:
     """A small but real Fashion-MNIST training: a 4-block EViT on 512 images."""
     return {
-        "model": {"arch": "evit_deit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "keep_rate": 0.7,
-                  "drop_loc": [1, 2], "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+        "model": {"arch": "deit_tiny_patch16_224", "method": "evit", "img_size": 28, "patch_size": 4,
+                  "keep_rate": 0.7, "drop_loc": [1, 2], "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
         "data": {"dataset": "fashion_mnist", "num_workers": 0, "train_subset": 512, "val_subset": 256},
         "train": {"recipe": "demo", "epochs": epochs, "batch_size": 64, "eval_every": 0},
         "launcher": {"backend": backend, "cpus_per_task": 1, "timeout_min": 10, **launcher},

@@ -245,3 +245,29 @@ def test_every_variant_is_a_registered_module_function():
         assert getattr(module, name).__name__ == name
         size = int(name.rsplit("_", 1)[1])
         assert timm.get_pretrained_cfg(name).input_size == (3, size, size)
+
+
+def test_the_factory_builds_each_method_of_one_backbone_with_the_same_weights():
+    """`build_model`: the method's timm model of the backbone, with its parameters; the plain ViT's, EViT's and
+    ToMe's state dicts match key for key, so one (method none) checkpoint loads into every method's model."""
+    from evit.config import ConfigError, resolve_config
+    from evit.models import ToMe
+    from evit.models.factory import build_model
+
+    def section(**method):
+        return resolve_config({"model": {"arch": "deit_tiny_patch16_224", "img_size": 32, "patch_size": 8,
+                                         **method}, "data": {"dataset": "fashion_mnist"}})["model"]
+
+    plain = build_model(section(), 10)
+    evit = build_model(section(method="evit", keep_rate=0.5, drop_loc=[2]), 10)
+    tome = build_model(section(method="tome", r=3), 10)
+    assert type(plain) is timm.models.VisionTransformer
+    assert isinstance(evit, EViT) and evit.drop_loc == (2,) and evit.blocks[2].keep_rate == 0.5
+    assert isinstance(tome, ToMe) and tome.r == [3] * 12
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    for model in (evit, tome):
+        assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+        model.load_state_dict(plain.state_dict())  # strict
+    with pytest.raises(ConfigError, match=r"method tome has no model of arch 'vit_small_patch16_384' "
+                                          r"\(timm has no 'tome_vit_small_patch16_384'\)"):
+        build_model(section(method="tome", r=3) | {"arch": "vit_small_patch16_384"}, 10)

@@ -14,23 +14,39 @@ from evit import report as R
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper.csv"
 
-# name: (img_size, keep_rate, fuse_token, tables, paper ref, top1, top5, gmacs, img/s) -- DeiT-S grid, H100 bf16
+
+
+def evit(keep_rate: float, fuse_token: bool = True, recipe: str = "finetune") -> tuple:
+    return "evit", {"keep_rate": keep_rate, "fuse_token": fuse_token, "drop_loc": [3, 6, 9]}, recipe
+
+
+def tome(r: int, recipe: str = "finetune") -> tuple:
+    return "tome", {"r": r}, recipe
+
+
+BASE = ("none", {}, "scratch")
+# name: (img_size, (method, params, recipe), tables, paper ref, top1, top5, gmacs, img/s) -- DeiT-S grid, H100 bf16
 GRID = {
-    "deit_s": (224, 1.0, True, ["main", "fusion", "resolution"], "deit_small", 79.86, 94.97, 4.599, 8120.0),
-    "evit_s_0.9": (224, 0.9, True, ["main", "fusion"], "evit_deit_small_0.9_fused", 79.78, 94.98, 4.022, 9050.0),
-    "evit_s_0.8": (224, 0.8, True, ["main", "fusion"], "evit_deit_small_0.8_fused", 79.74, 94.90, 3.478, 10300.0),
-    "evit_s_0.7": (224, 0.7, True, ["main", "fusion", "resolution"], "evit_deit_small_0.7_fused", 79.47, 94.77,
+    "deit_s": (224, BASE, ["main", "fusion", "resolution"], "deit_small", 79.86, 94.97, 4.599, 8120.0),
+    "evit_s_0.9": (224, evit(0.9), ["main", "fusion"], "evit_deit_small_0.9_fused", 79.78, 94.98, 4.022, 9050.0),
+    "evit_s_0.8": (224, evit(0.8), ["main", "fusion"], "evit_deit_small_0.8_fused", 79.74, 94.90, 3.478, 10300.0),
+    "evit_s_0.7": (224, evit(0.7), ["main", "fusion", "resolution"], "evit_deit_small_0.7_fused", 79.47, 94.77,
                    3.030, 11900.0),
-    "evit_s_0.6": (224, 0.6, True, ["main", "fusion"], "evit_deit_small_0.6_fused", 78.95, 94.52, 2.636, 13500.0),
-    "evit_s_0.5": (224, 0.5, True, ["main", "fusion"], "evit_deit_small_0.5_fused", 78.49, 94.18, 2.309, 15200.0),
-    "evit_s_0.9_nofuse": (224, 0.9, False, ["fusion"], "evit_deit_small_0.9_unfused", 79.86, 94.91, 3.988, 9120.0),
-    "evit_s_0.8_nofuse": (224, 0.8, False, ["fusion"], "evit_deit_small_0.8_unfused", 79.66, 94.82, 3.444, 10450.0),
-    "evit_s_0.7_nofuse": (224, 0.7, False, ["fusion"], "evit_deit_small_0.7_unfused", 79.41, 94.69, 2.997, 12100.0),
-    "evit_s_0.6_nofuse": (224, 0.6, False, ["fusion"], "evit_deit_small_0.6_unfused", 79.02, 94.47, 2.609, 13800.0),
-    "evit_s_0.5_nofuse": (224, 0.5, False, ["fusion"], "evit_deit_small_0.5_unfused", 78.37, 94.08, 2.283, 15600.0),
-    "evit_s_272_0.7": (272, 0.7, True, ["resolution"], None, 80.41, 95.21, 4.560, 7950.0),
-    "evit_s_288_0.6": (288, 0.6, True, ["resolution"], None, 80.58, 95.30, 4.501, 8300.0),
-    "evit_s_304_0.5": (304, 0.5, True, ["resolution"], None, 80.49, 95.27, 4.437, 8400.0),
+    "evit_s_0.6": (224, evit(0.6), ["main", "fusion"], "evit_deit_small_0.6_fused", 78.95, 94.52, 2.636, 13500.0),
+    "evit_s_0.5": (224, evit(0.5), ["main", "fusion"], "evit_deit_small_0.5_fused", 78.49, 94.18, 2.309, 15200.0),
+    "evit_s_0.9_nofuse": (224, evit(0.9, False), ["fusion"], "evit_deit_small_0.9_unfused",
+                          79.86, 94.91, 3.988, 9120.0),
+    "evit_s_0.8_nofuse": (224, evit(0.8, False), ["fusion"], "evit_deit_small_0.8_unfused",
+                          79.66, 94.82, 3.444, 10450.0),
+    "evit_s_0.7_nofuse": (224, evit(0.7, False), ["fusion"], "evit_deit_small_0.7_unfused",
+                          79.41, 94.69, 2.997, 12100.0),
+    "evit_s_0.6_nofuse": (224, evit(0.6, False), ["fusion"], "evit_deit_small_0.6_unfused",
+                          79.02, 94.47, 2.609, 13800.0),
+    "evit_s_0.5_nofuse": (224, evit(0.5, False), ["fusion"], "evit_deit_small_0.5_unfused",
+                          78.37, 94.08, 2.283, 15600.0),
+    "evit_s_272_0.7": (272, evit(0.7), ["resolution"], None, 80.41, 95.21, 4.560, 7950.0),
+    "evit_s_288_0.6": (288, evit(0.6), ["resolution"], None, 80.58, 95.30, 4.501, 8300.0),
+    "evit_s_304_0.5": (304, evit(0.5), ["resolution"], None, 80.49, 95.27, 4.437, 8400.0),
 }
 TABLES = {
     "main": {"title": "EViT-DeiT-S keep-rate sweep (fused)", "baseline": "deit_s"},
@@ -46,16 +62,16 @@ def write_inputs(root: Path, grid: dict = GRID, tables: dict = TABLES, dataset: 
                  bench_first: str | None = None) -> dict:
     """The workflow's inputs to `evit report`: metrics files, experiments.yaml and the bench CSV."""
     experiments, bench = [], []
-    for name, (img, kr, fuse, tabs, paper, top1, top5, gmacs, img_s) in grid.items():
+    for name, (img, (method, params, recipe), tabs, paper, top1, top5, gmacs, img_s) in grid.items():
         result = root / "runs" / name / "metrics.json"
         result.parent.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps({"top1": top1, "top5": top5, "val_loss": 0.91, "num_eval_images": 50000,
-                                      "keep_rate": kr, "params": 22050664, "dataset": "imagenet",
+                                      "params": 22050664, "dataset": "imagenet",
                                       "provenance": {"torch": META["torch"]}}))
-        experiments.append({"name": name, "arch": f"evit_deit_small_patch16_{img}", "img_size": img,
-                            "keep_rate": kr, "fuse_token": fuse, "tables": tabs, "paper": paper,
+        experiments.append({"name": name, "arch": "deit_small_patch16_224", "img_size": img, "method": method,
+                            "params": params, "recipe": recipe, "tables": tabs, "paper": paper,
                             "result": str(result)})
-        spec = f"evit_deit_small_patch16_{img}:keep_rate={kr},fuse_token={str(fuse).lower()}"
+        spec = f"{method}_deit_small_patch16_224:img_size={img}"
         bench.append(dict(label=name, spec=spec, img_size=img, gmacs=gmacs, img_s=img_s,
                           img_s_q1=img_s * 0.99, img_s_q3=img_s * 1.01, img_s_min=img_s * 0.97,
                           img_s_max=img_s * 1.02, **META))
@@ -104,7 +120,7 @@ def test_table_rows_columns_and_values(paper_run):
     main = read_table(inputs["out_dir"], "main")
     assert list(main["experiment"]) == ["deit_s", "evit_s_0.9", "evit_s_0.8", "evit_s_0.7", "evit_s_0.6",
                                         "evit_s_0.5"]
-    assert list(main.columns[:16]) == list(R.TABLE_COLUMNS)
+    assert list(main.columns[:len(R.TABLE_COLUMNS)]) == list(R.TABLE_COLUMNS)
     assert {"device", "threads", "dtype", "batch_size", "bench_date", "torch", "timm"} <= set(main.columns)
     row = main.set_index("experiment").loc["evit_s_0.7"]
     assert row["top1"] == pytest.approx(79.47) and row["gmacs"] == pytest.approx(3.030)
@@ -116,7 +132,10 @@ def test_table_rows_columns_and_values(paper_run):
     assert row["delta_gmacs"] == pytest.approx(3.030 - 3.0)
 
     fusion = read_table(inputs["out_dir"], "fusion")
-    assert len(fusion) == 11 and list(fusion["fuse_token"]) == [True] * 6 + [False] * 5
+    assert list(fusion["method"]) == ["none"] + ["evit"] * 10 and fusion["parameters"].isna().iloc[0]
+    keep_rates = ("0.9", "0.8", "0.7", "0.6", "0.5")
+    assert list(fusion["parameters"].iloc[1:]) == [f"keep {k}, {f}" for f in ("fused", "not fused") for k in keep_rates]
+    assert list(fusion["training"]) == ["from scratch"] + ["fine-tuned"] * 10
     resolution = read_table(inputs["out_dir"], "resolution")
     assert list(resolution["experiment"]) == ["deit_s", "evit_s_0.7", "evit_s_272_0.7", "evit_s_288_0.6",
                                               "evit_s_304_0.5"]
@@ -132,8 +151,11 @@ def test_markdown_values_and_provenance(paper_run):
     assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:-2]
     row = next(line for line in md.splitlines() if line.startswith("| evit_s_0.7 "))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:10] == ["evit_s_0.7", "0.7", "yes", "224", "79.47", "94.77", "3.03", "11900.0", "1.47", "79.5"]
-    assert cells[10] == "-0.03"  # Δ top-1 = ours - paper
+    assert cells[:11] == ["evit_s_0.7", "EViT", "keep 0.7, fused", "fine-tuned", "224", "79.47", "94.77", "3.03",
+                          "11900.0", "1.47", "79.5"]
+    assert cells[11] == "-0.03"  # Δ top-1 = ours - paper
+    baseline = next(line for line in md.splitlines() if line.startswith("| deit_s "))
+    assert [c.strip() for c in baseline.strip("|").split("|")][:4] == ["deit_s", "baseline", "", "from scratch"]
     footer = md.strip().splitlines()[-1]
     for fact in ("NVIDIA H100 80GB HBM3", "16 threads", "bf16", "batch 256", "2026-11-20 14:03 UTC",
                  "torch 2.5.1+cu124", "timm 1.0.12", "EViT official README"):
@@ -155,7 +177,7 @@ def test_unknown_paper_values_are_blank(paper_run):
     assert ",,,,,,," in csv_row  # blank, not NaN or 0
     md_row = next(line for line in (out / "tables" / "resolution.md").read_text().splitlines()
                   if line.startswith("| evit_s_288"))
-    assert [c.strip() for c in md_row.strip("|").split("|")][9:] == [""] * 5
+    assert [c.strip() for c in md_row.strip("|").split("|")][10:] == [""] * 5
     # the md/tex leave out the paper columns no row of the table has (here: paper speedup, Δ speedup)
     header = next(line for line in (out / "tables" / "resolution.md").read_text().splitlines()
                   if line.startswith("| experiment"))
@@ -203,7 +225,7 @@ def test_tex_is_booktabs_with_caption(paper_run):
 
 
 def test_adding_an_experiment_adds_its_row(tmp_path):
-    grid = {**GRID, "evit_s_0.4": (224, 0.4, True, ["main", "fusion"], None, 77.1, 93.5, 2.03, 17000.0)}
+    grid = {**GRID, "evit_s_0.4": (224, evit(0.4), ["main", "fusion"], None, 77.1, 93.5, 2.03, 17000.0)}
     inputs = write_inputs(tmp_path, grid=grid)
     run_report(inputs)
     main = read_table(inputs["out_dir"], "main")
@@ -239,8 +261,14 @@ def _edit_experiments(edit):
      r"unknown paper refs, not in .*paper\.csv: evit_s_0\.7 \(paper: evit_deit_small_0\.7\)"),
     (_edit_experiments(lambda s: s["experiments"][2].update(tables=["main", "mian"])),
      r"experiments list unknown tables: evit_s_0\.8 lists 'mian'"),
-    (_edit_experiments(lambda s: s["experiments"][1].pop("keep_rate")), r"evit_s_0\.9 lacks 'keep_rate'"),
-], ids=["missing-result", "missing-bench", "unknown-baseline", "unknown-paper-ref", "unknown-table", "no-keep-rate"])
+    (_edit_experiments(lambda s: s["experiments"][1].pop("method")), r"evit_s_0\.9 lacks 'method'"),
+    (_edit_experiments(lambda s: s["experiments"][1].update(method="tome")),
+     r"params that are not all of their method's: evit_s_0\.9 \(params \['drop_loc', 'fuse_token', 'keep_rate'\], "
+     r"method tome\)"),
+    (_edit_experiments(lambda s: s["experiments"][2].update(method="dynamicvit")),
+     r"unknown methods \(known: none, evit, tome\): evit_s_0\.8 \(method 'dynamicvit'\)"),
+], ids=["missing-result", "missing-bench", "unknown-baseline", "unknown-paper-ref", "unknown-table", "no-method",
+        "foreign-params", "unknown-method"])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, breakage, message):
     inputs = write_inputs(tmp_path)
     breakage(inputs)
@@ -262,7 +290,7 @@ def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsy
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 * 3 + 2 * 2 and all(line.startswith("wrote ") for line in lines)
+    assert len(lines) == 3 * 3 + 2 * len(R.FIGURES) and all(line.startswith("wrote ") for line in lines)
     assert f"wrote {inputs['out_dir'] / 'tables' / 'main.tex'}" in lines
     # no top-level dataset: taken from the metrics files
     assert "top-1/top-5 on imagenet." in (inputs["out_dir"] / "tables" / "main.md").read_text()
@@ -275,11 +303,11 @@ def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsy
 
 
 def test_a_table_without_paper_values_has_no_paper_columns(tmp_path):
-    grid = {name: (*row[:4], None, *row[5:]) for name, row in GRID.items()}  # e.g. the Fashion-MNIST demo
+    grid = {name: (*row[:3], None, *row[4:]) for name, row in GRID.items()}  # e.g. the Fashion-MNIST demo
     inputs = write_inputs(tmp_path, grid=grid)
     run_report(inputs)
     md = (inputs["out_dir"] / "tables" / "main.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| experiment"))
-    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:9]
+    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:10]
     assert "Δ" not in md and "Paper:" not in md
     assert "paper_top1" in read_table(inputs["out_dir"], "main").columns  # the csv keeps every column

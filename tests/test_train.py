@@ -26,8 +26,8 @@ def tiny_config(**sections) -> dict:
     DropPath, Mixup/CutMix, label smoothing, random crops/flips and the keep-rate schedule are all on, so
     that every random draw the engine makes is covered by the exact-resume tests."""
     cfg = {
-        "model": {"arch": "evit_deit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "keep_rate": 0.7,
-                  "drop_loc": [1, 2], "drop_path": 0.1, "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+        "model": {"arch": "deit_tiny_patch16_224", "method": "evit", "img_size": 28, "patch_size": 4,
+                  "keep_rate": 0.7, "drop_loc": [1, 2], "drop_path": 0.1, "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
         "data": {"dataset": "fashion_mnist", "num_workers": 0, "train_subset": 256, "val_subset": 101},
         "train": {"recipe": "demo", "epochs": 3, "batch_size": 32, "blr": 4e-3, "warmup_epochs": 1,
                   "shrink_start": 0.5, "shrink_epochs": 1, "mixup": 0.8, "cutmix": 1.0, "seed": 1,
@@ -100,13 +100,18 @@ def test_config_defaults_and_recipes():
     ({"model": {"keep_rate": 1.5}}, "model.keep_rate: expected a value <= 1.0"),
     ({"model": {"keep_rate": 0}}, "model.keep_rate: expected a value > 0.0"),
     ({"model": {"drop_loc": [3, "x"]}}, "model.drop_loc[1]: expected an integer"),
-    ({"model": {"arch": "deit_small_patch16_224", "keep_rate": 0.7}}, "model.keep_rate: 0.7 needs an EViT"),
+    ({"model": {"method": "none", "keep_rate": 0.7}}, "model.keep_rate: a parameter of method evit, not of none"),
+    ({"model": {"r": 8}}, "model.r: a parameter of method tome, not of evit"),
+    ({"model": {"method": "dynamicvit"}}, "model.method: expected one of none, evit, tome"),
+    ({"model": {"arch": "evit_deit_tiny_patch16_224"}},
+     "model.arch: 'evit_deit_tiny_patch16_224' includes the method (EViT); write `arch: deit_tiny_patch16_224` "
+     "and `method: evit`"),
+    ({"model": {"kwargs": {"r": 8}}}, "model.kwargs.r: set it as model.r instead"),
     ({"model": {"kwargs": {"img_size": 32}}}, "model.kwargs.img_size"),
     ({"data": {"dataset": "imagenet"}}, "data.root: required"),
     ({"data": {"dataset": "cifar"}}, "data.dataset: expected one of"),
     ({"train": {"batch_size": 31}}, "train.batch_size: Mixup/CutMix need an even batch size"),
     ({"train": {"recipe": "finetune", "mixup": 0, "cutmix": 0}}, "train.init_checkpoint"),
-    ({"eval": {"keep_rate": 0.5}, "model": {"arch": "vit_tiny_patch16_224", "keep_rate": 1.0}}, "eval.keep_rate"),
 ])
 def test_config_errors_name_the_key(raw, key):
     base = tiny_config()
@@ -349,25 +354,33 @@ def test_eval_own_checkpoint_and_keep_rate_override(straight_run, tmp_path, caps
     assert full["keep_rate"] == 1.0 and full["val_loss"] != res["val_loss"]
 
 
-def test_eval_a_deit_checkpoint_as_evit(tmp_path):
-    """A plain timm DeiT state dict evaluates as EViT; at keep rate 1 it equals the DeiT model itself."""
+def test_eval_a_deit_checkpoint_as_evit_and_tome(tmp_path):
+    """A plain timm DeiT state dict evaluates off the shelf as EViT and as ToMe; at keep rate 1 / r 0 each equals
+    the DeiT model itself."""
     torch.manual_seed(0)
     deit = timm.create_model("deit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=4,
                              num_heads=2, num_classes=10)
     ckpt = tmp_path / "deit.pth"
     torch.save(deit.state_dict(), ckpt)                                  # raw state dict, as DeiT's releases
-    args = ["eval", "--checkpoint", str(ckpt), "--arch", "evit_deit_tiny_patch16_224", "--img-size", "28",
+    args = ["eval", "--checkpoint", str(ckpt), "--arch", "deit_tiny_patch16_224", "--img-size", "28",
             "--patch-size", "4", "--dataset", "fashion_mnist", "--val-subset", "64", "--num-workers", "0",
-            "--drop-loc", "1,2", "--set", "model.kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
+            "--set", "model.kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
             "--set", "train.augment=demo", "--amp", "none"]  # the recipe (scratch) would autocast to bf16
-    cli.main(args + ["--keep-rate", "1.0", "--out", str(tmp_path / "k1.json")])
-    cli.main(args + ["--keep-rate", "0.5", "--fuse-token", "--out", str(tmp_path / "k05.json")])
-    k1, k05 = (json.loads((tmp_path / f).read_text()) for f in ("k1.json", "k05.json"))
+    evit = ["--method", "evit", "--drop-loc", "1,2"]
+    runs = {"k1": evit + ["--keep-rate", "1.0"], "k05": evit + ["--keep-rate", "0.5", "--fuse-token"],
+            "r0": ["--method", "tome", "--r", "0"], "r3": ["--method", "tome", "--r", "3"]}
+    for name, extra in runs.items():
+        assert cli.main(args + extra + ["--out", str(tmp_path / f"{name}.json")]) == 0
+    res = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     tf = D.build_transform("demo", False, 28, D.FASHION_MEAN, D.FASHION_STD)
     ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, 64))
     direct = E.evaluate(deit, torch.utils.data.DataLoader(ds, batch_size=64), torch.device("cpu"))
-    assert k1["top1"] == direct["top1"] and k1["val_loss"] == pytest.approx(direct["loss"], rel=1e-5)
-    assert k05["keep_rate"] == 0.5 and k05["fuse_token"] is True and k05["val_loss"] != k1["val_loss"]
+    for name in ("k1", "r0"):
+        assert res[name]["top1"] == direct["top1"] and res[name]["val_loss"] == pytest.approx(direct["loss"], rel=1e-5)
+    assert res["k05"]["method"] == "evit" and res["k05"]["keep_rate"] == 0.5 and res["k05"]["fuse_token"] is True
+    assert res["r3"]["method"] == "tome" and res["r3"]["r"] == 3 and "keep_rate" not in res["r3"]
+    for name in ("k05", "r3"):  # fewer tokens: another loss
+        assert res[name]["val_loss"] != res["k1"]["val_loss"]
 
 
 def test_eval_needs_an_arch_for_foreign_checkpoints(tmp_path, capsys):

@@ -83,6 +83,19 @@ def job_counts(dry_run_output: str) -> dict:
     # an experiment's own values label its table row: its run: section may not train or bench another one
     (lambda c: c["experiments"][3].update(run={"model": {"keep_rate": 0.6}}),
      "experiment 'evit_s_0.7' sets model.keep_rate in its run: section; set `keep_rate:` on the experiment"),
+    (lambda c: c["experiments"][3].update(run={"model": {"r": 4}}),
+     "experiment 'evit_s_0.7' sets model.r in its run: section; set `r:` on the experiment"),
+    # an experiment names its method and sets that method's parameters only
+    (lambda c: c["experiments"][1].update(r=4),
+     "config: experiment 'evit_s_0.9' (method evit) sets r, a parameter of method tome"),
+    (lambda c: c["experiments"][0].update(keep_rate=0.5),
+     "config: experiment 'deit_s' (method none) sets keep_rate, a parameter of method evit"),
+    (lambda c: c["experiments"][1].update(method="dynamicvit"), "'dynamicvit' is not one of ['none', 'evit', 'tome']"),
+    (lambda c: c["experiments"][1].update(method="tome", r=-2), "-2 is less than the minimum of 0"),
+    (lambda c: c["experiment_defaults"].update(arch="evit_deit_tiny_patch16_224"),
+     "experiment 'deit_s': model.arch: 'evit_deit_tiny_patch16_224' includes the method (EViT); write "
+     "`arch: deit_tiny_patch16_224` and `method: evit`"),
+    (lambda c: c["visualize"].update(experiment="deit_s"), "visualize.experiment 'deit_s' is not an EViT experiment"),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
@@ -133,9 +146,9 @@ def test_paper_config_requires_the_imagenet_root(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint of the tiny architecture, as an official release would be: a raw {"model": state_dict}."""
+    """A DeiT checkpoint of the tiny architecture, as an official release would be: a raw {"model": state_dict}."""
     torch.manual_seed(0)
-    model = timm.create_model("evit_deit_tiny_patch16_224", img_size=28, num_classes=10, drop_loc=(1, 2),
+    model = timm.create_model("deit_tiny_patch16_224", img_size=28, num_classes=10,
                               **{"patch_size": 4, **TINY_MODEL["kwargs"]})
     path = tmp_path_factory.mktemp("ckpt") / "released.pth"
     torch.save({"model": model.state_dict()}, path)
@@ -146,7 +159,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_path, tiny_checkpoint):
     results = tmp_path / "results"
     experiments = [
-        {"name": "base", "tables": ["main"], "paper": "deit_small"},
+        {"name": "base", "method": "none", "tables": ["main"], "paper": "deit_small"},
         {"name": "evit_0.5", "keep_rate": 0.5, "tables": ["main"], "paper": "evit_deit_small_0.5_fused"},
     ]
     mapped = {"base": str(tiny_checkpoint), "evit_0.5": str(tiny_checkpoint)}  # DeiT weights, evaluated as EViT
@@ -186,7 +199,7 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
 def test_workflow_with_the_slurm_profile_trains_through_sbatch(tmp_path):
     results = tmp_path / "results"
     experiments = [
-        {"name": "base", "recipe": "demo", "init": None, "tables": ["main"], "paper": "deit_small"},
+        {"name": "base", "method": "none", "recipe": "demo", "init": None, "tables": ["main"], "paper": "deit_small"},
         {"name": "evit_0.5", "keep_rate": 0.5, "tables": ["main"]},
     ]
     cfg = tiny_config(results, experiments)

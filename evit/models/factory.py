@@ -3,26 +3,30 @@ from __future__ import annotations
 
 import torch
 
-from evit.config import ConfigError, is_evit
+from evit.config import METHODS, ConfigError, method_params
 
 
 def build_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
-    """`timm.create_model` from a resolved ``model:`` section (never pretrained: weights come from checkpoints)."""
+    """timm's ``<method prefix><arch>`` (e.g. ``evit_deit_small_patch16_224``) with the method's parameters, from a
+    resolved ``model:`` section (never pretrained: weights come from checkpoints)."""
     import timm
 
-    import evit.models  # noqa: F401  (registers the EViT models with timm)
+    import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
 
+    method = METHODS[model_cfg["method"]]
+    name = method.prefix + model_cfg["arch"]
+    if not timm.is_model(name):
+        raise ConfigError(f"model: method {model_cfg['method']} has no model of arch {model_cfg['arch']!r} "
+                          f"(timm has no {name!r})")
     kwargs = dict(model_cfg["kwargs"])
     kwargs.update(num_classes=num_classes, img_size=model_cfg["img_size"], drop_path_rate=model_cfg["drop_path"])
     if model_cfg["patch_size"]:
         kwargs["patch_size"] = model_cfg["patch_size"]
-    if is_evit(model_cfg["arch"]):
-        kwargs.update(keep_rate=model_cfg["keep_rate"], fuse_token=model_cfg["fuse_token"],
-                      drop_loc=tuple(model_cfg["drop_loc"]))
+    kwargs.update(method_params(model_cfg))
     try:
-        return timm.create_model(model_cfg["arch"], pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise ConfigError(f"model: cannot build {model_cfg['arch']!r} with {kwargs}: {e}") from e
+        raise ConfigError(f"model: cannot build {name!r} with {kwargs}: {e}") from e
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -8,7 +8,9 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from evit.config import ConfigError, resolve_bench_launcher, resolve_config
+from evit.config import (
+    METHODS, PARAM_METHOD, SCHEMA, ConfigError, method_params, resolve_bench_launcher, resolve_config,
+)
 from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, REPORT_FIGURES
 
 validate(config, "../schemas/config.schema.yaml")
@@ -19,7 +21,8 @@ EVIT = f"{sys.executable} -m evit.cli"
 
 
 # Model keys that are experiment fields: the tables label rows with them, so a run: section may not override them.
-OWNED_MODEL_KEYS = ("arch", "img_size", "keep_rate", "fuse_token", "drop_loc")
+# An experiment's method uses its own parameters; experiment_defaults may hold every method's.
+OWNED_MODEL_KEYS = ("arch", "img_size", "method", *PARAM_METHOD)
 
 
 def deep_merge(base, override):
@@ -34,8 +37,13 @@ def _experiment_table():
     experiments = {}
     for entry in config["experiments"]:
         exp = deep_merge(defaults, entry)
+        exp.setdefault("method", SCHEMA["model"]["method"].default)
         if exp["name"] in experiments:
             raise ValueError(f"config: experiment {exp['name']!r} is defined twice")
+        foreign = [k for k in entry if PARAM_METHOD.get(k, exp["method"]) != exp["method"]]
+        if foreign:
+            raise ValueError(f"config: experiment {exp['name']!r} (method {exp['method']}) sets {foreign[0]}, a "
+                             f"parameter of method {PARAM_METHOD[foreign[0]]}")
         experiments[exp["name"]] = exp
     for name, path in config["checkpoints"].items():
         if name not in experiments:
@@ -63,6 +71,9 @@ def _experiment_table():
             raise ValueError(f"config: table {table!r} has unknown baseline experiment {spec['baseline']!r}")
     if config["visualize"]["experiment"] not in experiments:
         raise ValueError(f"config: visualize.experiment {config['visualize']['experiment']!r} is not an experiment")
+    if experiments[config["visualize"]["experiment"]]["method"] != "evit":
+        raise ValueError(f"config: visualize.experiment {config['visualize']['experiment']!r} is not an EViT "
+                         "experiment (the figure shows EViT's kept patches)")
     return experiments
 
 
@@ -112,7 +123,8 @@ def run_config(name):
     """The fully resolved config of one run, as `evit train` / `evit eval` read it."""
     exp = EXPERIMENTS[name]
     cfg = deep_merge(config["run_defaults"], {
-        "model": {key: exp[key] for key in OWNED_MODEL_KEYS},
+        "model": {key: exp[key] for key in ("arch", "img_size", "method", *METHODS[exp["method"]].params)
+                  if key in exp},
         "train": {"recipe": "none" if not is_trained(name) else exp["recipe"], "epochs": exp["epochs"]},
         "launcher": {**config["launcher"], "backend": config["backend"]},
     })

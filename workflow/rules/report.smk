@@ -9,9 +9,9 @@ rule experiments_file:
             "dataset": config["dataset"],
             "tables": config["tables"],
             "experiments": [
-                {"name": name, "arch": e["arch"], "img_size": e["img_size"], "keep_rate": e["keep_rate"],
-                 "fuse_token": e["fuse_token"], "tables": e["tables"], "paper": e.get("paper"),
-                 "result": result_file(name)}
+                {"name": name, "arch": e["arch"], "img_size": e["img_size"], "method": e["method"],
+                 "params": method_params(resolve_config(run_config(name))["model"]), "recipe": e["recipe"],
+                 "tables": e["tables"], "paper": e.get("paper"), "result": result_file(name)}
                 for name, e in EXPERIMENTS.items()
             ],
         },
