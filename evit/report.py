@@ -5,8 +5,10 @@
 
 Writes `<out-dir>/tables/<table>.{md,csv,tex}` (one per table of the experiments file) and
 `<out-dir>/figures/{accuracy_vs_throughput,keep_rate_sweep,frontier}.{png,pdf}`. Rows are labelled by method
-and parameters (`evit.config.METHODS`) and by how the weights were trained (their recipe). Everything is built
-in memory first, so bad input writes nothing.
+and parameters (`evit.config.METHODS`) and by how the weights were trained (their recipe). The frontier figure
+draws the rows of the table named `frontier` (top-1 against img/s, one line per method and training), or, if
+there is none, every run at the baseline's image size. Everything is built in memory first, so bad input writes
+nothing.
 
 The experiments file (YAML, written by the workflow's `experiments_file` rule):
 
@@ -44,6 +46,7 @@ from evit.layout import REPORT_FIGURES as FIGURES
 
 REQUIRED = ("name", "img_size", "method", "params", "recipe", "tables", "result")
 TRAINING = {"none": "off the shelf", "finetune": "fine-tuned", "scratch": "from scratch", "demo": "from scratch"}
+FRONTIER = "frontier"  # the table whose rows the frontier figure draws
 BENCH_COLUMNS = {  # bench CSV column -> results frame column
     "label": "experiment", "img_size": "bench_img_size", "gmacs": "gmacs", "img_s": "img_s",
     "img_s_q1": "img_s_q1", "img_s_q3": "img_s_q3", "device": "device", "threads": "threads", "dtype": "dtype",
@@ -57,6 +60,7 @@ TABLE_COLUMNS = {  # results frame column -> table header (.md/.tex; the .csv ke
     "paper_top1": "paper top-1", "delta_top1": "Δ top-1", "paper_gmacs": "paper GMACs", "delta_gmacs": "Δ GMACs",
     "paper_img_s": "paper img/s", "paper_speedup": "paper speedup", "delta_speedup": "Δ speedup",
 }
+TEXT_COLUMNS = ("experiment", "method", "parameters", "training")  # left-aligned; the numbers are right-aligned
 FORMATS = {
     "method": lambda m: METHODS[m].label, "img_size": "{:.0f}".format,
     "top1": "{:.2f}".format, "top5": "{:.2f}".format, "gmacs": "{:.3g}".format, "img_s": "{:.1f}".format,
@@ -185,6 +189,7 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
     data = data.loc[:, ~(data.columns.str.startswith(("paper_", "delta_")) & data.isna().all().to_numpy())]
     shown = data.apply(lambda col: col.map(FORMATS.get(col.name, str), na_action="ignore").astype("string").fillna(""))
     shown = shown.rename(columns=TABLE_COLUMNS)
+    align = "".join("l" if c in TEXT_COLUMNS else "r" for c in data.columns)
     sources = ", ".join(rows["paper_source"].dropna().unique()) or "none"
     caption = f"{title}" + (f"; top-1/top-5 on {dataset}" if dataset else "") + "."
     notes = f"Throughput: {provenance(rows)}. Speedup: img/s over {baseline}."
@@ -193,11 +198,12 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
     if data.columns.str.startswith("paper_").any():
         notes += f" Δ = ours - paper. Paper: {sources}."
     md = (f"**{caption}**\n\n"
-          + shown.to_markdown(index=False, disable_numparse=True, colalign=["left"] + ["right"] * (shown.shape[1] - 1))
+          + shown.to_markdown(index=False, disable_numparse=True,
+                              colalign=[{"l": "left", "r": "right"}[a] for a in align])
           + f"\n\n*{notes}*\n")
     tex = (shown.rename(columns=lambda c: c.replace("Δ", r"$\Delta$")).style.hide(axis="index")
            .format(escape="latex").format_index(escape="latex-math", axis=1)
-           .to_latex(hrules=True, column_format="l" + "r" * (shown.shape[1] - 1), position_float="centering",
+           .to_latex(hrules=True, column_format=align, position_float="centering",
                      label=f"tab:{table}", caption=f"{caption} {notes}".translate(_LATEX).replace("Δ", r"$\Delta$")))
     csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
     return {"md": md, "csv": csv, "tex": tex}
@@ -299,6 +305,35 @@ def plot_keep_rate_sweep(results: pd.DataFrame) -> Figure:
     return fig
 
 
+def plot_frontier(results: pd.DataFrame) -> Figure:
+    """Top-1 against median img/s of the `frontier` table's rows (else of every run at the baseline's image size):
+    one line per method (EViT: fused or not) and training, points labelled by parameters, the baseline marked."""
+    runs = _runs(results)
+    in_table = runs["experiment"].isin(results.loc[results["table"] == FRONTIER, "experiment"])
+    rows = runs[in_table] if in_table.any() else runs[runs["main_size"]]
+    base, lines = rows[rows["is_baseline"]], rows[~rows["is_baseline"]].sort_values("img_s")
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.subplots()
+    order, palette = _colours(lines["variant"])
+    trainings = [t for t in dict.fromkeys(TRAINING.values()) if t in set(lines["training"])]
+    sns.lineplot(data=lines, x="img_s", y="top1", hue="variant", style="training", hue_order=order, palette=palette,
+                 style_order=trainings, estimator=None, sort=True, markers=True, markersize=8, ax=ax)
+    ax.scatter(base["img_s"], base["top1"], s=260, marker="*", color="black", zorder=3, label="baseline")
+    for r in rows.itertuples():
+        text = f"{r.experiment} (baseline)" if r.is_baseline else r.parameters
+        ax.annotate(text, (r.img_s, r.top1), xytext=(6, 6), textcoords="offset points", fontsize=8)
+    ax.margins(x=0.12, y=0.12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    rows_are = ("the frontier table's runs" if in_table.any()
+                else f"every run at {rows['img_size'].iloc[0]} px (no `{FRONTIER}` table)")
+    ax.set(xlabel="throughput (img/s, median over rounds)", ylabel="top-1 accuracy (%)",
+           title=f"Accuracy-speed frontier, {rows_are}: {_data_name(results)}\n"
+                 f"measured on {provenance(rows, full=False)}")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def _render(fig: Figure) -> dict[str, bytes]:
     out = {}
     for ext in ("png", "pdf"):
@@ -315,7 +350,7 @@ def report(experiments, bench, reference="results/reference/paper.csv", out_dir=
     files = {out_dir / "tables" / f"{table}.{ext}": text
              for table in results["table"].dropna().unique() for ext, text in make_table(results, table).items()}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
-        for name, plot in zip(FIGURES, (plot_accuracy_vs_throughput, plot_keep_rate_sweep)):
+        for name, plot in zip(FIGURES, (plot_accuracy_vs_throughput, plot_keep_rate_sweep, plot_frontier)):
             files |= {out_dir / "figures" / f"{name}.{ext}": data for ext, data in _render(plot(results)).items()}
     for path, content in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)

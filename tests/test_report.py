@@ -53,6 +53,21 @@ TABLES = {
     "fusion": {"title": "Fusion ablation", "baseline": "deit_s"},
     "resolution": {"title": "Higher resolution at about DeiT-S cost", "baseline": "deit_s"},
 }
+# The frontier: DeiT-S weights evaluated off the shelf as EViT and ToMe, and ToMe fine-tuned at EViT's GMACs
+OFF_SHELF = {
+    **{f"evit_s_{k}_offshelf": (224, evit(k, recipe="none"), ["frontier"], None, top1, None, gmacs, img_s)
+       for k, top1, gmacs, img_s in ((0.9, 79.5, 4.02, 9000.0), (0.7, 77.9, 3.03, 11800.0),
+                                     (0.5, 73.2, 2.31, 15100.0))},
+    **{f"tome_s_r{r}_offshelf": (224, tome(r, recipe="none"), ["frontier"], None, top1, None, gmacs, img_s)
+       for r, top1, gmacs, img_s in ((4, 79.6, 4.01, 9100.0), (11, 78.8, 2.99, 11500.0), (16, 77.4, 2.29, 14200.0))},
+}
+FRONTIER = {
+    **{name: (*row[:2], [*row[2], "frontier"] if name in ("deit_s", "evit_s_0.7", "evit_s_0.5") else row[2], *row[3:])
+       for name, row in GRID.items()},
+    **OFF_SHELF,
+    "tome_s_r11": (224, tome(11), ["frontier"], None, 79.2, 94.6, 2.99, 11500.0),
+    "tome_s_r16": (224, tome(16), ["frontier"], None, 78.3, 94.1, 2.29, 14200.0),
+}
 META = dict(device="NVIDIA H100 80GB HBM3", device_type="cuda", threads=16, batch_size=256, dtype="bf16",
             compile=False, rounds=7, iters_per_round=10, torch="2.5.1+cu124", timm="1.0.12", python="3.11.9",
             host="gpu-node-07", date="2026-11-20T14:03:51+00:00")
@@ -311,3 +326,42 @@ def test_a_table_without_paper_values_has_no_paper_columns(tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:10]
     assert "Δ" not in md and "Paper:" not in md
     assert "paper_top1" in read_table(inputs["out_dir"], "main").columns  # the csv keeps every column
+
+
+def test_the_frontier_table_and_figure(tmp_path):
+    tables = {**TABLES, "frontier": {"title": "Accuracy-speed frontier", "baseline": "deit_s"}}
+    inputs = write_inputs(tmp_path, grid=FRONTIER, tables=tables)
+    run_report(inputs)
+    frontier = read_table(inputs["out_dir"], "frontier").set_index("experiment")
+    assert len(frontier) == 3 + 6 + 2
+    assert frontier.loc["tome_s_r11_offshelf", ["method", "parameters", "training"]].tolist() == [
+        "tome", "r 11", "off the shelf"]
+    assert frontier.loc["evit_s_0.7_offshelf", ["method", "parameters", "training"]].tolist() == [
+        "evit", "keep 0.7, fused", "off the shelf"]
+    assert frontier.loc["tome_s_r16", "training"] == "fine-tuned"
+    assert frontier.loc["deit_s", "training"] == "from scratch"
+    assert frontier.loc["tome_s_r16", "speedup"] == pytest.approx(14200 / 8120)
+    md = (inputs["out_dir"] / "tables" / "frontier.md").read_text()
+    assert "| tome_s_r11 " in md and "ToMe" in md and "r 11" in md and "fine-tuned" in md
+
+    # one line per method and training, through its runs in order of throughput; the baseline a point of its own
+    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    ax = R.plot_frontier(results).axes[0]
+    lines = sorted(tuple(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()))
+    assert lines == sorted([(9000.0, 11800.0, 15100.0), (9100.0, 11500.0, 14200.0), (11900.0, 15200.0),
+                            (11500.0, 14200.0)])
+    texts = {t.get_text() for t in ax.texts}
+    assert {"deit_s (baseline)", "keep 0.7, fused", "r 11", "r 16"} <= texts and "keep 0.8, fused" not in texts
+    assert "frontier table" in ax.get_title()
+    for ext in ("png", "pdf"):
+        assert (inputs["out_dir"] / "figures" / f"frontier.{ext}").stat().st_size > 5_000
+
+
+def test_without_a_frontier_table_the_figure_draws_every_run_at_the_baselines_size(paper_run):
+    inputs, written = paper_run
+    assert inputs["out_dir"] / "figures" / "frontier.png" in written
+    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    ax = R.plot_frontier(results).axes[0]
+    lines = [line.get_xdata() for line in ax.get_lines() if len(line.get_xdata())]
+    assert sorted(map(len, lines)) == [5, 5]  # EViT fused and not fused, fine-tuned; no 272-304 px runs
+    assert "no `frontier` table" in ax.get_title()

@@ -107,7 +107,7 @@ def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     assert not (tmp_path / "results").exists()
 
 
-def test_paper_dry_run_lists_the_paper_grid(tmp_path):
+def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
     imagenet = tmp_path / "imagenet"
     for split in ("train", "val"):
         (imagenet / split / "n01440764").mkdir(parents=True)
@@ -117,12 +117,57 @@ def test_paper_dry_run_lists_the_paper_grid(tmp_path):
                          "train": {"batch_size": 256, "amp": "bf16"}, "eval": {"batch_size": 256}},
     })
     proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(overlay), "--config", "backend=slurm")
-    assert job_counts(proc.stdout) == {
-        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 14,
-        "train": 14, "visualize": 1,
-    }
-    for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5"):
+    assert job_counts(proc.stdout).items() >= {  # the runs, and one bench, tables and figures job each
+        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 26,
+        "train": 16, "evaluate": 10, "visualize": 1,
+    }.items()
+    for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5", "tome_s_r11", "tome_s_r16"):
         assert f"{tmp_path}/results/runs/{exp}/metrics.json" in proc.stdout
+    for exp in ("evit_s_0.9_offshelf", "evit_s_0.5_offshelf", "tome_s_r4_offshelf", "tome_s_r16_offshelf"):
+        assert f"{tmp_path}/results/runs/{exp}/eval.json" in proc.stdout  # evaluated, not trained
+    assert f"{tmp_path}/results/tables/frontier.md" in proc.stdout
+    assert f"{tmp_path}/results/figures/frontier.png" in proc.stdout
+
+
+def imagenet_site(tmp_path: Path) -> Path:
+    """A site file pointing paper.yaml at an (empty) ImageNet layout and at tmp_path/results."""
+    imagenet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (imagenet / split / "n01440764").mkdir(parents=True)
+    return write_config(tmp_path / "site.yaml", {"results": str(tmp_path / "results"),
+                                                 "run_defaults": {"data": {"root": str(imagenet)}}})
+
+
+def nearest_r(tome_model: dict, gmacs: float) -> int:
+    """The r whose analytic GMACs (the model built from `tome_model` with that r) are nearest `gmacs`."""
+    from evit.models.factory import build_model
+
+    def tome_gmacs(r):
+        with torch.device("meta"):
+            return count_macs(build_model({**tome_model, "r": r}, 10)) / 1e9
+    return min(range(0, 64), key=lambda r: (abs(tome_gmacs(r) - gmacs), r))
+
+
+@pytest.mark.parametrize("config", ["paper", "demo"])
+def test_fine_tuned_tome_runs_match_the_gmacs_of_the_fine_tuned_evit_runs_of_the_frontier(tmp_path, config):
+    """The frontier's fine-tuned ToMe runs have the r whose GMACs are nearest those of its fine-tuned EViT runs
+    (each ToMe run one EViT run's nearest r, each EViT run's nearest r a ToMe run), with the same recipe."""
+    from evit.models.factory import build_model
+
+    files = ["workflow/config/paper.yaml", str(imagenet_site(tmp_path))] if config == "paper" else [
+        "workflow/config/demo.yaml", str(write_config(tmp_path / "site.yaml", {"results": str(tmp_path / "results")}))]
+    targets = [str(tmp_path / "results/tables/experiments.yaml"), str(tmp_path / "results/bench/config.yaml")]
+    snakemake(*targets, "--cores", "1", "--configfile", *files)  # two local rules that write YAML, nothing more
+    experiments = yaml.safe_load(Path(targets[0]).read_text())["experiments"]
+    models = {m["label"]: m["model"] for m in yaml.safe_load(Path(targets[1]).read_text())["models"]}
+    fine_tuned = [e for e in experiments if "frontier" in e["tables"] and e["recipe"] != "none"]
+    evit = [e for e in fine_tuned if e["method"] == "evit"]
+    tome = [e for e in fine_tuned if e["method"] == "tome"]
+    assert evit and tome and {e["recipe"] for e in evit + tome} == {"finetune"}
+    with torch.device("meta"):
+        evit_gmacs = {e["name"]: count_macs(build_model(models[e["name"]], 10)) / 1e9 for e in evit}
+    wanted = {nearest_r(models[tome[0]["name"]], g) for g in evit_gmacs.values()}
+    assert sorted(e["params"]["r"] for e in tome) == sorted(wanted), (evit_gmacs, wanted)
 
 
 def test_the_slurm_profile_runs_the_paper_grid_and_asks_for_the_imagenet_root(tmp_path):
@@ -180,7 +225,7 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
     assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
     (results / "runs/evit_0.5/eval.json").unlink()  # one run's output gone: only it and what uses it rerun
     assert job_counts(snakemake("all", "-n", "--configfile", str(config_file)).stdout) == {
-        "evaluate": 1, "report": 1, "visualize": 1, "all": 1}  # visualize shows evit_0.5's kept tokens
+        "evaluate": 1, "report": 1, "table_html": 1, "visualize": 1, "all": 1}  # visualize shows evit_0.5's kept tokens
     snakemake("all", "--cores", "2", "--configfile", str(config_file))
 
     cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})
