@@ -21,9 +21,11 @@ data:
 test: env data
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The whole grid in miniature on Fashion-MNIST (workflow/config/demo.yaml), runs as local subprocesses.
+# The whole grid in miniature on Fashion-MNIST (workflow/config/demo.yaml), runs as local subprocesses;
+# then Snakemake's HTML report of its tables and figures.
 demo: env data
 	$(VENV)/bin/snakemake --profile workflow/profiles/local all
+	$(VENV)/bin/snakemake --profile workflow/profiles/local --report results/report.html
 
 clean:
 	rm -rf $(VENV) .pytest_cache

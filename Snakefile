@@ -14,7 +14,12 @@ if not workflow.overwrite_configfiles:
     configfile: "workflow/config/demo.yaml"
 
 
+# `snakemake --report results/report.html`: this page, then every table and figure with its caption.
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
+include: "workflow/rules/html_report.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/benchmark.smk"
@@ -28,5 +33,5 @@ rule all:
     input:
         [result_file(name) for name in EXPERIMENTS],
         RESULTS + "/bench/throughput.csv",
-        expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex")),
+        expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex", "html")),
         expand(RESULTS + "/figures/{fig}.{ext}", fig=FIGURES, ext=("png", "pdf")),

@@ -23,6 +23,6 @@ rule benchmark:
         RESULTS + "/bench/throughput.csv",
     log:
         RESULTS + "/bench/launch.log",
-    threads: workflow.cores
+    threads: lambda w: workflow.cores  # a function: `snakemake --report` runs without --cores
     shell:
         "{EVIT} launch --command bench --config {input} --run-dir {RESULTS}/bench > {log} 2>&1"

@@ -28,7 +28,8 @@ rule report:
         reference="results/reference/paper.csv",
     output:
         expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex")),
-        expand(RESULTS + "/figures/{fig}.{ext}", fig=REPORT_FIGURES, ext=("png", "pdf")),
+        [report_figure(fig) for fig in REPORT_FIGURES],
+        expand(RESULTS + "/figures/{fig}.pdf", fig=REPORT_FIGURES),
     localrule: True
     shell:
         "{EVIT} report --experiments {input.experiments} --bench {input.bench} "

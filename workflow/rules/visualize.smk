@@ -6,7 +6,8 @@ rule visualize:
         config=RUNS + "/" + config["visualize"]["experiment"] + "/config.yaml",
         result=result_file(config["visualize"]["experiment"]),
     output:
-        multiext(f"{RESULTS}/figures/{KEPT_TOKENS_FIGURE}", ".png", ".pdf"),
+        report_figure(KEPT_TOKENS_FIGURE),
+        f"{RESULTS}/figures/{KEPT_TOKENS_FIGURE}.pdf",
     params:
         weights=weights(config["visualize"]["experiment"]),
         num_images=config["visualize"]["num_images"],

@@ -1,0 +1,81 @@
+"""Snakemake's HTML report (`snakemake --report`): every table and figure of the workflow, with its caption."""
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from evit.layout import FIGURES
+from test_workflow import ROOT, snakemake, tiny_config, write_config
+
+CAPTIONS = ROOT / "workflow/report"
+
+
+def caption_headline(rst: str) -> str:
+    """A caption's first bold phrase, which every caption starts with (the rest is templated)."""
+    match = re.match(r"\*\*(.+?)\*\*", rst)
+    return match.group(1) if match else ""
+
+
+def test_every_figure_has_a_caption():
+    missing = [fig for fig in FIGURES if not (CAPTIONS / "figures" / f"{fig}.rst").is_file()]
+    assert not missing, f"evit.layout.FIGURES without a caption workflow/report/figures/<name>.rst: {missing}"
+    for fig in FIGURES:
+        assert caption_headline((CAPTIONS / "figures" / f"{fig}.rst").read_text()), f"{fig}.rst: no **headline**"
+
+
+def embedded(report: str, script_id: str):
+    """The JSON value a script of the report's page defines: `results` (path -> entry), `categories`, ..."""
+    return json.loads(re.search(rf'<script id="{script_id}">\s*var \w+ = (.*?);\s*</script>', report, re.S).group(1))
+
+
+def data(entry: dict) -> bytes:
+    """The bytes of a result file, decoded from its base64 data URI in the report."""
+    return base64.b64decode(entry["data_uri"].split(";base64,", 1)[1])
+
+
+def md_rows(md: str) -> list[list[str]]:
+    """Header and body rows of a Markdown pipe table, without the alignment row."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    return rows[:1] + rows[2:]
+
+
+@pytest.mark.slow
+def test_the_report_holds_every_table_and_figure_with_its_caption(tmp_path):
+    results = tmp_path / "results"
+    experiments = [
+        {"name": "deit", "method": "none", "recipe": "demo", "init": None, "tables": ["main", "fusion"]},
+        {"name": "evit_0.5", "keep_rate": 0.5, "tables": ["main", "fusion"]},
+        {"name": "evit_0.5_nofuse", "keep_rate": 0.5, "fuse_token": False, "tables": ["fusion"]},
+    ]
+    cfg = tiny_config(results, experiments, backend="inline")
+    cfg["tables"] = {"main": {"title": "Keep-rate sweep, in miniature", "baseline": "deit"},
+                     "fusion": {"title": "Fused or not, in miniature", "baseline": "deit"}}
+    config_file = write_config(tmp_path / "c.yaml", cfg)
+    snakemake("all", "--cores", "2", "--configfile", str(config_file))
+    snakemake("--report", str(tmp_path / "report.html"), "--configfile", str(config_file))
+
+    report = (tmp_path / "report.html").read_text()
+    assert not re.search(r"<(script|img|link|iframe)\b[^>]*\b(src|href)=[\"']?https?:", report)  # self-contained
+    entries = {e["name"]: e for e in embedded(report, "results").values()}
+    category = {name: {Path(p).name for paths in subcategories.values() for p in paths}
+                for name, subcategories in embedded(report, "categories").items()}
+    assert f"EViT reproduction: {cfg['dataset']}" in embedded(report, "workflow-desc")
+    for table, spec in cfg["tables"].items():
+        csv, rendered = entries[f"{table}.csv"], entries[f"{table}.html"]
+        assert data(csv) == (results / f"tables/{table}.csv").read_bytes()
+        cells = [html.unescape(c) for c in re.findall(r"<t[hd](?: [^>]*)?>(.*?)</t[hd]>", data(rendered).decode())]
+        assert cells == sum(md_rows((results / f"tables/{table}.md").read_text()), [])
+        for entry in (csv, rendered):
+            assert spec["title"] in entry["caption"] and f">{spec['baseline']}</" in entry["caption"], table
+            assert f"median over {cfg['bench']['rounds']} rounds" in entry["caption"], table
+            assert entry["name"] in category["Tables"]
+    for fig in FIGURES:
+        assert f"{fig}.png" in entries, f"figure {fig} is not in the report"
+        entry = entries[f"{fig}.png"]
+        assert data(entry) == (results / f"figures/{fig}.png").read_bytes()
+        headline = caption_headline((CAPTIONS / "figures" / f"{fig}.rst").read_text())
+        assert f"<strong>{html.escape(headline, quote=False)}</strong>" in entry["caption"], fig
+        assert entry["name"] in category["Figures"]
