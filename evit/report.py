@@ -30,6 +30,7 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
 from __future__ import annotations
 
 import argparse
+import html
 import io
 import json
 import sys
@@ -70,6 +71,13 @@ FORMATS = {
 }
 VARIANTS = ["baseline", "EViT fused", "EViT not fused", "ToMe"]  # the figures' colours: method, and EViT's fusion
 PALETTE = dict(zip(VARIANTS, ["0.2", "tab:blue", "tab:orange", "tab:green"]))  # another method: the next free colour
+_HTML_STYLE = [
+    {"selector": "", "props": "border-collapse: collapse; font: 14px sans-serif"},
+    {"selector": "caption", "props": "caption-side: top; text-align: left; padding-bottom: 8px"},
+    {"selector": "th, td", "props": "padding: 3px 10px; text-align: right; white-space: nowrap;"
+                                    " border-bottom: 1px solid #ddd"},
+    {"selector": "th", "props": "border-bottom: 2px solid #444"},
+]
 _LATEX = str.maketrans({c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\^{}",
                                                           "\\": r"\textbackslash{}"})
 
@@ -182,7 +190,8 @@ def provenance(rows: pd.DataFrame, full: bool = True) -> str:
 
 
 def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
-    """One table of the results frame as {"md": ..., "csv": ..., "tex": ...}; unknown values are blank."""
+    """One table of the results frame as {"md": ..., "csv": ..., "tex": ..., "html": ...} (the html page is what
+    Snakemake's report shows); unknown values are blank."""
     rows = results[results["table"] == table]
     title, baseline, dataset = rows[["title", "baseline", "dataset"]].iloc[0]
     data = rows[list(TABLE_COLUMNS)]
@@ -205,8 +214,13 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
            .format(escape="latex").format_index(escape="latex-math", axis=1)
            .to_latex(hrules=True, column_format=align, position_float="centering",
                      label=f"tab:{table}", caption=f"{caption} {notes}".translate(_LATEX).replace("Δ", r"$\Delta$")))
+    text_columns = [TABLE_COLUMNS[c] for c in data.columns if c in TEXT_COLUMNS]
+    page = (shown.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1)
+            .set_caption(f"<strong>{html.escape(caption)}</strong><br><em>{html.escape(notes)}</em>")
+            .set_table_styles(_HTML_STYLE).set_properties(subset=text_columns, **{"text-align": "left"})
+            .to_html(doctype_html=True))
     csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
-    return {"md": md, "csv": csv, "tex": tex}
+    return {"md": md, "csv": csv, "tex": tex, "html": page}
 
 
 def _runs(results: pd.DataFrame) -> pd.DataFrame:

@@ -121,7 +121,7 @@ def paper_run(tmp_path_factory):
 def test_writes_every_table_and_figure(paper_run):
     inputs, written = paper_run
     out = inputs["out_dir"]
-    expected = {out / "tables" / f"{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex")}
+    expected = {out / "tables" / f"{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex", "html")}
     expected |= {out / "figures" / f"{f}.{ext}" for f in R.FIGURES for ext in ("png", "pdf")}
     assert set(written) == expected
     for name in R.FIGURES:
@@ -199,7 +199,7 @@ def test_unknown_paper_values_are_blank(paper_run):
     assert "paper top-1" in header and "paper speedup" not in header and "Δ speedup" not in header
     assert "paper_speedup" in pd.read_csv(out / "tables" / "resolution.csv").columns
     for table in TABLES:
-        for ext in ("md", "csv", "tex"):
+        for ext in ("md", "csv", "tex", "html"):
             assert not re.search(r"\bnan\b", (out / "tables" / f"{table}.{ext}").read_text(), re.I)
 
 
@@ -305,7 +305,7 @@ def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsy
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 * 3 + 2 * len(R.FIGURES) and all(line.startswith("wrote ") for line in lines)
+    assert len(lines) == 3 * 4 + 2 * len(R.FIGURES) and all(line.startswith("wrote ") for line in lines)
     assert f"wrote {inputs['out_dir'] / 'tables' / 'main.tex'}" in lines
     # no top-level dataset: taken from the metrics files
     assert "top-1/top-5 on imagenet." in (inputs["out_dir"] / "tables" / "main.md").read_text()

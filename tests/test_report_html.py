@@ -66,11 +66,14 @@ def test_the_report_holds_every_table_and_figure_with_its_caption(tmp_path):
     for table, spec in cfg["tables"].items():
         csv, rendered = entries[f"{table}.csv"], entries[f"{table}.html"]
         assert data(csv) == (results / f"tables/{table}.csv").read_bytes()
-        cells = [html.unescape(c) for c in re.findall(r"<t[hd](?: [^>]*)?>(.*?)</t[hd]>", data(rendered).decode())]
+        page = data(rendered).decode()
+        cells = [html.unescape(c) for c in re.findall(r"<t[hd](?: [^>]*)?>(.*?)</t[hd]>", page)]
         assert cells == sum(md_rows((results / f"tables/{table}.md").read_text()), [])
+        title, note = re.search(r"<caption><strong>(.*?)</strong><br><em>(.*?)</em></caption>", page).groups()
+        assert title.startswith(spec["title"]) and f"Speedup: img/s over {spec['baseline']}." in note, table
         for entry in (csv, rendered):
-            assert spec["title"] in entry["caption"] and f">{spec['baseline']}</" in entry["caption"], table
             assert f"median over {cfg['bench']['rounds']} rounds" in entry["caption"], table
+            assert f"<tt class=\"docutils literal\">{table}</tt> ({spec['title']};" in entry["caption"], table
             assert entry["name"] in category["Tables"]
     for fig in FIGURES:
         assert f"{fig}.png" in entries, f"figure {fig} is not in the report"

@@ -27,13 +27,13 @@ def snakemake(*args, cwd=ROOT, check=True) -> subprocess.CompletedProcess:
 
 
 def tiny_config(results: Path, experiments: list[dict], **extra) -> dict:
-    """A small version of the demo config: a 4-block EViT on Fashion-MNIST subsets."""
+    """A small version of the demo config: a 4-block EViT on Fashion-MNIST subsets (the demo's canvas, at 28 px)."""
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
     cfg["results"] = str(results)
     cfg["run_defaults"]["model"] = TINY_MODEL
     cfg["run_defaults"]["data"].update(train_subset=512, val_subset=256)
     cfg["run_defaults"]["train"].update(batch_size=64)
-    cfg["experiment_defaults"].update(drop_loc=[1, 2], epochs=1, init=experiments[0]["name"])
+    cfg["experiment_defaults"].update(drop_loc=[1, 2], epochs=1, init=experiments[0]["name"], img_size=28)
     cfg["experiment_defaults"]["run"]["data"]["train_subset"] = 512
     cfg["bench"].update(batch_size=8, warmup=1, rounds=2, iters=1)
     cfg["visualize"] = {"experiment": experiments[-1]["name"], "num_images": 2}
@@ -225,7 +225,7 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
     assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
     (results / "runs/evit_0.5/eval.json").unlink()  # one run's output gone: only it and what uses it rerun
     assert job_counts(snakemake("all", "-n", "--configfile", str(config_file)).stdout) == {
-        "evaluate": 1, "report": 1, "table_html": 1, "visualize": 1, "all": 1}  # visualize shows evit_0.5's kept tokens
+        "evaluate": 1, "report": 1, "visualize": 1, "all": 1}  # visualize shows evit_0.5's kept tokens
     snakemake("all", "--cores", "2", "--configfile", str(config_file))
 
     cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})

@@ -8,7 +8,7 @@ rule bench_config:
     params:
         cfg=lambda w: {
             **config["bench"],
-            "models": [{"label": name, "model": resolve_config(run_config(name))["model"]} for name in EXPERIMENTS],
+            "models": [{"label": name, "model": RESOLVED[name]["model"]} for name in EXPERIMENTS],
             "launcher": bench_launcher(),
         },
     localrule: True

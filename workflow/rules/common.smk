@@ -139,25 +139,28 @@ def bench_launcher():
             "backend": config["backend"]}
 
 
-def _check_run_configs():
-    """Resolve every run's config now, so that a bad key or value fails the dry run, naming the experiment."""
+def _resolve_run_configs():
+    """Every run's config, resolved now (defaults filled in), so that a bad key or value fails the dry run,
+    naming the experiment; the bench launcher is checked too."""
+    resolved = {}
     for name in EXPERIMENTS:
         try:
-            resolve_config(run_config(name))
+            resolved[name] = resolve_config(run_config(name))
         except ConfigError as e:
             raise ValueError(f"config: experiment {name!r}: {e}") from None
     try:
         resolve_bench_launcher(bench_launcher())
     except ConfigError as e:
         raise ValueError(f"config: bench_launcher: {e}") from None
+    return resolved
 
 
-_check_run_configs()
+RESOLVED = _resolve_run_configs()
 
 
 def run_cpus(wildcards):
     """Cores a train/eval rule holds: its run's launcher cpus_per_task (the job uses that many threads)."""
-    return run_config(wildcards.exp)["launcher"]["cpus_per_task"]
+    return RESOLVED[wildcards.exp]["launcher"]["cpus_per_task"]
 
 
 def write_yaml(path, data):

@@ -1,4 +1,20 @@
-# The paper's tables and figures, from the runs' results and the benchmark.
+# The paper's tables and figures, from the runs' results and the benchmark. `snakemake --report` shows every
+# table (its html page and its csv) and every figure's png, each with its caption from workflow/report/. Tables
+# come from config["tables"], figures from evit.layout.FIGURES: a new one is in the report without a rule change
+# (a figure needs its caption file).
+
+
+def report_table(table, ext):
+    """A table's .html or .csv, flagged for the report with the tables' caption workflow/report/table.rst."""
+    view = {"html": "table", "csv": "csv (every column)"}[ext]
+    return report(f"{RESULTS}/tables/{table}.{ext}", caption="../report/table.rst", category="Tables",
+                  labels={"table": table, "view": view})
+
+
+def report_figure(fig):
+    """A figure's png, flagged for the report with its caption workflow/report/figures/<fig>.rst."""
+    return report(f"{RESULTS}/figures/{fig}.png", caption=f"../report/figures/{fig}.rst", category="Figures",
+                  labels={"figure": fig})
 
 
 rule experiments_file:
@@ -10,7 +26,7 @@ rule experiments_file:
             "tables": config["tables"],
             "experiments": [
                 {"name": name, "arch": e["arch"], "img_size": e["img_size"], "method": e["method"],
-                 "params": method_params(resolve_config(run_config(name))["model"]), "recipe": e["recipe"],
+                 "params": method_params(RESOLVED[name]["model"]), "recipe": e["recipe"],
                  "tables": e["tables"], "paper": e.get("paper"), "result": result_file(name)}
                 for name, e in EXPERIMENTS.items()
             ],
@@ -27,7 +43,8 @@ rule report:
         results=[result_file(name) for name in EXPERIMENTS],
         reference="results/reference/paper.csv",
     output:
-        expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex")),
+        expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "tex")),
+        [report_table(table, ext) for table in TABLES for ext in ("html", "csv")],
         [report_figure(fig) for fig in REPORT_FIGURES],
         expand(RESULTS + "/figures/{fig}.pdf", fig=REPORT_FIGURES),
     localrule: True
