@@ -199,6 +199,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "val_subset": Field("int", None, nullable=True, lo=1,
                             help="Use a fixed random subset of that many validation images (seed-independent); "
                                  "null = all."),
+        "canvas": Field("int", None, nullable=True, lo=1,
+                        help="demo augment: place each image on a black square of this many pixels (at a random "
+                             "position for training, centred for evaluation) before resizing to model.img_size; "
+                             "null = no canvas."),
+        "canvas_step": Field("int", 1, lo=1,
+                             help="demo augment with a canvas: the random training position's offsets are multiples "
+                                  "of this many pixels (the patch size keeps every patch's content whole)."),
         "mean": Field("floatlist", None, nullable=True,
                       help="Normalization mean, 3 floats, or null = the dataset's: ImageNet's, or Fashion-MNIST's."),
         "std": Field("floatlist", None, nullable=True, lo=0.0, lo_open=True,
@@ -409,6 +416,10 @@ def resolve_config(raw: dict | None) -> dict:
         raise ConfigError(f"train.batch_size: Mixup/CutMix need an even batch size, got {t['batch_size']}")
     if t["recipe"] == "finetune" and not t["init_checkpoint"]:
         raise ConfigError("train.init_checkpoint: the finetune recipe starts from a checkpoint; give its path")
+    if d["canvas"] and t["augment"] != "demo":
+        raise ConfigError(f"data.canvas: only the demo augment places images on a canvas, not {t['augment']!r}")
+    if d["canvas"] and d["dataset"] == "fashion_mnist" and d["canvas"] < 28:
+        raise ConfigError(f"data.canvas: {d['canvas']} px is smaller than Fashion-MNIST's 28 px images")
     if ev["crop_pct"] is None:
         ev["crop_pct"] = 1.0 if t["augment"] == "demo" else DEFAULT_CROP_PCT
     if t["grad_checkpointing"] and m["method"] == "tome":

@@ -14,7 +14,10 @@ Transforms (``train.augment``):
 - ``deit``: timm's ``create_transform`` with the DeiT recipe (RandAugment, random erasing, bicubic);
   evaluation resizes to ``img_size / crop_pct`` and centre-crops.
 - ``demo``: light and fast, for small grey images: random crop with zero padding + horizontal flip,
-  done on uint8 tensors (no PIL); evaluation just resizes.
+  done on uint8 tensors (no PIL); evaluation just resizes. With ``data.canvas`` the image is first placed on
+  a black square of that many pixels: for training at a random position (offsets multiples of
+  ``data.canvas_step`` px), for evaluation centred. Objects then fill only part of the frame, as in ImageNet,
+  and there is background to drop.
 - ``none``: no augmentation (evaluation transform for training too).
 
 Determinism: training samples are drawn by `TrainSampler`, which yields ``(index, sample_seed)`` pairs. The
@@ -177,7 +180,8 @@ def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
 
 
 class DemoTrainTransform:
-    """Random crop with zero padding + horizontal flip on uint8 tensors, then resize/normalize to 3 channels.
+    """Demo training transform on uint8 tensors: place the image on a black ``canvas`` (if set) at a random
+    position, resize to ``img_size``, random crop with zero padding, horizontal flip, normalize to 3 channels.
 
     Accepts a (C, H, W) uint8 tensor or a PIL image. Uses torch's global RNG (reseeded per sample by
     `SeededDataset`).
@@ -185,15 +189,19 @@ class DemoTrainTransform:
 
     accepts_tensor = True
 
-    def __init__(self, img_size: int, mean, std, padding: int = 2, hflip: float = 0.5):
+    def __init__(self, img_size: int, mean, std, padding: int = 2, hflip: float = 0.5, canvas: int | None = None,
+                 canvas_step: int = 1):
         self.img_size, self.padding, self.hflip = img_size, padding, hflip
+        self.canvas, self.canvas_step = canvas, canvas_step
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
-    def _to_float(self, img) -> torch.Tensor:
+    def _to_float(self, img, random_place: bool) -> torch.Tensor:
         if not isinstance(img, torch.Tensor):
             img = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
         x = img.float().div_(255)
+        if self.canvas:
+            x = place_on_canvas(x, self.canvas, self.canvas_step if random_place else None)
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
                               antialias=True, align_corners=False)[0]
@@ -216,27 +224,47 @@ class DemoTrainTransform:
         return (x - self.mean) / self.std
 
     def __call__(self, img) -> torch.Tensor:
-        return self.normalize(self.crop_flip(self._to_float(img))).contiguous()
+        return self.normalize(self.crop_flip(self._to_float(img, random_place=True))).contiguous()
 
 
 class DemoEvalTransform(DemoTrainTransform):
-    def __init__(self, img_size: int, mean, std):
-        super().__init__(img_size, mean, std, padding=0, hflip=0.0)
+    """Demo evaluation transform: the image centred on its canvas (if set), resized and normalized."""
+
+    def __init__(self, img_size: int, mean, std, canvas: int | None = None):
+        super().__init__(img_size, mean, std, padding=0, hflip=0.0, canvas=canvas)
 
     def __call__(self, img) -> torch.Tensor:
-        return self.normalize(self._to_float(img)).contiguous()
+        return self.normalize(self._to_float(img, random_place=False)).contiguous()
+
+
+def place_on_canvas(x: torch.Tensor, canvas: int, step: int | None) -> torch.Tensor:
+    """A (C, H, W) image on a black canvas x canvas square: at a uniformly random position whose offsets are
+    multiples of ``step`` px, or centred when ``step`` is None."""
+    h, w = x.shape[-2:]
+    if canvas < max(h, w):
+        raise ValueError(f"data.canvas: {canvas} px is smaller than the {h}x{w} px image")
+    if step:
+        top = step * torch.randint(0, (canvas - h) // step + 1, ()).item()
+        left = step * torch.randint(0, (canvas - w) // step + 1, ()).item()
+    else:
+        top, left = (canvas - h) // 2, (canvas - w) // 2
+    return F.pad(x, (left, canvas - w - left, top, canvas - h - top))
 
 
 def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *, aa: str | None = None,
                     reprob: float = 0.0, color_jitter: float = 0.3, interpolation: str = "bicubic",
-                    crop_pct: float = DEFAULT_CROP_PCT, demo_padding: int = 2) -> Callable:
-    """Training or evaluation transform for ``augment`` in {'deit', 'demo', 'none'}."""
+                    crop_pct: float = DEFAULT_CROP_PCT, demo_padding: int = 2, canvas: int | None = None,
+                    canvas_step: int = 1) -> Callable:
+    """Training or evaluation transform for ``augment`` in {'deit', 'demo', 'none'} (``canvas``: demo only)."""
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
     if augment == "demo":
         if is_training:
-            return DemoTrainTransform(img_size, mean, std, padding=demo_padding)
-        return DemoEvalTransform(img_size, mean, std)
+            return DemoTrainTransform(img_size, mean, std, padding=demo_padding, canvas=canvas,
+                                      canvas_step=canvas_step)
+        return DemoEvalTransform(img_size, mean, std, canvas=canvas)
+    if canvas:
+        raise ValueError(f"data.canvas: only the demo augment places images on a canvas, not {augment!r}")
     from timm.data import create_transform
 
     if is_training and augment == "deit":
@@ -254,7 +282,7 @@ def eval_transform(cfg: dict) -> Callable:
     d, m, t = cfg["data"], cfg["model"], cfg["train"]
     interpolation = t["interpolation"] if t["interpolation"] != "random" else "bicubic"
     return build_transform(t["augment"], False, m["img_size"], d["mean"], d["std"], interpolation=interpolation,
-                           crop_pct=cfg["eval"]["crop_pct"])
+                           crop_pct=cfg["eval"]["crop_pct"], canvas=d["canvas"])
 
 
 # --------------------------------------------------------------------------------------------- loaders

@@ -227,7 +227,8 @@ class Trainer:
         m, d, t = cfg["model"], cfg["data"], cfg["train"]
         train_tf = D.build_transform(t["augment"], True, m["img_size"], d["mean"], d["std"], aa=t["aa"],
                                      reprob=t["reprob"], color_jitter=t["color_jitter"],
-                                     interpolation=t["interpolation"], demo_padding=t["demo_padding"])
+                                     interpolation=t["interpolation"], demo_padding=t["demo_padding"],
+                                     canvas=d["canvas"], canvas_step=d["canvas_step"])
         raw_train = D.raw_dataset(cfg, "train", train_tf)
         train_ds = D.SeededDataset(raw_train, train_tf, D.subset_indices(len(raw_train), d["train_subset"]))
         rt.eval_loader, rt.num_eval, raw_val = D.build_eval_loader(cfg, rt.info.rank, rt.info.world_size, rt.device)

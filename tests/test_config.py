@@ -57,6 +57,14 @@ def test_eval_keep_rate_is_evits_only():
     assert C.resolve_config({"model": {"method": "evit"}, "data": FASHION, "eval": {"keep_rate": 0.5}})
 
 
+def test_the_canvas_is_the_demo_augments_and_holds_the_image():
+    with pytest.raises(C.ConfigError, match="data.canvas: only the demo augment places images on a canvas, not 'de"):
+        C.resolve_config({"data": {**FASHION, "canvas": 42}})
+    with pytest.raises(C.ConfigError, match="data.canvas: 20 px is smaller than Fashion-MNIST's 28 px images"):
+        C.resolve_config({"data": {**FASHION, "canvas": 20}, "train": {"augment": "demo"}})
+    assert C.resolve_config({"data": {**FASHION, "canvas": 42}, "train": {"augment": "demo"}})["data"]["canvas"] == 42
+
+
 def test_describe_labels_rows_by_method_and_parameters():
     assert [C.METHODS[m].label for m in C.METHODS] == ["baseline", "EViT", "ToMe"]
     assert C.describe_method("evit", C.method_params(model_of(method="evit", keep_rate=0.7))) == "keep 0.7, fused"

@@ -129,6 +129,36 @@ def test_demo_transforms(fashion_val):
     assert D.build_transform("demo", False, 32, mean, std)(img).shape == (3, 32, 32)
 
 
+def test_the_demo_canvas_centres_for_evaluation_and_places_on_its_grid_for_training(fashion_val):
+    mean, std = D.FASHION_MEAN, D.FASHION_STD
+    img = fashion_val[7][0]
+    background = (0 - mean[0]) / std[0]
+    image = (img.float() / 255 - mean[0]) / std[0]
+    x = D.build_transform("demo", False, 42, mean, std, canvas=42)(img)
+    expected = torch.nn.functional.pad(image, (7, 7, 7, 7), value=background)
+    torch.testing.assert_close(x[1:2], expected)
+    tr = D.build_transform("demo", True, 42, mean, std, demo_padding=0, canvas=42, canvas_step=7)
+    offsets = set()
+    for seed in range(40):
+        D.seed_all(seed)
+        o = tr(img)[0:1]
+        windows = {(i, j): o[..., i:i + 28, j:j + 28] for i in range(15) for j in range(15)}
+        at = [ij for ij, w in windows.items() if torch.allclose(w, image) or torch.allclose(w.flip(-1), image)]
+        assert len(at) == 1, f"seed {seed}: the image is not on the canvas once ({at})"
+        top, left = at[0]
+        outside = torch.ones_like(o, dtype=torch.bool)
+        outside[..., top:top + 28, left:left + 28] = False
+        torch.testing.assert_close(o[outside], torch.full_like(o[outside], background))
+        offsets.add(at[0])
+    assert offsets == {(i, j) for i in (0, 7, 14) for j in (0, 7, 14)}  # every whole-patch position, no other
+    # another size: the canvas is resized with the image on it
+    assert D.build_transform("demo", False, 49, mean, std, canvas=42)(img).shape == (3, 49, 49)
+    with pytest.raises(ValueError, match="data.canvas: 20 px is smaller than the 28x28 px image"):
+        D.build_transform("demo", False, 28, mean, std, canvas=20)(img)
+    with pytest.raises(ValueError, match="data.canvas: only the demo augment"):
+        D.build_transform("deit", False, 28, mean, std, canvas=42)
+
+
 def test_deit_transforms_via_timm(fashion_val):
     pil = D.FashionMNIST(FASHION, "val", pil=True)[0][0]
     tr = D.build_transform("deit", True, 32, D.IMAGENET_MEAN, D.IMAGENET_STD, aa="rand-m9-mstd0.5-inc1",
