@@ -201,11 +201,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                  "null = all."),
         "canvas": Field("int", None, nullable=True, lo=1,
                         help="demo augment: place each image on a black square of this many pixels (at a random "
-                             "position for training, centred for evaluation) before resizing to model.img_size; "
-                             "null = no canvas."),
+                             "position for training, the most central one for evaluation) before resizing to "
+                             "model.img_size; null = no canvas."),
         "canvas_step": Field("int", 1, lo=1,
-                             help="demo augment with a canvas: the random training position's offsets are multiples "
-                                  "of this many pixels (the patch size keeps every patch's content whole)."),
+                             help="demo augment with a canvas: the image's offsets on it are multiples of this many "
+                                  "pixels (the patch size keeps every patch's content whole)."),
         "mean": Field("floatlist", None, nullable=True,
                       help="Normalization mean, 3 floats, or null = the dataset's: ImageNet's, or Fashion-MNIST's."),
         "std": Field("floatlist", None, nullable=True, lo=0.0, lo_open=True,

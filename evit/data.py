@@ -15,9 +15,9 @@ Transforms (``train.augment``):
   evaluation resizes to ``img_size / crop_pct`` and centre-crops.
 - ``demo``: light and fast, for small grey images: random crop with zero padding + horizontal flip,
   done on uint8 tensors (no PIL); evaluation just resizes. With ``data.canvas`` the image is first placed on
-  a black square of that many pixels: for training at a random position (offsets multiples of
-  ``data.canvas_step`` px), for evaluation centred. Objects then fill only part of the frame, as in ImageNet,
-  and there is background to drop.
+  a black square of that many pixels, at offsets that are multiples of ``data.canvas_step`` px: random ones
+  for training, the most central one for evaluation. Objects then fill only part of the frame, as in
+  ImageNet, and there is background to drop.
 - ``none``: no augmentation (evaluation transform for training too).
 
 Determinism: training samples are drawn by `TrainSampler`, which yields ``(index, sample_seed)`` pairs. The
@@ -201,7 +201,7 @@ class DemoTrainTransform:
             img = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
         x = img.float().div_(255)
         if self.canvas:
-            x = place_on_canvas(x, self.canvas, self.canvas_step if random_place else None)
+            x = place_on_canvas(x, self.canvas, self.canvas_step, random_place)
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
                               antialias=True, align_corners=False)[0]
@@ -230,24 +230,24 @@ class DemoTrainTransform:
 class DemoEvalTransform(DemoTrainTransform):
     """Demo evaluation transform: the image centred on its canvas (if set), resized and normalized."""
 
-    def __init__(self, img_size: int, mean, std, canvas: int | None = None):
-        super().__init__(img_size, mean, std, padding=0, hflip=0.0, canvas=canvas)
+    def __init__(self, img_size: int, mean, std, canvas: int | None = None, canvas_step: int = 1):
+        super().__init__(img_size, mean, std, padding=0, hflip=0.0, canvas=canvas, canvas_step=canvas_step)
 
     def __call__(self, img) -> torch.Tensor:
         return self.normalize(self._to_float(img, random_place=False)).contiguous()
 
 
-def place_on_canvas(x: torch.Tensor, canvas: int, step: int | None) -> torch.Tensor:
-    """A (C, H, W) image on a black canvas x canvas square: at a uniformly random position whose offsets are
-    multiples of ``step`` px, or centred when ``step`` is None."""
+def place_on_canvas(x: torch.Tensor, canvas: int, step: int, random_place: bool) -> torch.Tensor:
+    """A (C, H, W) image on a black canvas x canvas square, at offsets that are multiples of ``step`` px:
+    uniformly random ones, or the ones nearest the centre (rounded down), a position training also sees."""
     h, w = x.shape[-2:]
     if canvas < max(h, w):
         raise ValueError(f"data.canvas: {canvas} px is smaller than the {h}x{w} px image")
-    if step:
-        top = step * torch.randint(0, (canvas - h) // step + 1, ()).item()
-        left = step * torch.randint(0, (canvas - w) // step + 1, ()).item()
+    slots_h, slots_w = (canvas - h) // step + 1, (canvas - w) // step + 1
+    if random_place:
+        top, left = step * torch.randint(0, slots_h, ()).item(), step * torch.randint(0, slots_w, ()).item()
     else:
-        top, left = (canvas - h) // 2, (canvas - w) // 2
+        top, left = step * ((slots_h - 1) // 2), step * ((slots_w - 1) // 2)
     return F.pad(x, (left, canvas - w - left, top, canvas - h - top))
 
 
@@ -262,7 +262,7 @@ def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *
         if is_training:
             return DemoTrainTransform(img_size, mean, std, padding=demo_padding, canvas=canvas,
                                       canvas_step=canvas_step)
-        return DemoEvalTransform(img_size, mean, std, canvas=canvas)
+        return DemoEvalTransform(img_size, mean, std, canvas=canvas, canvas_step=canvas_step)
     if canvas:
         raise ValueError(f"data.canvas: only the demo augment places images on a canvas, not {augment!r}")
     from timm.data import create_transform
@@ -282,7 +282,7 @@ def eval_transform(cfg: dict) -> Callable:
     d, m, t = cfg["data"], cfg["model"], cfg["train"]
     interpolation = t["interpolation"] if t["interpolation"] != "random" else "bicubic"
     return build_transform(t["augment"], False, m["img_size"], d["mean"], d["std"], interpolation=interpolation,
-                           crop_pct=cfg["eval"]["crop_pct"], canvas=d["canvas"])
+                           crop_pct=cfg["eval"]["crop_pct"], canvas=d["canvas"], canvas_step=d["canvas_step"])
 
 
 # --------------------------------------------------------------------------------------------- loaders

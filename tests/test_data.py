@@ -151,6 +151,9 @@ def test_the_demo_canvas_centres_for_evaluation_and_places_on_its_grid_for_train
         torch.testing.assert_close(o[outside], torch.full_like(o[outside], background))
         offsets.add(at[0])
     assert offsets == {(i, j) for i in (0, 7, 14) for j in (0, 7, 14)}  # every whole-patch position, no other
+    # evaluation on a canvas whose centre is off the grid: the most central grid position (7, not 10 px)
+    x = D.build_transform("demo", False, 49, mean, std, canvas=49, canvas_step=7)(img)
+    torch.testing.assert_close(x[1:2], torch.nn.functional.pad(image, (7, 14, 7, 14), value=background))
     # another size: the canvas is resized with the image on it
     assert D.build_transform("demo", False, 49, mean, std, canvas=42)(img).shape == (3, 49, 49)
     with pytest.raises(ValueError, match="data.canvas: 20 px is smaller than the 28x28 px image"):
