@@ -214,11 +214,10 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
            .format(escape="latex").format_index(escape="latex-math", axis=1)
            .to_latex(hrules=True, column_format=align, position_float="centering",
                      label=f"tab:{table}", caption=f"{caption} {notes}".translate(_LATEX).replace("Δ", r"$\Delta$")))
-    text_columns = [TABLE_COLUMNS[c] for c in data.columns if c in TEXT_COLUMNS]
+    left = [{"selector": f".col{i}", "props": "text-align: left"} for i, a in enumerate(align) if a == "l"]
     page = (shown.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1)
             .set_caption(f"<strong>{html.escape(caption)}</strong><br><em>{html.escape(notes)}</em>")
-            .set_table_styles(_HTML_STYLE).set_properties(subset=text_columns, **{"text-align": "left"})
-            .to_html(doctype_html=True))
+            .set_table_styles(_HTML_STYLE + left).to_html(doctype_html=True))
     csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
     return {"md": md, "csv": csv, "tex": tex, "html": page}
 

@@ -124,6 +124,10 @@ def test_writes_every_table_and_figure(paper_run):
     expected = {out / "tables" / f"{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex", "html")}
     expected |= {out / "figures" / f"{f}.{ext}" for f in R.FIGURES for ext in ("png", "pdf")}
     assert set(written) == expected
+    page = (out / "tables" / "main.html").read_text()
+    headers = re.findall(r'class="col_heading level0 (col\d+)" >(.*?)</th>', page)
+    left = set(re.findall(r"\.(col\d+) \{\s*text-align: left;", page))
+    assert [h for c, h in headers if c in left] == ["experiment", "method", "parameters", "training"]  # numbers: right
     for name in R.FIGURES:
         png, pdf = (out / "figures" / f"{name}.{ext}" for ext in ("png", "pdf"))
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
