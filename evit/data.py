@@ -181,7 +181,8 @@ def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
 
 class DemoTrainTransform:
     """Demo training transform on uint8 tensors: place the image on a black ``canvas`` (if set) at a random
-    position, resize to ``img_size``, random crop with zero padding, horizontal flip, normalize to 3 channels.
+    offset (multiples of ``canvas_step``), resize to ``img_size``, random crop with zero padding, horizontal
+    flip, normalize to 3 channels.
 
     Accepts a (C, H, W) uint8 tensor or a PIL image. Uses torch's global RNG (reseeded per sample by
     `SeededDataset`).
@@ -228,7 +229,8 @@ class DemoTrainTransform:
 
 
 class DemoEvalTransform(DemoTrainTransform):
-    """Demo evaluation transform: the image centred on its canvas (if set), resized and normalized."""
+    """Demo evaluation transform: the image at the most central offset of its canvas (if set), resized and
+    normalized."""
 
     def __init__(self, img_size: int, mean, std, canvas: int | None = None, canvas_step: int = 1):
         super().__init__(img_size, mean, std, padding=0, hflip=0.0, canvas=canvas, canvas_step=canvas_step)
