@@ -11,8 +11,9 @@ Datasets (``data.dataset`` in the run config):
 
 Transforms (``train.augment``):
 
-- ``deit``: timm's ``create_transform`` with the DeiT recipe (RandAugment, random erasing, bicubic);
-  evaluation resizes to ``img_size / crop_pct`` and centre-crops.
+- ``deit``: timm's ``create_transform`` with the DeiT recipe (RandAugment, random erasing, bicubic), its
+  posterize keeping 0 bits giving a black image as with Pillow < 13 (`posterize`); evaluation resizes to
+  ``img_size / crop_pct`` and centre-crops.
 - ``demo``: light and fast, for small grey images: random crop with zero padding + horizontal flip,
   done on uint8 tensors (no PIL); evaluation just resizes. With ``data.canvas`` the image is first placed on
   a black square of that many pixels, at offsets that are multiples of ``data.canvas_step`` px: random ones
@@ -272,11 +273,36 @@ def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *
     if is_training and augment == "deit":
         # DeiT main.py: create_transform(input_size, is_training=True, color_jitter, auto_augment,
         # interpolation, re_prob, re_mode='pixel', re_count=1); its resize+crop for small inputs is unused here.
-        return create_transform(input_size=img_size, is_training=True, color_jitter=color_jitter,
-                                 auto_augment=aa or None, interpolation=interpolation, re_prob=reprob,
-                                 re_mode="pixel", re_count=1, mean=mean, std=std)
+        return black_at_zero_bits(create_transform(
+            input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=aa or None,
+            interpolation=interpolation, re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std))
     return create_transform(input_size=img_size, is_training=False, interpolation=interpolation,
                             crop_pct=crop_pct, mean=mean, std=std)
+
+
+def posterize(img, bits_to_keep: int, **kwargs):
+    """timm's posterize op, with 0 bits giving an all-black image as Pillow < 13 did (DeiT and EViT trained with
+    that); Pillow 13's ``ImageOps.posterize`` raises for 0 bits, which RandAugment's ``PosterizeIncreasing``
+    draws at magnitude 10."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize as timm_posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def black_at_zero_bits(transform: Callable) -> Callable:
+    """``transform`` (a timm Compose) with the posterize ops of its RandAugment / AutoAugment replaced by
+    `posterize`."""
+    from timm.data.auto_augment import posterize as timm_posterize
+
+    for t in getattr(transform, "transforms", ()):
+        ops = list(getattr(t, "ops", ())) + [op for sub in getattr(t, "policy", ()) for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_posterize:
+                op.aug_fn = posterize
+    return transform
 
 
 def eval_transform(cfg: dict) -> Callable:

@@ -240,3 +240,64 @@ def test_subset_indices():
     a = D.subset_indices(1000, 10)
     assert a == sorted(a) and len(set(a)) == 10 and a == D.subset_indices(1000, 10)
     assert D.subset_indices(10, 10) is None and D.subset_indices(10, None) is None
+
+
+def _jpeg_garment(fashion_val, i: int, size: int) -> Image.Image:
+    """Fashion-MNIST image ``i`` tinted to colour, upscaled to ``size`` px and passed through JPEG (a real photo's
+    path: RGB, decoded by PIL)."""
+    import io
+
+    grey = np.asarray(Image.fromarray(fashion_val.images[i].numpy()).resize((size, size), Image.BICUBIC))
+    rgb = np.stack([grey, (grey * 0.7).astype(np.uint8), 255 - grey], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _rand_augment(tr):
+    return next(t for t in tr.transforms if type(t).__name__ == "RandAugment")
+
+
+def test_every_rand_augment_op_of_the_recipe_at_magnitude_0_and_10(fashion_val):
+    """Each op of `rand-m9-mstd0.5-inc1` at both ends of its magnitude range, on a real RGB JPEG: none raises with
+    the locked Pillow, and posterize at magnitude 10 (0 bits kept) gives a black image, as Pillow < 13 did."""
+    import copy
+
+    img = _jpeg_garment(fashion_val, 0, 96)
+    tr = D.build_transform("deit", True, 64, D.IMAGENET_MEAN, D.IMAGENET_STD, aa="rand-m9-mstd0.5-inc1")
+    ops = _rand_augment(tr).ops
+    assert len(ops) == 15 and "PosterizeIncreasing" in [op.name for op in ops]
+    for op in ops:
+        for magnitude in (0, 10):
+            fixed = copy.copy(op)
+            fixed.prob, fixed.magnitude, fixed.magnitude_std = 1.0, magnitude, 0
+            out = fixed(img)
+            assert out.mode == "RGB" and out.size == img.size, (op.name, magnitude)
+            if op.name == "PosterizeIncreasing":
+                arr = np.asarray(out)
+                if magnitude == 10:
+                    assert arr.max() == 0
+                else:   # 4 bits kept
+                    assert (arr & 0x0F).max() == 0 and (arr >> 4 == np.asarray(img) >> 4).all()
+
+
+def test_the_deit_recipe_transform_survives_thousands_of_draws(fashion_val):
+    """The whole scratch recipe (RandomResizedCrop, RandAugment, erasing) over 3000 draws, including draws of
+    posterize at 0 bits, which the locked Pillow would raise on."""
+    tr = D.build_transform("deit", True, 16, D.IMAGENET_MEAN, D.IMAGENET_STD, aa="rand-m9-mstd0.5-inc1",
+                           reprob=0.25)
+    op = next(op for op in _rand_augment(tr).ops if op.name == "PosterizeIncreasing")
+    bits_drawn = []
+    posterize = op.aug_fn
+
+    def counting(img, bits, **kw):
+        bits_drawn.append(bits)
+        return posterize(img, bits, **kw)
+
+    op.aug_fn = counting
+    images = [_jpeg_garment(fashion_val, i, 32) for i in range(10)]
+    for seed in range(3000):
+        D.seed_all(seed)
+        x = tr(images[seed % 10])
+        assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
+    assert bits_drawn.count(0) >= 1, bits_drawn
