@@ -76,9 +76,11 @@ class RunTask(submitit.helpers.Checkpointable):
         from evit.trainer import RUN_ERRORS  # the engine is imported here, in the job, never by the launcher
 
         try:
-            return self._run()
+            result = self._run()
         except RUN_ERRORS as e:
             raise NotRetryableError(str(e)) from e
+        # plain JSON types only: the waiting launcher unpickles the result, and must not need torch for it
+        return json.loads(json.dumps(result))
 
     def _run(self) -> dict:
         if "SLURM_JOB_ID" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ:

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 
-
 def git_commit(path: str | Path | None = None) -> str | None:
     """The commit of the source tree (``-dirty`` appended if tracked files changed); EVIT_GIT_COMMIT overrides."""
     if os.environ.get("EVIT_GIT_COMMIT"):
@@ -55,7 +54,7 @@ def environment(device: torch.device) -> dict:
 
     return {
         "git_commit": git_commit(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion would need torch to unpickle
         "timm": timm.__version__,
         "python": platform.python_version(),
         "device": device_name(device),

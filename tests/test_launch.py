@@ -245,6 +245,33 @@ def test_the_waiting_launcher_imports_no_torch():
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
+def test_a_whole_local_launch_never_imports_torch_in_the_launcher(tmp_path):
+    """`evit launch` of a real local training and then of its evaluation: the launcher process waits on the jobs
+    and unpickles their results (with their provenance), and never imports torch; its peak RSS is printed."""
+    config = write_yaml(tmp_path / "c.yaml", tiny_run(1, "local"))
+    run_dir = tmp_path / "run"
+    code = f"""if True:
+        import json, sys
+        from pathlib import Path
+        from evit import cli
+        common = ["--config", {str(config)!r}, "--run-dir", {str(run_dir)!r}]
+        rcs = [cli.main(["launch", *common]),
+               cli.main(["launch", "--command", "eval", "--checkpoint", {str(run_dir / "checkpoint.pth")!r}, *common])]
+        heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "timm", "numpy"}})
+        # VmHWM, not ru_maxrss: that keeps the peak of the (torch-laden) pytest process across fork and exec
+        peak_kb = next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                       if line.startswith("VmHWM"))
+        print(json.dumps(dict(rcs=rcs, heavy=heavy, peak_rss_mb=int(peak_kb) / 1024)))
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"launcher peak RSS over a local train + eval: {summary['peak_rss_mb']:.0f} MB")
+    assert summary["rcs"] == [0, 0] and summary["heavy"] == [], summary
+    assert json.loads((run_dir / "eval.json").read_text())["provenance"]["torch"] == torch.__version__
+
+
 def test_sbatch_script_of_a_multi_node_gpu_job(tmp_path):
     """One task per GPU: 2 nodes x 8 GPUs is 16 processes, each with its CPUs; srun ends all if one fails."""
     opts = resolve_launcher({"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 8, "cpus_per_task": 10, "mem_gb": 480,
