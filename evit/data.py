@@ -21,6 +21,10 @@ Transforms (``train.augment``):
   ImageNet, and there is background to drop.
 - ``none``: no augmentation (evaluation transform for training too).
 
+Training splits the transform like timm's prefetcher: DataLoader workers run `train_transform` (decode, crop,
+augment) and hand over uint8 images; `BatchStage` (`batch_stage`) normalizes, erases (deit) and mixes
+(Mixup/CutMix) the batch on the training device. Evaluation transforms normalize in the worker.
+
 Determinism: training samples are drawn by `TrainSampler`, which yields ``(index, sample_seed)`` pairs. The
 order is a function of (seed, epoch) and the seed of each sample a function of (seed, epoch, position), and
 `SeededDataset` reseeds python/numpy/torch before transforming a sample. So augmentation does not depend on
@@ -183,29 +187,31 @@ def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
 class DemoTrainTransform:
     """Demo training transform on uint8 tensors: place the image on a black ``canvas`` (if set) at a random
     offset (multiples of ``canvas_step``), resize to ``img_size``, random crop with zero padding, horizontal
-    flip, normalize to 3 channels.
+    flip; then, unless ``device_stage``, normalize to 3 channels.
 
-    Accepts a (C, H, W) uint8 tensor or a PIL image. Uses torch's global RNG (reseeded per sample by
-    `SeededDataset`).
+    Accepts a (C, H, W) uint8 tensor or a PIL image. With ``device_stage`` it returns the un-normalized image
+    for `BatchStage`: uint8, or float in [0, 1] when it had to be resized. Uses torch's global RNG (reseeded per
+    sample by `SeededDataset`).
     """
 
     accepts_tensor = True
 
     def __init__(self, img_size: int, mean, std, padding: int = 2, hflip: float = 0.5, canvas: int | None = None,
-                 canvas_step: int = 1):
+                 canvas_step: int = 1, device_stage: bool = False):
         self.img_size, self.padding, self.hflip = img_size, padding, hflip
-        self.canvas, self.canvas_step = canvas, canvas_step
+        self.canvas, self.canvas_step, self.device_stage = canvas, canvas_step, device_stage
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
-    def _to_float(self, img, random_place: bool) -> torch.Tensor:
+    def _placed(self, img, random_place: bool) -> torch.Tensor:
+        """uint8, or float in [0, 1] if resized."""
         if not isinstance(img, torch.Tensor):
             img = torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1)
-        x = img.float().div_(255)
+        x = img
         if self.canvas:
             x = place_on_canvas(x, self.canvas, self.canvas_step, random_place)
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            x = F.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
+            x = F.interpolate(x[None].float().div_(255), size=(self.img_size, self.img_size), mode="bilinear",
                               antialias=True, align_corners=False)[0]
         return x
 
@@ -221,12 +227,15 @@ class DemoTrainTransform:
         return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
         if x.shape[0] == 1:
             x = x.expand(3, -1, -1)
         return (x - self.mean) / self.std
 
     def __call__(self, img) -> torch.Tensor:
-        return self.normalize(self.crop_flip(self._to_float(img, random_place=True))).contiguous()
+        x = self.crop_flip(self._placed(img, random_place=True))
+        return x.contiguous() if self.device_stage else self.normalize(x).contiguous()
 
 
 class DemoEvalTransform(DemoTrainTransform):
@@ -237,7 +246,7 @@ class DemoEvalTransform(DemoTrainTransform):
         super().__init__(img_size, mean, std, padding=0, hflip=0.0, canvas=canvas, canvas_step=canvas_step)
 
     def __call__(self, img) -> torch.Tensor:
-        return self.normalize(self._to_float(img, random_place=False)).contiguous()
+        return self.normalize(self._placed(img, random_place=False)).contiguous()
 
 
 def place_on_canvas(x: torch.Tensor, canvas: int, step: int, random_place: bool) -> torch.Tensor:
@@ -257,27 +266,34 @@ def place_on_canvas(x: torch.Tensor, canvas: int, step: int, random_place: bool)
 def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *, aa: str | None = None,
                     reprob: float = 0.0, color_jitter: float = 0.3, interpolation: str = "bicubic",
                     crop_pct: float = DEFAULT_CROP_PCT, demo_padding: int = 2, canvas: int | None = None,
-                    canvas_step: int = 1) -> Callable:
-    """Training or evaluation transform for ``augment`` in {'deit', 'demo', 'none'} (``canvas``: demo only)."""
+                    canvas_step: int = 1, device_stage: bool = False) -> Callable:
+    """Training or evaluation transform for ``augment`` in {'deit', 'demo', 'none'} (``canvas``: demo only).
+
+    Normalized float (C, H, W) images, random erasing (deit, ``reprob``) included; or, with ``device_stage``
+    (training only), the worker half that `BatchStage` completes: the image before normalization (uint8; the
+    demo augment gives float in [0, 1] when it resizes), without erasing (``mean``, ``std``, ``reprob`` unused).
+    """
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
     if augment == "demo":
         if is_training:
             return DemoTrainTransform(img_size, mean, std, padding=demo_padding, canvas=canvas,
-                                      canvas_step=canvas_step)
+                                      canvas_step=canvas_step, device_stage=device_stage)
         return DemoEvalTransform(img_size, mean, std, canvas=canvas, canvas_step=canvas_step)
     if canvas:
         raise ValueError(f"data.canvas: only the demo augment places images on a canvas, not {augment!r}")
     from timm.data import create_transform
 
+    uint8 = is_training and device_stage      # timm's prefetcher mode: no ToTensor scaling, Normalize, erasing
     if is_training and augment == "deit":
         # DeiT main.py: create_transform(input_size, is_training=True, color_jitter, auto_augment,
         # interpolation, re_prob, re_mode='pixel', re_count=1); its resize+crop for small inputs is unused here.
         return black_at_zero_bits(create_transform(
             input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=aa or None,
-            interpolation=interpolation, re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std))
+            interpolation=interpolation, re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std,
+            use_prefetcher=uint8))
     return create_transform(input_size=img_size, is_training=False, interpolation=interpolation,
-                            crop_pct=crop_pct, mean=mean, std=std)
+                            crop_pct=crop_pct, mean=mean, std=std, use_prefetcher=uint8)
 
 
 def posterize(img, bits_to_keep: int, **kwargs):
@@ -305,12 +321,82 @@ def black_at_zero_bits(transform: Callable) -> Callable:
     return transform
 
 
+def train_transform(cfg: dict) -> Callable:
+    """The worker half of a resolved run config's training transform; `batch_stage` gives the device half."""
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
+    return build_transform(t["augment"], True, m["img_size"], d["mean"], d["std"], aa=t["aa"],
+                           color_jitter=t["color_jitter"], interpolation=t["interpolation"],
+                           demo_padding=t["demo_padding"], canvas=d["canvas"], canvas_step=d["canvas_step"],
+                           device_stage=True)
+
+
 def eval_transform(cfg: dict) -> Callable:
     """The evaluation transform of a resolved run config (evaluation and the kept-patch figure)."""
     d, m, t = cfg["data"], cfg["model"], cfg["train"]
     interpolation = t["interpolation"] if t["interpolation"] != "random" else "bicubic"
     return build_transform(t["augment"], False, m["img_size"], d["mean"], d["std"], interpolation=interpolation,
                            crop_pct=cfg["eval"]["crop_pct"], canvas=d["canvas"], canvas_step=d["canvas_step"])
+
+
+# --------------------------------------------------------------------------------------------- device stage
+
+
+class BatchStage:
+    """The device half of the training input pipeline (timm's `PrefetchLoader` habit): what runs on a whole batch
+    on the training device, so that loader workers only decode, crop and augment, and hand over uint8.
+
+    ``stage(images, targets) -> (images, targets)``, in this order:
+
+    1. moves both to ``device`` (non-blocking: pinned batches overlap the copy);
+    2. images (B, C, H, W), uint8 in 0..255 or float in [0, 1], C = 1 or 3, become float32 (B, 3, H, W)
+       normalized by ``mean`` / ``std`` (``normalize=False``: already normalized float, left as they are);
+    3. timm's `RandomErasing` on the normalized batch: per image with probability ``reprob``, one box of
+       per-pixel normal noise (DeiT's ``re_mode='pixel', re_count=1``);
+    4. timm's `Mixup` / CutMix when ``mixup`` is given; targets (B,) int64 then become soft (B, classes).
+
+    Random draws (steps 3 and 4) come from python's, numpy's and the device's global generators, which
+    `evit.engine.train_one_epoch` seeds per step. Any loader can use it: the torch path with `train_transform`,
+    and a loader that decodes and normalizes on the device itself (``normalize=False``) for erasing and Mixup.
+    """
+
+    def __init__(self, device: torch.device, mean, std, *, reprob: float = 0.0, mixup: Callable | None = None,
+                 normalize: bool = True):
+        from timm.data.random_erasing import RandomErasing
+
+        self.device, self.mixup, self.normalize = torch.device(device), mixup, normalize
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.erasing = (RandomErasing(reprob, mode="pixel", max_count=1, device=self.device) if reprob > 0
+                        else None)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"
+        x = images.to(self.device, non_blocking=non_blocking)
+        targets = targets.to(self.device, non_blocking=non_blocking)
+        if self.normalize:
+            scale = 255.0 if x.dtype == torch.uint8 else 1.0
+            x = x.float()
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            x = (x - self.mean * scale) / (self.std * scale)
+        if self.erasing is not None:
+            x = self.erasing(x)
+        if self.mixup is not None:
+            x, targets = self.mixup(x, targets)
+        return x, targets
+
+
+def batch_stage(cfg: dict, device: torch.device, num_classes: int) -> BatchStage:
+    """The device half of a resolved run config's training input (`train_transform` gives the worker half):
+    normalization, random erasing (deit augment) and Mixup / CutMix (when ``train.mixup`` or ``train.cutmix``)."""
+    from timm.data import Mixup
+
+    d, t = cfg["data"], cfg["train"]
+    mixup = (Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], prob=t["mixup_prob"],
+                   switch_prob=t["mixup_switch_prob"], mode="batch", label_smoothing=t["smoothing"],
+                   num_classes=num_classes) if t["mixup"] > 0 or t["cutmix"] > 0 else None)
+    reprob = t["reprob"] if t["augment"] == "deit" else 0.0
+    return BatchStage(device, d["mean"], d["std"], reprob=reprob, mixup=mixup)
 
 
 # --------------------------------------------------------------------------------------------- loaders

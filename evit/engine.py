@@ -118,7 +118,8 @@ class StepContext:
     rank: int = 0
     scheduler: object | None = None            # timm scheduler, stepped per iteration via step_update(step)
     keep_rate_fn: Callable[[int], float] | None = None   # step -> keep rate, or None (model without keep_rate)
-    mixup_fn: Callable | None = None
+    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.BatchStage`);
+                                               # None: batches are ready, only moved to the device
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
     clip_grad: float | None = None
@@ -131,8 +132,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     state: TrainState, ctx: StepContext) -> dict:
     """Train until ``loader`` is exhausted, updating ``state`` after every optimizer step.
 
-    Per step, in order: reseed python/numpy/torch from (seed, step, rank) so that DropPath and Mixup draws
-    depend only on the step; set the lr for this step; forward/backward; check the loss (mean over ranks) is
+    Per step, in order: reseed python/numpy/torch from (seed, step, rank) so that the batch stage's draws
+    (random erasing, Mixup) and DropPath depend only on the step; set the lr for this step; run the batch stage;
+    forward/backward; check the loss (mean over ranks) is
     finite, raising `NonFiniteLossError` before any update; then update. Returns the epoch's mean loss.
     """
     model.train(not ctx.hold_eval)
@@ -150,10 +152,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         if ctx.scheduler is not None:
             ctx.scheduler.step_update(num_updates=step)
         lr = optimizer.param_groups[0]["lr"]
-        images = images.to(device, non_blocking=non_blocking)
-        targets = targets.to(device, non_blocking=non_blocking)
-        if ctx.mixup_fn is not None:
-            images, targets = ctx.mixup_fn(images, targets)
+        if ctx.batch_stage is not None:
+            images, targets = ctx.batch_stage(images, targets)
+        else:
+            images = images.to(device, non_blocking=non_blocking)
+            targets = targets.to(device, non_blocking=non_blocking)
         kr = ctx.keep_rate_fn(step) if ctx.keep_rate_fn is not None else None
         with autocast(device, ctx.amp_dtype):
             output = call_model(model, images, kr)

@@ -224,11 +224,8 @@ class Trainer:
 
     def _build_data(self, rt: Runtime) -> None:
         cfg = self.config
-        m, d, t = cfg["model"], cfg["data"], cfg["train"]
-        train_tf = D.build_transform(t["augment"], True, m["img_size"], d["mean"], d["std"], aa=t["aa"],
-                                     reprob=t["reprob"], color_jitter=t["color_jitter"],
-                                     interpolation=t["interpolation"], demo_padding=t["demo_padding"],
-                                     canvas=d["canvas"], canvas_step=d["canvas_step"])
+        d, t = cfg["data"], cfg["train"]
+        train_tf = D.train_transform(cfg)
         raw_train = D.raw_dataset(cfg, "train", train_tf)
         train_ds = D.SeededDataset(raw_train, train_tf, D.subset_indices(len(raw_train), d["train_subset"]))
         rt.eval_loader, rt.num_eval, raw_val = D.build_eval_loader(cfg, rt.info.rank, rt.info.world_size, rt.device)
@@ -272,8 +269,7 @@ class Trainer:
             if rt.info.distributed else model)
 
     def _build_optimization(self, rt: Runtime) -> None:
-        """Optimizer, per-iteration lr schedule, mixed precision, Mixup/CutMix and the loss."""
-        from timm.data import Mixup
+        """Optimizer, per-iteration lr schedule, mixed precision, the batch stage (Mixup/CutMix) and the loss."""
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
@@ -290,11 +286,8 @@ class Trainer:
             warmup_epochs=t["warmup_epochs"], step_on_epochs=False, updates_per_epoch=rt.ipe)
         rt.amp_dtype = E.amp_dtype_for(t["amp"], rt.device)
         rt.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-        mixup_on = t["mixup"] > 0 or t["cutmix"] > 0
-        mixup = (Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], prob=t["mixup_prob"],
-                       switch_prob=t["mixup_switch_prob"], mode="batch", label_smoothing=t["smoothing"],
-                       num_classes=rt.num_classes) if mixup_on else None)
-        if mixup_on:
+        stage = D.batch_stage(self.config, rt.device, rt.num_classes)
+        if stage.mixup is not None:
             criterion = SoftTargetCrossEntropy()
         elif t["smoothing"] > 0:
             criterion = LabelSmoothingCrossEntropy(smoothing=t["smoothing"])
@@ -302,7 +295,7 @@ class Trainer:
             criterion = torch.nn.CrossEntropyLoss()
         rt.ctx = E.StepContext(
             criterion=criterion, device=rt.device, iters_per_epoch=rt.ipe, seed=t["seed"], rank=rt.info.rank,
-            scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, mixup_fn=mixup, scaler=rt.scaler,
+            scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, batch_stage=stage, scaler=rt.scaler,
             amp_dtype=rt.amp_dtype, clip_grad=t["clip_grad"], hold_eval=t["hold_eval"])
 
     # ------------------------------------------------------------------ checkpoints

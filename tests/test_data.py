@@ -301,3 +301,56 @@ def test_the_deit_recipe_transform_survives_thousands_of_draws(fashion_val):
         x = tr(images[seed % 10])
         assert x.shape == (3, 16, 16) and torch.isfinite(x).all()
     assert bits_drawn.count(0) >= 1, bits_drawn
+
+
+@pytest.mark.parametrize("augment,size,kw", [
+    ("deit", 32, {"aa": "rand-m9-mstd0.5-inc1"}),
+    ("none", 32, {}),
+    ("demo", 28, {}),
+    ("demo", 42, {"canvas": 42, "canvas_step": 7}),
+    ("demo", 49, {"canvas": 42, "canvas_step": 7}),       # resized: the worker hands over float in [0, 1]
+])
+def test_the_device_stage_gives_the_worker_float_path_s_images(fashion_val, augment, size, kw):
+    """Workers handing over uint8 (or [0, 1] float) and `BatchStage` normalizing the batch give the images that
+    the all-in-the-worker transform gives, for the same per-sample seeds."""
+    mean, std = (D.IMAGENET_MEAN, D.IMAGENET_STD) if augment != "demo" else (D.FASHION_MEAN, D.FASHION_STD)
+    old = D.build_transform(augment, True, size, mean, std, **kw)
+    new = D.build_transform(augment, True, size, mean, std, device_stage=True, **kw)
+    stage = D.BatchStage(torch.device("cpu"), mean, std)
+    images = ([_jpeg_garment(fashion_val, i, 48) for i in range(6)] if augment != "demo"
+              else [fashion_val[i][0] for i in range(6)])
+    expected, handed = [], []
+    for seed, img in enumerate(images):
+        D.seed_all(seed)
+        expected.append(old(img))
+        D.seed_all(seed)
+        handed.append(new(img))
+    assert handed[0].dtype == (torch.float32 if size == 49 else torch.uint8)
+    out, targets = stage(torch.stack(handed), torch.arange(6))
+    assert out.shape == (6, 3, size, size) and out.dtype == torch.float32 and targets.tolist() == list(range(6))
+    torch.testing.assert_close(out, torch.stack(expected))
+    assert len({x.sum().item() for x in expected}) > 1 or augment == "none"   # really augmented
+
+
+def test_the_device_stage_erases_one_box_per_image_as_deit(fashion_val):
+    """`BatchStage`'s random erasing is timm's, with DeiT's settings: per image with probability reprob, one box
+    of 2 % to 1/3 of the image, filled with per-pixel noise; the rest of the image is untouched. The draws are
+    functions of the global seed."""
+    imgs = torch.stack([fashion_val[i][0].expand(3, -1, -1) for i in range(64)])
+    plain = D.BatchStage(torch.device("cpu"), D.FASHION_MEAN, D.FASHION_STD)(imgs, torch.zeros(64))[0]
+    stage = D.BatchStage(torch.device("cpu"), D.FASHION_MEAN, D.FASHION_STD, reprob=0.5)
+    D.seed_all(5)
+    out = stage(imgs, torch.zeros(64))[0]
+    D.seed_all(5)
+    assert torch.equal(out, stage(imgs, torch.zeros(64))[0])
+    erased = 0
+    for x, p in zip(out, plain):
+        diff = (x != p).any(0)
+        if not diff.any():
+            continue
+        erased += 1
+        rows, cols = diff.any(1).nonzero().flatten(), diff.any(0).nonzero().flatten()
+        box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert diff.sum() >= 0.9 * box                      # one box (noise may equal a pixel by chance)
+        assert 0.02 * 28 * 28 * 0.8 <= box <= 28 * 28 / 3 * 1.2
+    assert 20 <= erased <= 44                               # about half of 64
