@@ -272,7 +272,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "device": Field("choice", "auto", choices=("auto", "cpu", "cuda"),
                         help="`auto`: this process's GPU when CUDA is available, else the CPU."),
         "eval_every": Field("int", 1, lo=0, help="Evaluate every that many epochs; 0 = only at the end."),
-        "log_every": Field("int", 50, lo=1, help="Steps between progress lines when stdout is not a terminal."),
+        "log_every": Field("int", 50, lo=1,
+                           help="Steps between progress lines (on a terminal: between loss updates of the bar) and "
+                                "between reads of the training loss, the only times the host waits for the device "
+                                "during an epoch (with the fused adam / adamw)."),
     },
     "eval": {
         "batch_size": Field("int", 256, lo=1, help="Batch size per process."),

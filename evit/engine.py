@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable
 
 import torch
@@ -18,7 +18,8 @@ from evit.distributed import all_reduce_sum
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite. Raised before the optimizer applies that step."""
+    """The training loss became NaN or infinite. No update was applied from that step on: the model and
+    optimizer hold the weights before it, and the `TrainState` counts the steps before it."""
 
     def __init__(self, epoch: int, step: int, loss: float):
         self.epoch, self.step, self.loss = epoch, step, loss
@@ -95,16 +96,47 @@ class TrainState:
     epoch_time: float = 0.0   # training seconds spent in `epoch` (before this session, if resumed)
     train_time: float = 0.0   # training seconds in completed epochs, all sessions
     phase: str = "idle"
+    # On the training device, what the steps since the last `settle` left unread (reading waits for the device):
+    # [their loss sum, non-finite losses, the first such step, its loss].
+    pending: torch.Tensor | None = field(default=None, repr=False)
 
     def state_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("phase")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("phase", "pending")}
+        if self.pending is not None:
+            d["loss_sum"] += self.pending[0].item()
         return d
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():
             setattr(self, k, v)
-        self.phase = "idle"
+        self.phase, self.pending = "idle", None
+
+    def non_finite_pending(self) -> bool:
+        return self.pending is not None and bool(self.pending[1] > 0)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        """Count one step's (all-rank mean) loss, on the device, without waiting for it."""
+        if self.pending is None:
+            self.pending = torch.zeros(4, dtype=torch.float64, device=loss.device)
+        p, bad = self.pending, ~torch.isfinite(loss)
+        first = bad & (p[1] == 0)
+        p[2] = torch.where(first, step, p[2])
+        p[3] = torch.where(first, loss, p[3])
+        p[1] += bad
+        p[0] += torch.where(bad, 0.0, loss)
+
+    def settle(self) -> None:
+        """Read what `record` counted: add the losses to ``loss_sum``; after a non-finite loss, go back to the step
+        that had it (no update was applied from it on) and raise `NonFiniteLossError`."""
+        if self.pending is None:
+            return
+        loss_sum, bad, first, first_loss = self.pending.tolist()
+        self.pending.zero_()
+        self.loss_sum += loss_sum
+        if bad:
+            undone = self.step - int(first)
+            self.step, self.epoch_step, self.phase = self.step - undone, self.epoch_step - undone, "idle"
+            raise NonFiniteLossError(self.epoch, int(first), first_loss)
 
 
 @dataclass
@@ -124,8 +156,10 @@ class StepContext:
     amp_dtype: torch.dtype | None = None
     clip_grad: float | None = None
     hold_eval: bool = False                    # model.eval() while training (fine-tuning: DropPath off)
-    on_step: Callable[[TrainState, float, float, float | None], None] | None = None  # (state, loss, lr, kr)
+    # (state, loss, lr, kr) after each step; the loss is a 0-d tensor on the device (reading it waits for the step)
+    on_step: Callable[[TrainState, torch.Tensor, float, float | None], None] | None = None
     max_step: int | None = None                # stop (before fetching more) once state.step reaches this
+    check_every: int = 50                      # steps between reads of the losses (`TrainState.settle`)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -134,12 +168,19 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
 
     Per step, in order: reseed python/numpy/torch from (seed, step, rank) so that the batch stage's draws
     (random erasing, Mixup) and DropPath depend only on the step; set the lr for this step; run the batch stage;
-    forward/backward; check the loss (mean over ranks) is
-    finite, raising `NonFiniteLossError` before any update; then update. Returns the epoch's mean loss.
+    forward/backward; record the loss (mean over ranks); then update, unless a loss so far was not finite.
+
+    The host does not wait for the device at every step: the losses are checked on the device, and an optimizer
+    that can skip its update there (torch's fused ones, without a GradScaler) is given the flag as ``found_inf``.
+    The flag is read every ``ctx.check_every`` steps and at the end (`TrainState.settle`), raising
+    `NonFiniteLossError` with the weights of the step before the first non-finite loss. Other optimizers read it
+    at every step, before updating. Returns the epoch's mean loss.
     """
     model.train(not ctx.hold_eval)
     device, non_blocking = ctx.device, ctx.device.type == "cuda"
     loss_buf = torch.zeros((), device=device, dtype=torch.float64)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    skip_on_device = ctx.scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False)
     lr = optimizer.param_groups[0]["lr"]
     kr = None
     t0 = time.perf_counter()
@@ -167,10 +208,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         else:
             loss.backward()
         loss_buf.copy_(loss.detach())
-        loss_value = all_reduce_sum(loss_buf).item() / (dist.get_world_size() if dist.is_initialized() else 1)
-        if not math.isfinite(loss_value):
-            state.phase = "idle"
-            raise NonFiniteLossError(state.epoch, step, loss_value)
+        loss_mean = all_reduce_sum(loss_buf) / world
+        state.record(loss_mean, step)
+        if not skip_on_device:
+            state.settle()
         state.phase = "update"
         if ctx.scaler is not None:
             if ctx.clip_grad:
@@ -181,13 +222,18 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         else:
             if ctx.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
+            if skip_on_device:
+                optimizer.found_inf = (state.pending[1] > 0).float()   # 1: the fused kernels leave everything
             optimizer.step()
+            optimizer.__dict__.pop("found_inf", None)
         state.step += 1
         state.epoch_step += 1
-        state.loss_sum += loss_value
         state.phase = "idle"
         if ctx.on_step is not None:
-            ctx.on_step(state, loss_value, lr, kr)
+            ctx.on_step(state, loss_mean, lr, kr)
+        if skip_on_device and state.step % ctx.check_every == 0:
+            state.settle()
+    state.settle()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.epoch_time += time.perf_counter() - t0

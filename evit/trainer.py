@@ -63,10 +63,11 @@ class _Progress:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if v is not None}, refresh=False)
+            if done % self.every == 0 or done == self.total:   # reading a device tensor waits for the device
+                self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in stats.items() if v is not None}, refresh=False)
         elif done % self.every == 0 or done == self.total:
             rate = (done - self.n0) * batch / max(time.perf_counter() - self.t0, 1e-9)
-            extra = " ".join(f"{k} {v:.4g}" for k, v in stats.items() if v is not None)
+            extra = " ".join(f"{k} {float(v):.4g}" for k, v in stats.items() if v is not None)
             _log(f"{self.desc} step {done}/{self.total} {extra} {rate:.1f} img/s")
 
     def close(self) -> None:
@@ -168,7 +169,8 @@ class Trainer:
         started, or not rank 0) or the optimizer is in the middle of an update (then the previous checkpoint
         stays, and the run resumes from it)."""
         rt = self._rt
-        if rt is None or rt.closed or not rt.ready or not rt.info.is_main or rt.state.phase == "update":
+        if (rt is None or rt.closed or not rt.ready or not rt.info.is_main or rt.state.phase == "update"
+                or rt.state.non_finite_pending()):
             return False
         state = E.TrainState(**rt.state.state_dict())
         if rt.epoch_started is not None and state.epoch_step < rt.ipe:
@@ -279,6 +281,8 @@ class Trainer:
         opt_kwargs = {"momentum": t["momentum"]} if t["opt"] in ("sgd", "momentum", "nesterov") else {}
         if "adam" in t["opt"] or "lamb" in t["opt"]:
             opt_kwargs["eps"] = t["opt_eps"]
+        if t["opt"] in ("adam", "adamw"):
+            opt_kwargs["fused"] = True      # one kernel, and it skips a non-finite step on the device (engine)
         rt.optimizer = create_optimizer_v2(rt.model, opt=t["opt"], lr=rt.lr, weight_decay=t["weight_decay"],
                                            **opt_kwargs)
         rt.scheduler, _ = create_scheduler_v2(
@@ -296,7 +300,8 @@ class Trainer:
         rt.ctx = E.StepContext(
             criterion=criterion, device=rt.device, iters_per_epoch=rt.ipe, seed=t["seed"], rank=rt.info.rank,
             scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, batch_stage=stage, scaler=rt.scaler,
-            amp_dtype=rt.amp_dtype, clip_grad=t["clip_grad"], hold_eval=t["hold_eval"])
+            amp_dtype=rt.amp_dtype, clip_grad=t["clip_grad"], hold_eval=t["hold_eval"],
+            check_every=t["log_every"])
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -198,6 +198,40 @@ def test_non_finite_loss_stops_before_the_update():
     assert state.step == 17 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_nan_mid_epoch_stops_with_the_last_good_weights_without_a_sync_per_step():
+    """Fused AdamW, losses read every 4 steps: a NaN image batch at step 5 of 8 is caught on the device; steps 5
+    to 7 update nothing, and the run stops at the read after step 8 with the weights, optimizer state and step count
+    of a run that stopped before step 5."""
+    batches = list(_train_batches(n_batches=8, batch=8))
+    poisoned = list(batches)
+    poisoned[5] = (torch.full_like(batches[5][0], float("nan")), batches[5][1])
+    reads = []
+
+    def run(loader, max_step=None):
+        model = _tiny_model(keep_rate=0.7, fuse_token=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        state = E.TrainState(epoch=2, step=40)
+        ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), iters_per_epoch=8,
+                            seed=0, check_every=4, max_step=max_step)
+        settle = state.settle
+        state.settle = lambda: (reads.append(state.step), settle())[1]
+        return model, opt, state, ctx
+
+    model, opt, state, ctx = run(poisoned)
+    with pytest.raises(E.NonFiniteLossError) as e:
+        E.train_one_epoch(model, poisoned, opt, state, ctx)
+    assert (e.value.epoch, e.value.step) == (2, 45) and math.isnan(e.value.loss)
+    assert reads == [44, 48]                   # read at steps 4 and 8 only, not per step
+    assert (state.step, state.epoch_step) == (45, 5)
+    ref, ref_opt, ref_state, ref_ctx = run(batches, max_step=45)
+    E.train_one_epoch(ref, batches, ref_opt, ref_state, ref_ctx)
+    assert ref_state.step == 45
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+    for p, q in zip(ref.parameters(), model.parameters()):
+        a, b = ref_opt.state[p], opt.state[q]
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
 # --------------------------------------------------------------------------------------------- AMP
 
 
@@ -216,7 +250,7 @@ def _amp_run(amp: str, n_batches: int = 3):
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     losses = []
     ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=device, iters_per_epoch=n_batches, seed=0,
-                        scaler=scaler, amp_dtype=dtype, on_step=lambda s, loss, lr, kr: losses.append(loss))
+                        scaler=scaler, amp_dtype=dtype, on_step=lambda s, loss, lr, kr: losses.append(loss.item()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = E.TrainState()
     E.train_one_epoch(model, _train_batches(n_batches), opt, state, ctx)
