@@ -59,6 +59,18 @@ class DatasetError(FileNotFoundError):
     """A dataset is missing or not laid out as expected. The message names the path and the layout."""
 
 
+class ImageError(RuntimeError):
+    """An image that cannot be decoded or augmented; the message names its file (or item) and index, and the cause.
+
+    Raised in a DataLoader worker, it reaches the training process as torch re-raises it (its message then
+    quotes the worker's traceback): it keeps only its own message, the traceback's last line."""
+
+    def __init__(self, message: str):
+        if message.startswith(f"Caught {type(self).__name__}"):
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
 # --------------------------------------------------------------------------------------------- datasets
 
 
@@ -168,6 +180,9 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.folder[i]
+
+    def describe(self, i: int) -> str:
+        return f"{self.folder.samples[i][0]} (index {i})"
 
 
 def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
@@ -493,10 +508,24 @@ class SeededDataset(Dataset):
             seed_all(seed)
         else:
             i = key
-        img, target = self.base[i if self.indices is None else self.indices[i]]
-        if self.transform is not None:
-            img = self.transform(img)
+        raw = i if self.indices is None else self.indices[i]
+        try:
+            img, target = self.base[raw]
+            if self.transform is not None:
+                img = self.transform(img)
+        except OSError as e:
+            if e.errno is not None:         # the file system's (a retry may succeed), not the image's
+                raise
+            raise self.image_error(raw, e) from e
+        except Exception as e:  # noqa: BLE001 - whatever the decoder or an augmentation raises, the image is named
+            raise self.image_error(raw, e) from e
         return img, target
+
+    def image_error(self, raw: int, e: Exception) -> ImageError:
+        describe = getattr(self.base, "describe", None)
+        what = describe(raw) if describe else f"item {raw} of {type(self.base).__name__}"
+        cause = " ".join(f"{type(e).__name__}: {e}".split())
+        return ImageError(f"cannot decode or augment the image {what}: {cause}")
 
 
 def subset_indices(n: int, size: int | None) -> list[int] | None:

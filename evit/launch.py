@@ -56,7 +56,8 @@ class LaunchError(RuntimeError):
 
 class NotRetryableError(RuntimeError):
     """Raised in a job for a failure that a resubmission would repeat: a bad config, missing data, a checkpoint of
-    the wrong architecture or an unreadable one, a non-finite loss. The launcher reports it at once."""
+    the wrong architecture or an unreadable one, an image that cannot be decoded or augmented, a non-finite loss.
+    The launcher reports it at once."""
 
 
 class RunTask(submitit.helpers.Checkpointable):

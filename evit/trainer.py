@@ -459,7 +459,7 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
 
 # Failures of a run that the user must fix (a retry repeats them): one line in `evit train/eval`, no resubmission
 # by the launcher.
-RUN_ERRORS = (ConfigError, D.DatasetError, CheckpointError, E.NonFiniteLossError)
+RUN_ERRORS = (ConfigError, D.DatasetError, D.ImageError, CheckpointError, E.NonFiniteLossError)
 
 
 def command_errors(fn):

@@ -354,3 +354,27 @@ def test_the_device_stage_erases_one_box_per_image_as_deit(fashion_val):
         assert diff.sum() >= 0.9 * box                      # one box (noise may equal a pixel by chance)
         assert 0.02 * 28 * 28 * 0.8 <= box <= 28 * 28 / 3 * 1.2
     assert 20 <= erased <= 44                               # about half of 64
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_is_one_error_naming_its_file_and_index(tmp_path, fashion_val, workers):
+    """A JPEG cut short and a file of garbage in a `folder` dataset: loading either (in the process or in a
+    DataLoader worker) raises one `ImageError` naming the file, its index and the decoder's complaint."""
+    root = tmp_path / "folder"
+    for c in ("bags", "shirts"):
+        _write_images(root / "train" / c, fashion_val.images[:3], ext=".png")
+    good = (root / "train" / "bags" / "img1.png").read_bytes()
+    (root / "train" / "bags" / "img1.png").write_bytes(good[: len(good) // 2])
+    (root / "train" / "shirts" / "img2.png").write_bytes(b"not an image at all")
+    raw = D.build_dataset("folder", str(root), "train")
+    tf = D.build_transform("deit", True, 16, D.IMAGENET_MEAN, D.IMAGENET_STD, device_stage=True)
+    ds = D.SeededDataset(raw, tf)
+    for index, name, cause in ((1, "bags/img1.png", "OSError"), (5, "shirts/img2.png", "UnidentifiedImageError")):
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [0, index]), batch_size=2,
+                                             num_workers=workers)
+        with pytest.raises(D.ImageError) as e:
+            next(iter(loader))
+        message = str(e.value)
+        assert message.startswith(f"cannot decode or augment the image {root / 'train' / name} (index {index}): "
+                                  f"{cause}"), message
+        assert "\n" not in message and "Traceback" not in message

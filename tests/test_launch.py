@@ -170,6 +170,33 @@ def test_missing_data_fails_at_once_without_resubmission(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
+def test_a_bad_image_fails_at_once_naming_the_file_without_resubmission(tmp_path):
+    """An image that a DataLoader worker cannot decode is reported once, by name, and the run is not resubmitted."""
+    from PIL import Image
+
+    from evit.data import FashionMNIST
+
+    images = FashionMNIST(None, "val").images
+    root = tmp_path / "garments"
+    for split in ("train", "val"):
+        for c in ("bags", "shirts"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(images[i].numpy()).convert("RGB").save(root / split / c / f"{i}.jpg")
+    bad = root / "train" / "shirts" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    cfg = tiny_run(1, "local", max_failures=3)
+    cfg["data"] = {"dataset": "folder", "root": str(root), "num_workers": 1}
+    cfg["train"].update(batch_size=8, augment="none")
+    lines = []
+    with pytest.raises(LaunchError) as info:
+        launch(cfg, tmp_path / "run", log=lines.append, poll_s=0.5)
+    first = str(info.value).splitlines()[0]
+    assert f"cannot decode or augment the image {bad} (index 6): OSError" in first, first
+    assert sum(line.startswith("submitted") for line in lines) == 1
+
+
 def test_a_checkpoint_of_another_architecture_fails_at_once(tmp_path):
     import timm
 
