@@ -25,6 +25,10 @@ include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/visualize.smk"
 
+if MASKING:
+
+    include: "workflow/rules/masking.smk"
+
 
 # The runs' results are listed here too: a deleted run (results/runs/<exp>/) is then rerun, with what depends
 # on it, even though the tables made from it are still there.

@@ -12,8 +12,8 @@ parameters; a parameter of another method is an error. Every key has a default e
 ``data.root`` for imagenet / folder); unknown keys and bad values are rejected with one error naming the key
 (``ConfigError``). `resolve_config` fills in every default, so a resolved config is
 complete. Top-level ``launcher`` (read by ``evit launch``; its keys are checked by `resolve_launcher`, see
-`LAUNCHER_DEFAULTS`) and ``meta`` (free-form, e.g. the experiment name) are kept as given; they are not part
-of the config hash.
+`LAUNCHER_DEFAULTS`), ``mask`` (the masking experiment's options, `resolve_mask`) and ``meta`` (free-form, e.g.
+the experiment name) are kept as given; they are not part of the config hash.
 
 The per-key reference (type, bounds, default, per recipe where `RECIPES` sets it, and meaning) is generated
 from `SCHEMA` (each `Field`'s ``help``, and `SECTION_HELP`) by `config_reference`: read it in
@@ -286,7 +286,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                            help="EViT: keep rate for evaluation; null = `model.keep_rate`."),
     },
 }
-PASSTHROUGH = ("launcher", "meta")
+PASSTHROUGH = ("launcher", "meta", "mask")
 # Keys that may differ between a checkpoint's config and the resuming run's (they do not change the maths).
 RESUME_FREE = {"data.root", "data.num_workers", "data.val_subset", "train.device", "train.amp",
                "train.grad_checkpointing", "train.eval_every", "train.log_every", "eval.batch_size", "eval.crop_pct",
@@ -610,6 +610,38 @@ def resolve_bench_launcher(section: dict | None, backend: str | None = None) -> 
     opts = resolve_launcher(section, backend)
     if opts["nodes"] * opts["tasks_per_node"] != 1:
         raise ConfigError("the benchmark runs in one process; set its launcher to nodes: 1 and tasks_per_node: 1")
+    return opts
+
+
+# --------------------------------------------------------------------------------------------- masking
+
+BOX_FORMATS = ("xml", "csv")  # of ImageNet's validation boxes (evit/boxes.py)
+# The `mask:` section of a masking job's run config (`evit launch --command mask`, evit/masking.py).
+MASK_DEFAULTS = dict(
+    share=0.5,              # the share of an image's patches masked, the same number in each of the three ways
+    boxes=None,             # ImageNet's validation boxes (a file or folder); null: the demo canvas's exact square
+    boxes_format="xml",     # xml: the ILSVRC2012 bounding-box XML folder; csv: LOC_val_solution.csv
+    seed=0,                 # which patches are masked (per image, whatever the batch or the process)
+    figure=None,            # output path without extension of the figure (.png, .pdf); null: none
+    figure_images=4,        # images in the figure, each masked the three ways
+)
+
+
+def resolve_mask(section: dict | None) -> dict:
+    """The masking options with defaults filled in; an unknown key or bad value is named (`ConfigError`)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"mask: expected a mapping, got {section!r}")
+    unknown = sorted(set(section) - set(MASK_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown mask key(s) {unknown}; known: {sorted(MASK_DEFAULTS)}")
+    opts = {**MASK_DEFAULTS, **section}
+    if isinstance(opts["share"], bool) or not isinstance(opts["share"], (int, float)) or not 0 < opts["share"] < 1:
+        raise ConfigError(f"mask.share must be a number in (0, 1), got {opts['share']!r}")
+    for key in ("seed", "figure_images"):
+        if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 0:
+            raise ConfigError(f"mask.{key} must be a non-negative integer, got {opts[key]!r}")
+    if opts["boxes_format"] not in BOX_FORMATS:
+        raise ConfigError(f"mask.boxes_format: expected one of {list(BOX_FORMATS)}, got {opts['boxes_format']!r}")
     return opts
 
 

@@ -274,8 +274,13 @@ def place_on_canvas(x: torch.Tensor, canvas: int, step: int, random_place: bool)
     if random_place:
         top, left = step * torch.randint(0, slots_h, ()).item(), step * torch.randint(0, slots_w, ()).item()
     else:
-        top, left = step * ((slots_h - 1) // 2), step * ((slots_w - 1) // 2)
+        top, left = central_offset(canvas, h, w, step)
     return F.pad(x, (left, canvas - w - left, top, canvas - h - top))
+
+
+def central_offset(canvas: int, h: int, w: int, step: int) -> tuple[int, int]:
+    """(top, left) of an h x w image placed for evaluation on its canvas: the grid offset nearest the centre."""
+    return step * (((canvas - h) // step) // 2), step * (((canvas - w) // step) // 2)
 
 
 def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *, aa: str | None = None,

@@ -1,6 +1,9 @@
-"""The names of the pipeline's figures under results/figures/, shared by the workflow, `evit report` and
-`evit visualize` (torch- and pandas-free, so the workflow reads them while it builds the DAG)."""
+"""The names of the pipeline's figures under results/figures/ (and of the masking table), shared by the workflow,
+`evit report`, `evit visualize` and the masking job (torch- and pandas-free: the workflow reads them while it
+builds the DAG)."""
 
 REPORT_FIGURES = ("accuracy_vs_throughput", "keep_rate_sweep", "frontier")   # drawn by `evit report`
 KEPT_TOKENS_FIGURE = "kept_tokens"                                           # the paper's Figure 3, by `evit visualize`
-FIGURES = (*REPORT_FIGURES, KEPT_TOKENS_FIGURE)
+MASKING_FIGURE = "masking"                      # the paper's Figure 1, by the masking job (`evit launch --command mask`)
+FIGURES = (*REPORT_FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE)
+MASKING_TABLE = "masking"                       # the paper's Table 1, by `evit report` from the masking job's result

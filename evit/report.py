@@ -26,6 +26,10 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
         paper: evit_deit_small_0.7_fused  # optional: a `ref` of the reference CSV, or null
         result: results/runs/deit_s/metrics.json  # required: JSON with top1 (and top5), in percent;
                                                   # relative paths are relative to the current directory
+    masking:                          # optional: the `masking` table (the paper's Table 1), see `masking_table`
+      result: results/masking/masking.json  # the masking job's result (evit/masking.py)
+      experiment: deit_s              # whose weights were masked
+      paper: {none: 79.8}             # the paper's top-1 per way (none, background, object, random), if given
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import yaml
 from matplotlib.figure import Figure  # no pyplot: figures render with the Agg canvas, no global state
 
 from evit.config import METHODS, describe_method
+from evit.layout import MASKING_TABLE
 from evit.layout import REPORT_FIGURES as FIGURES
 
 REQUIRED = ("name", "img_size", "method", "params", "recipe", "tables", "result")
@@ -206,6 +211,12 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
         notes += f" Paper speedup: the paper's img/s over its {baseline} img/s, blank where the paper gives none."
     if data.columns.str.startswith("paper_").any():
         notes += f" Δ = ours - paper. Paper: {sources}."
+    csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
+    return {**_render_table(shown, align, caption, notes, table), "csv": csv}
+
+
+def _render_table(shown: pd.DataFrame, align: str, caption: str, notes: str, table: str) -> dict[str, str]:
+    """A table's formatted cells as {"md", "tex", "html"}: the caption and notes above; ``align`` per column l/r."""
     md = (f"**{caption}**\n\n"
           + shown.to_markdown(index=False, disable_numparse=True,
                               colalign=[{"l": "left", "r": "right"}[a] for a in align])
@@ -218,8 +229,41 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
     page = (shown.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1)
             .set_caption(f"<strong>{html.escape(caption)}</strong><br><em>{html.escape(notes)}</em>")
             .set_table_styles(_HTML_STYLE + left).to_html(doctype_html=True))
-    csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
-    return {"md": md, "csv": csv, "tex": tex, "html": page}
+    return {"md": md, "tex": tex, "html": page}
+
+
+MASKING_WAYS = {"none": "nothing", "background": "background", "object": "object", "random": "random"}
+
+
+def masking_table(spec: dict, dataset: str | None) -> dict[str, str]:
+    """The `masking` table (the paper's Table 1) from the masking job's result: top-1 per way masked, with the
+    tokens dropped and with the pixels zeroed, beside the paper's (``spec["paper"]``: way -> top-1)."""
+    result = _read_json(Path(spec["result"]), spec["experiment"])
+    paper = spec.get("paper") or {}
+    frame = pd.DataFrame({
+        "masked": list(MASKING_WAYS.values()),
+        "share": [0.0] + [100 * result["masked_share"]] * 3,
+        "top1_drop": [result["top1"]["none"]] + [result["top1"][f"{w}_drop"] for w in list(MASKING_WAYS)[1:]],
+        "top1_zero": [result["top1"]["none"]] + [result["top1"][f"{w}_zero"] for w in list(MASKING_WAYS)[1:]],
+        "paper_top1": [paper.get(w) for w in MASKING_WAYS],
+    })
+    headers = {"masked": "patches masked", "share": "share masked (%)", "top1_drop": "top-1, tokens dropped",
+               "top1_zero": "top-1, pixels zeroed", "paper_top1": "paper top-1"}
+    formats = {"masked": str, "share": "{:.1f}".format, "top1_drop": "{:.2f}".format, "top1_zero": "{:.2f}".format,
+               "paper_top1": "{:.1f}".format}
+    shown = frame.loc[:, frame.notna().any().to_numpy()]
+    shown = shown.apply(lambda col: col.map(formats[col.name], na_action="ignore").astype("string").fillna(""))
+    shown = shown.rename(columns=headers)
+    caption = (f"Masking patches of {spec['experiment']}'s input (the paper's Table 1): top-1 on "
+               f"{dataset or 'the validation set'}, {result['num_images']} images.")
+    notes = (f"Each image loses the same number of its {result['num_patches']} patches in every way: "
+             f"round({result['share']:g} x {result['num_patches']}), at most its object's and its background's "
+             f"patch count (object: patch centre in a box; boxes: {result['boxes']}). Tokens dropped: the masked "
+             "patches leave the token sequence; pixels zeroed: they are set to the dataset's mean colour."
+             + (" Paper: EViT (Liang et al., ICLR 2022), Table 1." if paper else ""))
+    csv = frame.assign(experiment=spec["experiment"], num_images=result["num_images"]).to_csv(
+        index=False, float_format="%.8g")
+    return {**_render_table(shown, "l" + "r" * (shown.shape[1] - 1), caption, notes, "masking"), "csv": csv}
 
 
 def _runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -362,6 +406,11 @@ def report(experiments, bench, reference="results/reference/paper.csv", out_dir=
     out_dir = Path(out_dir)
     files = {out_dir / "tables" / f"{table}.{ext}": text
              for table in results["table"].dropna().unique() for ext, text in make_table(results, table).items()}
+    masking = (yaml.safe_load(Path(experiments).read_text()) or {}).get("masking")
+    if masking:
+        dataset = results["dataset"].dropna().iloc[0] if results["dataset"].notna().any() else None
+        files |= {out_dir / "tables" / f"{MASKING_TABLE}.{ext}": text
+                  for ext, text in masking_table(masking, dataset).items()}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
         for name, plot in zip(FIGURES, (plot_accuracy_vs_throughput, plot_keep_rate_sweep, plot_frontier)):
             files |= {out_dir / "figures" / f"{name}.{ext}": data for ext, data in _render(plot(results)).items()}

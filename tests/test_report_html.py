@@ -75,6 +75,13 @@ def test_the_report_holds_every_table_and_figure_with_its_caption(tmp_path):
             assert f"median over {cfg['bench']['rounds']} rounds" in entry["caption"], table
             assert f"<tt class=\"docutils literal\">{table}</tt> ({spec['title']};" in entry["caption"], table
             assert entry["name"] in category["Tables"]
+    masking = data(entries["masking.html"]).decode()  # the masking job's table, with its own caption
+    cells = [html.unescape(c) for c in re.findall(r"<t[hd](?: [^>]*)?>(.*?)</t[hd]>", masking)]
+    rows = md_rows((results / "tables/masking.md").read_text())
+    assert cells == sum(rows, []) and [row[0] for row in rows] == [
+        "patches masked", "nothing", "background", "object", "random"]
+    assert rows[0][2:4] == ["top-1, tokens dropped", "top-1, pixels zeroed"]
+    assert "<strong>The masking experiment" in entries["masking.html"]["caption"]
     for fig in FIGURES:
         assert f"{fig}.png" in entries, f"figure {fig} is not in the report"
         entry = entries[f"{fig}.png"]

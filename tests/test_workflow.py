@@ -37,6 +37,7 @@ def tiny_config(results: Path, experiments: list[dict], **extra) -> dict:
     cfg["experiment_defaults"]["run"]["data"]["train_subset"] = 512
     cfg["bench"].update(batch_size=8, warmup=1, rounds=2, iters=1)
     cfg["visualize"] = {"experiment": experiments[-1]["name"], "num_images": 2}
+    cfg["masking"].update(experiment=experiments[0]["name"], val_subset=256, figure_images=2)
     cfg["tables"] = {"main": {"title": "tiny", "baseline": experiments[0]["name"]}}
     cfg["experiments"] = experiments
     cfg.update(extra)
@@ -96,6 +97,11 @@ def job_counts(dry_run_output: str) -> dict:
      "experiment 'deit_s': model.arch: 'evit_deit_tiny_patch16_224' includes the method (EViT); write "
      "`arch: deit_tiny_patch16_224` and `method: evit`"),
     (lambda c: c["visualize"].update(experiment="deit_s"), "visualize.experiment 'deit_s' is not an EViT experiment"),
+    (lambda c: c["masking"].update(experiment="evit_s_0.7"),
+     "masking.experiment 'evit_s_0.7' is not a method-none experiment"),
+    (lambda c: c["masking"].update(boxes="/nowhere/LOC_val_solution.csv", boxes_format="csv"),
+     "config: masking: mask.boxes: /nowhere/LOC_val_solution.csv does not exist"),
+    (lambda c: c["masking"].update(share=1.0), "1.0 is greater than or equal to the maximum of 1"),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
@@ -108,34 +114,39 @@ def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
 
 
 def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
-    imagenet = tmp_path / "imagenet"
-    for split in ("train", "val"):
-        (imagenet / split / "n01440764").mkdir(parents=True)
-    overlay = write_config(tmp_path / "site.yaml", {
-        "results": str(tmp_path / "results"),
-        "run_defaults": {"data": {"dataset": "imagenet", "root": str(imagenet), "num_workers": 10},
-                         "train": {"batch_size": 256, "amp": "bf16"}, "eval": {"batch_size": 256}},
-    })
-    proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(overlay), "--config", "backend=slurm")
+    proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(imagenet_site(tmp_path)),
+                     "--config", "backend=slurm")
     assert job_counts(proc.stdout).items() >= {  # the runs, and one bench, tables and figures job each
         "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 26,
-        "train": 16, "evaluate": 10, "visualize": 1,
+        "train": 16, "evaluate": 10, "visualize": 1, "masking_config": 1, "masking": 1,
     }.items()
     for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5", "tome_s_r11", "tome_s_r16"):
         assert f"{tmp_path}/results/runs/{exp}/metrics.json" in proc.stdout
     for exp in ("evit_s_0.9_offshelf", "evit_s_0.5_offshelf", "tome_s_r4_offshelf", "tome_s_r16_offshelf"):
         assert f"{tmp_path}/results/runs/{exp}/eval.json" in proc.stdout  # evaluated, not trained
-    assert f"{tmp_path}/results/tables/frontier.md" in proc.stdout
-    assert f"{tmp_path}/results/figures/frontier.png" in proc.stdout
+    for out in ("tables/frontier.md", "figures/frontier.png", "masking/masking.json", "tables/masking.md",
+                "figures/masking.png"):
+        assert f"{tmp_path}/results/{out}" in proc.stdout
+    masking_file = tmp_path / "results/masking/config.yaml"  # the masking job's config, by a local rule
+    snakemake(str(masking_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml", str(imagenet_site(tmp_path)))
+    masking = yaml.safe_load(masking_file.read_text())
+    assert masking["mask"] == {"share": 0.5, "boxes": str(tmp_path / "imagenet/LOC_val_solution.csv"),
+                               "boxes_format": "csv", "seed": 0, "figure_images": 6,
+                               "figure": f"{tmp_path}/results/figures/masking"}
+    assert (masking["model"]["arch"], masking["model"]["method"]) == ("deit_small_patch16_224", "none")
+    assert (masking["launcher"]["tasks_per_node"], masking["launcher"]["gpus_per_node"]) == (1, 1)  # one GPU
 
 
 def imagenet_site(tmp_path: Path) -> Path:
-    """A site file pointing paper.yaml at an (empty) ImageNet layout and at tmp_path/results."""
+    """A site file pointing paper.yaml at an (empty) ImageNet layout, its val boxes and tmp_path/results."""
     imagenet = tmp_path / "imagenet"
     for split in ("train", "val"):
-        (imagenet / split / "n01440764").mkdir(parents=True)
+        (imagenet / split / "n01440764").mkdir(parents=True, exist_ok=True)
+    boxes = imagenet / "LOC_val_solution.csv"
+    boxes.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 111 108 441 325 \n")
     return write_config(tmp_path / "site.yaml", {"results": str(tmp_path / "results"),
-                                                 "run_defaults": {"data": {"root": str(imagenet)}}})
+                                                 "run_defaults": {"data": {"root": str(imagenet)}},
+                                                 "masking": {"boxes": str(boxes)}})
 
 
 def nearest_r(tome_model: dict, gmacs: float) -> int:

@@ -8,10 +8,11 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from evit.boxes import check_mask
 from evit.config import (
     METHODS, PARAM_METHOD, SCHEMA, ConfigError, method_params, resolve_bench_launcher, resolve_config,
 )
-from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, REPORT_FIGURES
+from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -90,7 +91,11 @@ def _check_data_root():
 
 _check_data_root()
 EXPERIMENTS = _experiment_table()
-TABLES = list(config["tables"])
+MASKING = config.get("masking")  # the masking experiment (workflow/rules/masking.smk), if the config has one
+TABLES = list(config["tables"]) + ([MASKING_TABLE] if MASKING else [])
+if MASKING_TABLE in config["tables"]:
+    raise ValueError(f"config: tables: {MASKING_TABLE!r} is the masking experiment's table; name yours otherwise")
+FIGURES = [fig for fig in FIGURES if fig != MASKING_FIGURE or MASKING]
 
 
 def is_trained(name):
@@ -156,6 +161,36 @@ def _resolve_run_configs():
 
 
 RESOLVED = _resolve_run_configs()
+
+
+def masking_config():
+    """The masking job's run config: its experiment's, in one process (the bench's launcher), with a mask: section
+    (`evit.config.MASK_DEFAULTS`) that writes the figure."""
+    keys = ("share", "boxes", "boxes_format", "seed", "figure_images")
+    cfg = deep_merge(run_config(MASKING["experiment"]), {
+        "launcher": bench_launcher(), "meta": {"experiment": MASKING["experiment"]},
+        "mask": {**{k: MASKING[k] for k in keys if k in MASKING}, "figure": f"{RESULTS}/figures/{MASKING_FIGURE}"},
+    })
+    if MASKING.get("val_subset"):
+        cfg["data"]["val_subset"] = MASKING["val_subset"]
+    return cfg
+
+
+def _check_masking():
+    """The masking experiment's config, and its box file (missing or malformed), named before anything runs."""
+    name = MASKING["experiment"]
+    if name not in EXPERIMENTS or EXPERIMENTS[name]["method"] != "none":
+        raise ValueError(f"config: masking.experiment {name!r} is not a method-none experiment (the baseline "
+                         "whose patches are masked)")
+    try:
+        resolve_config(masking_config())
+        check_mask(masking_config()["mask"])
+    except ConfigError as e:
+        raise ValueError(f"config: masking: {e}") from None
+
+
+if MASKING:
+    _check_masking()
 
 
 def run_cpus(wildcards):

@@ -5,9 +5,11 @@
 
 
 def report_table(table, ext):
-    """A table's .html or .csv, flagged for the report with the tables' caption workflow/report/table.rst."""
+    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking
+    table's: masking.rst)."""
     view = {"html": "table", "csv": "csv (every column)"}[ext]
-    return report(f"{RESULTS}/tables/{table}.{ext}", caption="../report/table.rst", category="Tables",
+    caption = "../report/masking.rst" if table == MASKING_TABLE else "../report/table.rst"
+    return report(f"{RESULTS}/tables/{table}.{ext}", caption=caption, category="Tables",
                   labels={"table": table, "view": view})
 
 
@@ -24,6 +26,8 @@ rule experiments_file:
         table=lambda w: {
             "dataset": config["dataset"],
             "tables": config["tables"],
+            **({"masking": {"result": f"{RESULTS}/masking/masking.json", "experiment": MASKING["experiment"],
+                            "paper": MASKING.get("paper") or {}}} if MASKING else {}),
             "experiments": [
                 {"name": name, "arch": e["arch"], "img_size": e["img_size"], "method": e["method"],
                  "params": method_params(RESOLVED[name]["model"]), "recipe": e["recipe"],
@@ -41,6 +45,7 @@ rule report:
         experiments=RESULTS + "/tables/experiments.yaml",
         bench=RESULTS + "/bench/throughput.csv",
         results=[result_file(name) for name in EXPERIMENTS],
+        masking=[RESULTS + "/masking/masking.json"] if MASKING else [],
         reference="results/reference/paper.csv",
     output:
         expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "tex")),
