@@ -147,6 +147,7 @@ def benchmark(
     device: str = "cpu",
     amp: str = "fp32",
     compile: bool = False,
+    cuda_graphs: bool = False,
     warmup: int = 2,
     rounds: int = 7,
     iters: int = 1,
@@ -157,7 +158,8 @@ def benchmark(
 
     ``models``: spec strings, or resolved ``model:`` sections of run configs (built by `build_model`, with
     ``num_classes`` or the section's own). Each round times `iters` batches per model; the median and spread
-    over rounds are reported, with the speedup of each model over the first one.
+    over rounds are reported, with the speedup of each model over the first one. ``cuda_graphs`` compiles each model
+    for CUDA graphs (`cuda_graphed`); CUDA only.
     """
     specs = [m if isinstance(m, str) else _section_spec(m) for m in models]
     labels = labels or specs
@@ -166,6 +168,10 @@ def benchmark(
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
     dev = torch.device(device)
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device (CUDA graphs replay GPU kernels), got device {device!r}")
+    if cuda_graphs and warmup < 2:
+        raise ValueError(f"cuda_graphs needs warmup >= 2 (a compiling pass, then a recording one), got {warmup}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
     autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
@@ -177,7 +183,8 @@ def benchmark(
         img = model.patch_embed.img_size
         x = torch.randn(batch_size, 3, *img, generator=gen).to(dev)
         entries.append(dict(
-            label=label, spec=spec, model=torch.compile(model) if compile else model, raw=model, x=x,
+            label=label, spec=spec, x=x, raw=model,
+            model=cuda_graphed(model) if cuda_graphs else torch.compile(model) if compile else model,
             img_size=img[0], times=[],
         ))
     with torch.inference_mode():
@@ -190,7 +197,8 @@ def benchmark(
             log(f"round {r + 1}/{rounds}: " + "  ".join(
                 f"{e['label']} {batch_size * iters / e['times'][-1]:.1f}" for e in entries) + " img/s")
     meta = dict(
-        **environment(dev), device_type=dev.type, batch_size=batch_size, dtype=amp, compile=compile, rounds=rounds,
+        **environment(dev), device_type=dev.type, batch_size=batch_size, dtype=amp, compile=compile or cuda_graphs,
+        cuda_graphs=cuda_graphs, rounds=rounds,
         iters_per_round=iters, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     rows = []
@@ -207,6 +215,20 @@ def benchmark(
     return df
 
 
+def cuda_graphed(model: nn.Module):
+    """`model` compiled for CUDA graphs (inductor's "reduce-overhead" mode), as a function of the input batch.
+
+    After two warm-up passes (one compiles, one records) each forward replays one recorded graph: the host
+    launches it once instead of every kernel, which at ViT token counts costs about as much as the kernels.
+    """
+    compiled = torch.compile(model, mode="reduce-overhead")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # each pass a new step: interleaved models share the graph pool
+        return compiled(x)
+    return forward
+
+
 def _section_spec(section: dict) -> str:
     """A ``model:`` section as one spec line for the results' `spec` column: the method's timm model, then the
     keys that shape it."""
@@ -216,7 +238,8 @@ def _section_spec(section: dict) -> str:
         for k in keys if section.get(k) is not None)
 
 
-BENCH_CONFIG_KEYS = ("batch_size", "device", "amp", "compile", "warmup", "rounds", "iters", "num_classes")
+BENCH_CONFIG_KEYS = ("batch_size", "device", "amp", "compile", "cuda_graphs", "warmup", "rounds", "iters",
+                     "num_classes")
 
 
 def bench_from_config(config: dict, out_dir: str | Path) -> dict:
@@ -249,8 +272,8 @@ def _cmd_macs(args) -> int:
 def _cmd_bench(args) -> int:
     df = benchmark(
         args.models or DEFAULT_BENCH_SPECS, labels=args.labels, batch_size=args.batch_size,
-        device=args.device, amp=args.amp, compile=args.compile, warmup=args.warmup, rounds=args.rounds,
-        iters=args.iters, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        device=args.device, amp=args.amp, compile=args.compile, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
+        rounds=args.rounds, iters=args.iters, log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     cols = ["label", "img_size", "gmacs", "img_s", "speedup", "img_s_q1", "img_s_q3"]
     print(df[cols].to_markdown(index=False, floatfmt=".2f"))
@@ -286,6 +309,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=list(AMP_DTYPES), default="fp32", help="autocast dtype (CPU or CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model first")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="compile each model for CUDA graphs (mode reduce-overhead): one launch per forward; CUDA only")
     p.add_argument("--warmup", type=int, default=2, help="batches per model before timing")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--iters", type=int, default=1, help="batches per model per round")

@@ -123,7 +123,7 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, k: int, fuse_toke
     parts = [x[:, :1], kept]
     if fuse_token:
         weights = cls_attn.scatter(1, kept_idx, 0.0).unsqueeze(1)  # zero the kept tokens' weights
-        parts.append(weights.to(others.dtype) @ others)  # (B, 1, C): one batched matrix-vector product
+        parts.append(weights @ others)  # (B, 1, C): one batched matrix-vector product (autocast casts both)
     return torch.cat(parts, dim=1), kept_idx
 
 

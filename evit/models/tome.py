@@ -52,6 +52,21 @@ class ToMeState:
     size: torch.Tensor | None = None  # (B, N): tokens merged into each current token; None: all 1
 
 
+MASK_ALIGN = 8  # SDPA's memory-efficient CUDA kernel takes a float mask as is if its strides are multiples of 8
+
+
+def log_size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention's additive mask: log(size) of each key, (B, N) -> (B, 1, 1, N) in `dtype`.
+
+    It is a view of a buffer whose last dimension is padded to a multiple of `MASK_ALIGN`, which makes every stride
+    but the last one a multiple of it: SDPA's memory-efficient CUDA kernel then takes the mask as it is (any other
+    it copies into a padded buffer at every call).
+    """
+    B, N = size.shape
+    bias = size.new_empty(B, 1, 1, -(-N // MASK_ALIGN) * MASK_ALIGN, dtype=dtype)[..., :N]  # strides: padded N
+    return bias.copy_(size.log()[:, None, None, :])
+
+
 class ToMeAttention(Attention):
     """timm's fused attention with proportional attention (+ log size of each key) that also returns the keys
     averaged over heads, (B, N, head_dim)."""
@@ -61,7 +76,7 @@ class ToMeAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = None if size is None else size.log().to(q.dtype)[:, None, None, :]  # B, 1, 1, N
+        bias = None if size is None else log_size_bias(size, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=self.attn_drop.p if self.training else 0.0)
         out = self.proj(self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim)))
@@ -72,25 +87,29 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: i
     """Bipartite soft matching: merge `r` tokens of `x` (B, N, C; CLS first) by their `metric` (B, N, D).
 
     `size` (B, N) weights the averages and is summed. Returns the (B, N - r, C) tokens and their (B, N - r) sizes.
+
+    Each A token gets its place in the output (an unmerged one: its rank among the unmerged; a merged one: its
+    B match's), and one `scatter_add` of the size-weighted tokens, with their sizes as one more channel, builds
+    the output. No argsort or sort: two `topk`s pick the merged tokens and order the rest (on CUDA, inductor turns
+    sorts into bitonic-network kernels that are slow to compile, and calls aten's topk).
     """
+    B, N, C = x.shape
+    n_a = (N + 1) // 2
     with torch.no_grad():  # the matching picks indices; gradients flow through the merged tokens only
         metric = metric / metric.norm(dim=-1, keepdim=True)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # B, |A|, |B| cosine similarities
         scores[:, 0] = -torch.inf  # the CLS token (first of A) is never merged
         best, match = scores.max(dim=-1)  # each A token's best B token
-        order = best.argsort(dim=-1, descending=True)
-        merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values  # kept A tokens in their order: CLS first
-        dst = match.gather(1, merged)
+        merged = best.topk(r, dim=-1, sorted=False).indices  # B, r
+        a_idx = torch.arange(n_a, device=x.device).expand(B, -1)
+        # the unmerged A tokens in their order (CLS first): the n_a - r smallest indices once merged ones are n_a
+        unmerged = a_idx.scatter(1, merged, n_a).topk(n_a - r, dim=-1, largest=False).indices
+        place = (match + (n_a - r)).scatter(1, unmerged, a_idx[:, :n_a - r])  # B, |A|: each A token's output row
 
-    x, size = x * size[..., None], size[..., None].to(x.dtype)
-    out = []
-    for t in (x, size):  # the weighted tokens, then the sizes: summed alike
-        a, b = t[:, ::2], t[:, 1::2]
-        c = t.shape[-1]
-        b = b.scatter_add(1, dst[..., None].expand(-1, -1, c), a.gather(1, merged[..., None].expand(-1, -1, c)))
-        out.append(torch.cat([a.gather(1, kept[..., None].expand(-1, -1, c)), b], dim=1))
-    x, size = out
-    return x / size, size[..., 0]
+    weighted = torch.cat([x * size[..., None], size[..., None].to(x.dtype)], dim=-1)  # sizes: channel C
+    out = F.pad(weighted[:, 1::2], (0, 0, n_a - r, 0))  # rows for the unmerged A tokens, then the B tokens
+    out = out.scatter_add(1, place[..., None].expand(-1, -1, C + 1), weighted[:, ::2])
+    return out[..., :C] / out[..., C:], out[..., C]
 
 
 class ToMeBlock(Block):
