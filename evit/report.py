@@ -24,6 +24,7 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
         recipe: finetune              # required: none (evaluated off the shelf), finetune, scratch or demo
         tables: [main]                # required (may be empty): tables this experiment is a row of
         paper: evit_deit_small_0.7_fused  # optional: a `ref` of the reference CSV, or null
+        schedule: {shrink_start: 0, shrink_epochs: 0}  # optional: the keep-rate schedule, when not the recipe's
         result: results/runs/deit_s/metrics.json  # required: JSON with top1 (and top5), in percent;
                                                   # relative paths are relative to the current directory
     masking:                          # optional: the `masking` table (the paper's Table 1), see `masking_table`
@@ -118,7 +119,7 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     spec = yaml.safe_load(Path(experiments).read_text()) or {}
     if not isinstance(spec.get("experiments"), list) or not isinstance(spec.get("tables"), dict):
         raise ReportError(f"experiments file {experiments}: needs a `tables` mapping and an `experiments` list")
-    exps = pd.DataFrame(spec["experiments"]).reindex(columns=[*REQUIRED, "paper"])
+    exps = pd.DataFrame(spec["experiments"]).reindex(columns=[*REQUIRED, "paper", "schedule"])
     names = exps["name"].fillna(pd.Series([f"#{i + 1}" for i in exps.index]))
     lacking = exps[list(REQUIRED)].isna().set_axis(names).stack()
     _check([f"{exp} lacks {key!r}" for exp, key in lacking[lacking].index], f"experiments file {experiments}")
@@ -131,7 +132,7 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     _check([f"{n} (recipe {r!r})" for n, r in zip(names, exps["recipe"]) if r not in TRAINING],
            f"experiments file {experiments}: unknown recipes (known: {', '.join(TRAINING)})")
     exps["parameters"] = [describe_method(m, p) for m, p in zip(exps["method"], exps["params"])]
-    exps["training"] = exps["recipe"].map(TRAINING)
+    exps["training"] = [training(r, sch) for r, sch in zip(exps["recipe"], exps["schedule"])]
     tables = pd.DataFrame.from_dict(spec["tables"], orient="index").reindex(columns=["title", "baseline"])
     tables = tables.rename_axis("table").reset_index()
     tables["title"] = tables["title"].fillna(tables["table"])
@@ -181,6 +182,17 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     for m in ("top1", "gmacs", "speedup"):
         df[f"delta_{m}"] = df[m] - df[f"paper_{m}"]
     return df
+
+
+def training(recipe: str, schedule) -> str:
+    """How the weights were trained, e.g. ``fine-tuned``, and the keep-rate schedule when it is not its recipe's
+    (``schedule``: {shrink_start, shrink_epochs}, or missing)."""
+    if not isinstance(schedule, dict):
+        return TRAINING[recipe]
+    start, epochs = schedule["shrink_start"], schedule["shrink_epochs"]
+    if start == epochs == 0:
+        return f"{TRAINING[recipe]}, no keep-rate warmup"
+    return f"{TRAINING[recipe]}, keep rate 1 for {start:g} ep, cosine over {epochs:g} ep"
 
 
 def _hardware(r) -> str:
@@ -332,8 +344,12 @@ def plot_keep_rate_sweep(results: pd.DataFrame) -> Figure:
     """Top-1 and GMACs of the trained EViT runs against keep rate at the baseline's image size, fused vs not
     fused (paper dashed), from the baseline (keep rate 1); EViT evaluated off the shelf is left out."""
     runs = _runs(results)
+    # the sweep's EViT runs: trained, reorganizing where the paper does, on their recipe's keep-rate schedule
+    # (not an ablation's rows)
+    default_loc = METHODS["evit"].params["drop_loc"].default
+    swept = runs["params"].map(lambda p: p.get("drop_loc", default_loc) == default_loc) & runs["schedule"].isna()
     sweep = runs[runs["main_size"] & ((runs["method"] == "none") | ((runs["method"] == "evit")
-                                                                     & (runs["recipe"] != "none")))]
+                                                                     & (runs["recipe"] != "none") & swept))]
     img_size = sweep["img_size"].iloc[0]
     pruned = sweep[sweep["method"] == "evit"]
     baseline = sweep[sweep["method"] == "none"]  # keep rate 1 is the start of every curve
@@ -372,7 +388,8 @@ def plot_frontier(results: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.subplots()
     order, palette = _colours(lines["variant"])
-    trainings = [t for t in dict.fromkeys(TRAINING.values()) if t in set(lines["training"])]
+    trainings = list(dict.fromkeys([t for t in TRAINING.values() if t in set(lines["training"])]
+                                   + sorted(set(lines["training"]))))
     sns.lineplot(data=lines, x="img_s", y="top1", hue="variant", style="training", hue_order=order, palette=palette,
                  style_order=trainings, estimator=None, sort=True, markers=True, markersize=8, ax=ax)
     ax.scatter(base["img_s"], base["top1"], s=260, marker="*", color="black", zorder=3, label="baseline")

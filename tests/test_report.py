@@ -369,3 +369,23 @@ def test_without_a_frontier_table_the_figure_draws_every_run_at_the_baselines_si
     lines = [line.get_xdata() for line in ax.get_lines() if len(line.get_xdata())]
     assert sorted(map(len, lines)) == [5, 5]  # EViT fused and not fused, fine-tuned; no 272-304 px runs
     assert "no `frontier` table" in ax.get_title()
+
+
+def test_ablation_rows_say_their_schedule_and_stay_out_of_the_keep_rate_sweep(tmp_path):
+    grid = {**GRID,
+            "evit_s_0.7_warmup": (224, evit(0.7), ["ablation"], None, 78.1, 94.0, 3.03, 11900.0),
+            "evit_s_0.7_loc258": (224, ("evit", {"keep_rate": 0.7, "fuse_token": True, "drop_loc": [2, 5, 8]},
+                                        "finetune"), ["ablation"], None, 78.2, 94.1, 2.9, 12300.0)}
+    inputs = write_inputs(tmp_path, grid=grid, tables={**TABLES, "ablation": {"title": "A", "baseline": "deit_s"}})
+    spec = yaml.safe_load(inputs["experiments"].read_text())
+    spec["experiments"][-2]["schedule"] = {"shrink_start": 0, "shrink_epochs": 1.5}
+    inputs["experiments"].write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_report(inputs)
+    ablation = read_table(inputs["out_dir"], "ablation")
+    assert ablation.set_index("experiment")["training"].to_dict() == {
+        "evit_s_0.7_warmup": "fine-tuned, keep rate 1 for 0 ep, cosine over 1.5 ep", "evit_s_0.7_loc258": "fine-tuned"}
+    assert R.training("scratch", {"shrink_start": 0, "shrink_epochs": 0}) == "from scratch, no keep-rate warmup"
+    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    top1_axes = R.plot_keep_rate_sweep(results).axes[0]
+    points = {(float(x), float(y)) for line in top1_axes.lines for x, y in zip(*line.get_data())}
+    assert (0.7, 79.47) in points and not {y for _, y in points} & {78.1, 78.2}  # the sweep's own 0.7 run only

@@ -117,18 +117,28 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
     proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(imagenet_site(tmp_path)),
                      "--config", "backend=slurm")
     assert job_counts(proc.stdout).items() >= {  # the runs, and one bench, tables and figures job each
-        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 26,
-        "train": 16, "evaluate": 10, "visualize": 1, "masking_config": 1, "masking": 1,
+        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 30,
+        "train": 20, "evaluate": 10, "visualize": 1, "masking_config": 1, "masking": 1,
     }.items()
-    for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5", "tome_s_r11", "tome_s_r16"):
+    for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5", "tome_s_r11", "tome_s_r16",
+                "evit_s_0.7_loc258", "evit_s_0.7_loc4710", "evit_s_0.7_scratch", "evit_s_0.7_scratch_nowarmup"):
         assert f"{tmp_path}/results/runs/{exp}/metrics.json" in proc.stdout
     for exp in ("evit_s_0.9_offshelf", "evit_s_0.5_offshelf", "tome_s_r4_offshelf", "tome_s_r16_offshelf"):
         assert f"{tmp_path}/results/runs/{exp}/eval.json" in proc.stdout  # evaluated, not trained
-    for out in ("tables/frontier.md", "figures/frontier.png", "masking/masking.json", "tables/masking.md",
+    for out in ("tables/frontier.md", "figures/frontier.png", "tables/ablation.md", "masking/masking.json",
+                "tables/masking.md",
                 "figures/masking.png"):
         assert f"{tmp_path}/results/{out}" in proc.stdout
     masking_file = tmp_path / "results/masking/config.yaml"  # the masking job's config, by a local rule
-    snakemake(str(masking_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml", str(imagenet_site(tmp_path)))
+    experiments_file = tmp_path / "results/tables/experiments.yaml"
+    snakemake(str(masking_file), str(experiments_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml",
+              str(imagenet_site(tmp_path)))
+    ablation = {e["name"]: e for e in yaml.safe_load(experiments_file.read_text())["experiments"]
+                if "ablation" in e["tables"]}
+    assert [ablation[n]["params"]["drop_loc"] for n in ("evit_s_0.7", "evit_s_0.7_loc258", "evit_s_0.7_loc4710")] == [
+        [3, 6, 9], [2, 5, 8], [4, 7, 10]]
+    assert "schedule" not in ablation["evit_s_0.7_scratch"] and ablation["evit_s_0.7_scratch"]["recipe"] == "scratch"
+    assert ablation["evit_s_0.7_scratch_nowarmup"]["schedule"] == {"shrink_start": 0, "shrink_epochs": 0}
     masking = yaml.safe_load(masking_file.read_text())
     assert masking["mask"] == {"share": 0.5, "boxes": str(tmp_path / "imagenet/LOC_val_solution.csv"),
                                "boxes_format": "csv", "seed": 0, "figure_images": 6,

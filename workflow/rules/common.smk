@@ -10,7 +10,8 @@ from snakemake.utils import validate
 
 from evit.boxes import check_mask
 from evit.config import (
-    METHODS, PARAM_METHOD, SCHEMA, ConfigError, method_params, resolve_bench_launcher, resolve_config,
+    METHODS, PARAM_METHOD, SCHEMA, ConfigError, method_params, recipe_defaults, resolve_bench_launcher,
+    resolve_config,
 )
 from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
 

@@ -19,6 +19,15 @@ def report_figure(fig):
                   labels={"figure": fig})
 
 
+def schedule_of(name):
+    """{"schedule": the run's keep-rate schedule} when it is not its recipe's (an ablation's row says so), else {}."""
+    train = RESOLVED[name]["train"]
+    keys = ("shrink_start", "shrink_epochs")
+    if all(train[k] == recipe_defaults(train["recipe"])[k] for k in keys):
+        return {}
+    return {"schedule": {k: train[k] for k in keys}}
+
+
 rule experiments_file:
     output:
         RESULTS + "/tables/experiments.yaml",
@@ -31,7 +40,8 @@ rule experiments_file:
             "experiments": [
                 {"name": name, "arch": e["arch"], "img_size": e["img_size"], "method": e["method"],
                  "params": method_params(RESOLVED[name]["model"]), "recipe": e["recipe"],
-                 "tables": e["tables"], "paper": e.get("paper"), "result": result_file(name)}
+                 "tables": e["tables"], "paper": e.get("paper"), "result": result_file(name),
+                 **schedule_of(name)}
                 for name, e in EXPERIMENTS.items()
             ],
         },
