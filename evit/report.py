@@ -303,6 +303,44 @@ def _colours(variants) -> tuple[list[str], dict[str, str]]:
     return order, {v: PALETTE[v] if v in PALETTE else next(spare) for v in order}
 
 
+# Where a label may sit around its point (points): rings of 8 directions, nearest first.
+LABEL_OFFSETS = [(round(r * dx), round(r * dy)) for r in (7, 16, 28, 42)
+                 for dx, dy in ((1, 0.6), (1, -0.9), (-1, 0.6), (-1, -0.9), (0.3, 1.2), (0.3, -1.6), (-0.3, 1.2),
+                                (-0.3, -1.6))]
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 8) -> list:
+    """Annotate each (x, y, text) point where its label overlaps no other label and no point, inside the axes: the
+    first clear place of `LABEL_OFFSETS` (a crowded point keeps the farthest one, with a line to it). Call it last: it settles
+    the figure's layout and limits first, since constrained layout moves the axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform([p[:2] for p in points])]
+    labels = []
+    for x, y, text in points:
+        for i, (dx, dy) in enumerate(LABEL_OFFSETS):
+            last = i == len(LABEL_OFFSETS) - 1
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+                                arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6) if abs(dy) > 20 else None)
+            label.set_in_layout(False)
+            box = label.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if last or (inside and not any(box.overlaps(t) for t in taken)):
+                break
+            label.remove()
+        taken.append(box)
+        labels.append(label)
+    return labels
+
+
 def _data_name(results: pd.DataFrame) -> str:
     return results["dataset"].dropna().iloc[0] if results["dataset"].notna().any() else "dataset not given"
 
@@ -393,9 +431,6 @@ def plot_frontier(results: pd.DataFrame) -> Figure:
     sns.lineplot(data=lines, x="img_s", y="top1", hue="variant", style="training", hue_order=order, palette=palette,
                  style_order=trainings, estimator=None, sort=True, markers=True, markersize=8, ax=ax)
     ax.scatter(base["img_s"], base["top1"], s=260, marker="*", color="black", zorder=3, label="baseline")
-    for r in rows.itertuples():
-        text = f"{r.experiment} (baseline)" if r.is_baseline else r.parameters
-        ax.annotate(text, (r.img_s, r.top1), xytext=(6, 6), textcoords="offset points", fontsize=8)
     ax.margins(x=0.12, y=0.12)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     rows_are = ("the frontier table's runs" if in_table.any()
@@ -405,6 +440,8 @@ def plot_frontier(results: pd.DataFrame) -> Figure:
                  f"measured on {provenance(rows, full=False)}")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
+    place_labels(ax, [(r.img_s, r.top1, f"{r.experiment} (baseline)" if r.is_baseline else r.parameters)
+                      for r in pd.concat([base, lines]).itertuples()])
     return fig
 
 

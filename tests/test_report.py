@@ -357,6 +357,15 @@ def test_the_frontier_table_and_figure(tmp_path):
     texts = {t.get_text() for t in ax.texts}
     assert {"deit_s (baseline)", "keep 0.7, fused", "r 11", "r 16"} <= texts and "keep 0.8, fused" not in texts
     assert "frontier table" in ax.get_title()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(ax.figure)  # drawn as saved: no two labels overlap, nor a label a point
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    points = ax.transData.transform(results.loc[results["table"] == "frontier", ["img_s", "top1"]].to_numpy())
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not [(box, p) for box in boxes for p in points if box.contains(*p)]
     for ext in ("png", "pdf"):
         assert (inputs["out_dir"] / "figures" / f"frontier.{ext}").stat().st_size > 5_000
 
