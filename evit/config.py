@@ -268,6 +268,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "grad_checkpointing": Field("bool", False, help="Recompute each block's activations in the backward pass "
                                     "(timm's `set_grad_checkpointing`): less memory (e.g. DeiT-B at 288-304 px on "
                                     "smaller GPUs) for about a third more compute; the same results."),
+        "compile": Field("bool", False,
+                         help="`torch.compile` the model for training (evaluation stays eager). One graph per keep "
+                              "rate: a keep-rate schedule is then rounded up to the nearest of "
+                              "`train.compile_levels` + 1 evenly spaced rates from the target to 1, so a run "
+                              "compiles at most that many graphs (one more is an error, never a silent fall-back to "
+                              "eager)."),
+        "compile_levels": Field("int", 8, lo=1,
+                                help="With `train.compile`: the keep-rate schedule's steps between 1 and the target "
+                                     "(more: closer to the exact schedule, more graphs to compile)."),
         "seed": Field("int", 0, lo=0, help="Random seed."),
         "device": Field("choice", "auto", choices=("auto", "cpu", "cuda"),
                         help="`auto`: this process's GPU when CUDA is available, else the CPU."),

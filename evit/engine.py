@@ -49,6 +49,30 @@ def keep_rate_at(step: int, iters_per_epoch: int, target: float, shrink_start: f
     return target + (1.0 - target) * (math.cos(math.pi * t / total) + 1.0) / 2.0
 
 
+def bucketed(fn: Callable[[int], float], lo: float, hi: float, levels: int) -> Callable[[int], float]:
+    """``fn`` (step -> a value in [lo, hi]) rounded up to the nearest of ``levels + 1`` evenly spaced values from lo
+    to hi (both exact). A compiled model makes one graph per keep rate it sees; this bounds their number."""
+    grid = [lo + (hi - lo) * j / levels for j in range(levels)] + [hi]
+
+    def at(step: int) -> float:
+        v = fn(step)
+        if hi <= lo:
+            return v
+        return grid[min(levels, max(0, math.ceil(round((v - lo) / (hi - lo) * levels, 9))))]
+    return at
+
+
+def compile_for_training(model: torch.nn.Module, max_graphs: int, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` (static shapes) allowing ``max_graphs`` graphs of the model's forward; one more is an
+    error (dynamo's ``fail_on_recompile_limit_hit``), never a silent fall-back to eager."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, max_graphs)
+    cfg.fail_on_recompile_limit_hit = True
+    return torch.compile(model, dynamic=False, backend=backend)
+
+
 # --------------------------------------------------------------------------------------------- AMP
 
 

@@ -266,9 +266,13 @@ class Trainer:
         rt.keep_rate_fn = (functools.partial(E.keep_rate_at, iters_per_epoch=rt.ipe, target=m["keep_rate"],
                                              shrink_start=t["shrink_start"], shrink_epochs=t["shrink_epochs"])
                            if m["method"] == "evit" else None)
+        if t["compile"] and rt.keep_rate_fn is not None:   # one graph per keep rate: a bounded number of them
+            rt.keep_rate_fn = E.bucketed(rt.keep_rate_fn, m["keep_rate"], 1.0, t["compile_levels"])
         rt.train_model = (torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
             if rt.info.distributed else model)
+        if t["compile"]:
+            rt.train_model = E.compile_for_training(rt.train_model, t["compile_levels"] + 1)
 
     def _build_optimization(self, rt: Runtime) -> None:
         """Optimizer, per-iteration lr schedule, mixed precision, the batch stage (Mixup/CutMix) and the loss."""

@@ -42,6 +42,16 @@ def test_keep_rate_schedule_values():
     assert paper(9.99) == 1.0 and paper(60) == pytest.approx(0.85) and paper(110) == 0.7
 
 
+def test_a_bucketed_schedule_takes_few_values_and_never_keeps_fewer_tokens():
+    exact = lambda s: E.keep_rate_at(s, 1000, 0.7, 10, 100)  # noqa: E731  (the paper's scratch recipe)
+    b = E.bucketed(exact, 0.7, 1.0, 8)
+    values = [b(s) for s in range(0, 120_000, 50)]
+    assert sorted(set(values)) == pytest.approx([0.7 + 0.3 * j / 8 for j in range(9)])
+    assert 1.0 in values and 0.7 in values                          # the ends are exact
+    assert all(b(s) >= exact(s) - 1e-12 for s in range(0, 120_000, 50))
+    assert all(b(s) - exact(s) <= 0.3 / 8 + 1e-12 for s in range(0, 120_000, 50))
+
+
 # --------------------------------------------------------------------------------------------- distributed env
 
 

@@ -421,6 +421,37 @@ def test_cli_train_subprocess(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["num_eval_images"] == 101
 
 
+@pytest.mark.slow
+def test_compiled_training_through_the_whole_keep_rate_schedule_compiles_a_bounded_number_of_times(tmp_path):
+    """train.compile with compile_levels 2 through a whole shrink (1 -> 0.7 over 8 steps of 16): the rates are
+    1, 0.85 and 0.7, each compiled once (dynamo's counters; a fourth graph would be an error, not eager), and
+    the model trains. Dynamo's aot_eager backend, as inductor's C++ builds take minutes here (the bench test
+    compiles EViT with inductor). In a child process: compiling starts threads after which the fork-based DDP
+    tests cannot fork."""
+    import subprocess
+    import sys
+
+    cfg = tiny_config(train={"epochs": 2, "compile": True, "compile_levels": 2, "eval_every": 0})
+    code = f"""
+import functools, json, torch
+from torch._dynamo.utils import counters
+from evit import engine as E
+from evit.trainer import Trainer
+torch.set_num_threads(1)
+E.compile_for_training = functools.partial(E.compile_for_training, backend="aot_eager")
+metrics = Trainer({cfg!r}, {str(tmp_path / "run")!r})()
+print(json.dumps(dict(frames=counters["frames"]["ok"], graphs=counters["stats"]["unique_graphs"],
+                      breaks=len(counters["graph_break"]), top1=metrics["top1"])))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["graphs"] == 3 and res["breaks"] == 0, res
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in log]
+    assert len(log) == 2 and losses[1] < losses[0] and res["top1"] > 10, (losses, res)
+
+
 # --------------------------------------------------------------------------------------------- DDP
 
 
