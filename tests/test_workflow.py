@@ -281,3 +281,22 @@ def test_workflow_with_the_slurm_profile_trains_through_sbatch(tmp_path):
     for name, jid in job_ids.items():
         state = subprocess.run(["sacct", "-j", jid, "-n", "-X", "-o", "State"], capture_output=True, text=True)
         assert state.stdout.split() == ["COMPLETED"], (name, state.stdout)
+
+
+def test_published_weights_are_fetched_once_by_a_local_rule_and_named_when_they_cannot_be(tmp_path):
+    released = tmp_path / "released.pth"
+    released.write_bytes(b"the published weights")
+    cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
+    cfg["results"] = str(tmp_path / "results")
+    cfg["downloads"] = {"released": released.as_uri(), "gone": (tmp_path / "gone.pth").as_uri()}
+    cfg["experiments"].append({"name": "evit_s_0.7_released", "keep_rate": 0.7, "recipe": "none", "init": "released",
+                               "tables": ["frontier"]})
+    config_file = write_config(tmp_path / "c.yaml", cfg)
+    counts = job_counts(snakemake("-n", "--configfile", str(config_file)).stdout)
+    assert counts["download"] == 1  # the one an experiment starts from, before its evaluation
+    snakemake(f"{tmp_path}/results/weights/released.pth", "--cores", "1", "--configfile", str(config_file))
+    assert (tmp_path / "results/weights/released.pth").read_bytes() == b"the published weights"
+    proc = snakemake(f"{tmp_path}/results/weights/gone.pth", "--cores", "1", "--configfile", str(config_file),
+                     check=False)
+    assert proc.returncode != 0 and f"download gone: cannot fetch {(tmp_path / 'gone.pth').as_uri()}" in proc.stderr
+    assert not (tmp_path / "results/weights/gone.pth").exists()

@@ -2,6 +2,7 @@
 # Every run's config is resolved and validated here, while the DAG is built, with the torch-free evit.config:
 # `snakemake -n` finds a bad key or value anywhere, and parsing stays fast.
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -61,9 +62,10 @@ def _experiment_table():
         if exp["recipe"] in ("finetune", "none") and exp["name"] not in config["checkpoints"] and not init:
             raise ValueError(f"config: experiment {exp['name']!r} (recipe {exp['recipe']}) needs `init`: "
                              "an experiment name or a checkpoint file")
-        if init and init not in experiments and not Path(init).is_file():
+        if init and init not in experiments and init not in DOWNLOADS and not Path(init).is_file():
             raise ValueError(f"config: experiment {exp['name']!r} has init {init!r}, which is neither an "
-                             f"experiment ({sorted(experiments)}) nor an existing checkpoint file")
+                             f"experiment ({sorted(experiments)}), a download ({sorted(DOWNLOADS)}) nor an existing "
+                             "checkpoint file")
         unknown = [t for t in exp["tables"] if t not in config["tables"]]
         if unknown:
             raise ValueError(f"config: experiment {exp['name']!r} lists unknown table(s) {unknown}; "
@@ -91,6 +93,9 @@ def _check_data_root():
 
 
 _check_data_root()
+# Published weights fetched once by the local rule `download` (workflow/rules/download.smk), before the jobs that
+# read them are queued: an experiment's `init` may name one.
+DOWNLOADS = config.get("downloads", {})
 EXPERIMENTS = _experiment_table()
 MASKING = config.get("masking")  # the masking experiment (workflow/rules/masking.smk), if the config has one
 TABLES = list(config["tables"]) + ([MASKING_TABLE] if MASKING else [])
@@ -110,7 +115,18 @@ def weights(name):
         return config["checkpoints"][name]
     if is_trained(name):
         return f"{RUNS}/{name}/checkpoint.pth"
-    return weights(EXPERIMENTS[name]["init"]) if EXPERIMENTS[name]["init"] in EXPERIMENTS else EXPERIMENTS[name]["init"]
+    return init_weights(EXPERIMENTS[name]["init"])
+
+
+def init_weights(init):
+    """The checkpoint file an experiment starts from: another experiment's weights, a download, or a file."""
+    if init in EXPERIMENTS:
+        return weights(init)
+    return download_file(init) if init in DOWNLOADS else init
+
+
+def download_file(name):
+    return f"{RESULTS}/weights/{name}.pth"
 
 
 def result_file(name):
@@ -118,11 +134,14 @@ def result_file(name):
 
 
 def upstream_results(name):
-    """Result files of the runs whose weights this run starts from (so they are made first)."""
+    """Result files of the runs whose weights this run starts from, or the download it starts from (so they are
+    made first)."""
     exp = EXPERIMENTS[name]
-    if name in config["checkpoints"] or exp.get("init") not in EXPERIMENTS:
+    if name in config["checkpoints"]:
         return []
-    return [result_file(exp["init"])]
+    if exp.get("init") in DOWNLOADS:
+        return [download_file(exp["init"])]
+    return [result_file(exp["init"])] if exp.get("init") in EXPERIMENTS else []
 
 
 def run_config(name):
@@ -135,7 +154,7 @@ def run_config(name):
         "launcher": {**config["launcher"], "backend": config["backend"]},
     })
     if is_trained(name) and exp["recipe"] == "finetune":
-        cfg["train"]["init_checkpoint"] = str(weights(exp["init"]))
+        cfg["train"]["init_checkpoint"] = str(init_weights(exp["init"]))
     return deep_merge(cfg, exp.get("run", {}))
 
 
@@ -206,3 +225,4 @@ def write_yaml(path, data):
 
 wildcard_constraints:
     exp="|".join(EXPERIMENTS),
+    name="|".join(map(re.escape, DOWNLOADS)) or "no download",
