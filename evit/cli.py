@@ -12,7 +12,7 @@ import sys
 # Each command and the module that defines it with `add_commands(subparsers)` (its subparser sets `func`).
 COMMANDS = {
     "train": "evit.trainer", "eval": "evit.evaluate", "launch": "evit.launch", "macs": "evit.benchmark",
-    "bench": "evit.benchmark", "report": "evit.report", "visualize": "evit.visualize",
+    "bench": "evit.benchmark", "bench-input": "evit.bench_input", "report": "evit.report", "visualize": "evit.visualize",
     "install-profile": "evit.profiles",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))

@@ -10,6 +10,7 @@ Mixup draws are functions of (seed, epoch, step, rank, sample position), never o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -151,12 +152,20 @@ class Trainer:
     def run(self, max_steps: int | None = None) -> dict | None:
         """Train (resuming if a checkpoint exists) to the end and return the metrics; with ``max_steps``,
         stop once that many global steps are done, write a checkpoint and return None."""
+        with self.session():
+            return self._train(max_steps)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Runtime]:
+        """The run set up (process group, data, model, optimization; resumed from its checkpoint if any), as its
+        `Runtime`; on exit the loaders are closed and the process group destroyed. `run` trains in one, and
+        `evit bench-input` measures in one."""
         info = dist_env()
         device = resolve_device(self.config["train"]["device"], info.local_rank)
         info = init_distributed(device, info)
         try:
             self._setup(info, device)
-            return self._train(max_steps)
+            yield self._rt
         finally:
             if self._rt is not None:
                 self._rt.closed = True

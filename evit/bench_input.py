@@ -1,0 +1,163 @@
+"""`evit bench-input`: does a run's input pipeline keep up with its training step?
+
+For a run config, in one process, after warm-up, in interleaved rounds, three rates in img/s:
+
+- **input**: the training loader the Trainer builds (whatever ``data.loader`` names) and its batch stage
+  (`evit.data.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
+  loader's ``num_workers``, or its ``num_threads``);
+- **step**: the training step (`evit.engine.train_one_epoch`: forward, backward, optimizer, with
+  ``train.amp`` and ``train.compile``) on one staged batch held on the device, at the model's target keep rate;
+- **loop**: `evit train`'s loop over the real loader, as a run trains.
+
+The loop can go no faster than the slower of input and step; the report says which one limits, and how close
+the loop comes to the step (loop / step: 1 means the device never waits for data).
+
+    evit bench-input --config run.yaml [--set data.num_workers=2] [--steps 20] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+import time
+from typing import Iterator
+
+import torch
+
+from evit import engine as E
+from evit.config import apply_overrides, load_config
+from evit.distributed import dist_env
+from evit.provenance import device_name
+from evit.trainer import Trainer, command_errors
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(batches: Iterator, warmup: int, steps: int, device: torch.device, marks: list[float]) -> Iterator:
+    """Yields ``warmup + steps`` batches; appends to ``marks`` the times (device synchronized) when the last
+    ``steps`` of them start being consumed and when they are done."""
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            marks.append(time.perf_counter())
+        if i == warmup + steps:
+            _sync(device)
+            marks.append(time.perf_counter())
+            return
+        yield batch
+
+
+def cpu_cores(loader) -> int | None:
+    """The CPU cores an input pipeline decodes on: a DataLoader's workers (or the main process), else the
+    loader's ``num_threads``."""
+    if isinstance(loader, torch.utils.data.DataLoader):
+        return max(loader.num_workers, 1)
+    return getattr(loader, "num_threads", None)
+
+
+def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: int = 3, log=print) -> dict:
+    """The three rates (median over ``rounds`` of ``steps`` batches each, after ``warmup`` batches per round)."""
+    if dist_env().distributed:
+        raise ValueError("evit bench-input runs in one process, not under torchrun / srun")
+    trainer = Trainer(raw_config, tempfile.mkdtemp(prefix="evit-bench-input-"))
+    with trainer.session() as rt:
+        ctx, stage, loader, batch, device = rt.ctx, rt.ctx.batch_stage, rt.train_loader, rt.world_batch, rt.device
+        ctx.keep_rate_fn = (lambda step: trainer.config["model"]["keep_rate"]) if ctx.keep_rate_fn else None
+        ctx.on_step, ctx.scheduler = None, None
+        epochs = itertools.count()
+
+        def batches() -> Iterator:
+            """The training batches, epoch after epoch."""
+            while True:
+                rt.sampler.set_epoch(next(epochs))
+                yield from loader
+
+        def run_input(marks):
+            for images, targets in timed(batches(), warmup, steps, device, marks):
+                if stage is not None:
+                    stage(images, targets)
+
+        images, targets = next(batches())
+        staged = stage(images, targets) if stage is not None else (images.to(device), targets.to(device))
+
+        def run_step(marks):
+            held = E.StepContext(**dict(ctx.__dict__, batch_stage=None))
+            E.train_one_epoch(rt.train_model, timed(itertools.repeat(staged), warmup, steps, device, marks),
+                              rt.optimizer, E.TrainState(), held)
+
+        def run_loop(marks):
+            E.train_one_epoch(rt.train_model, timed(batches(), warmup, steps, device, marks), rt.optimizer,
+                              E.TrainState(), ctx)
+
+        cases = {"input": run_input, "step": run_step, "loop": run_loop}
+        rates: dict[str, list[float]] = {k: [] for k in cases}
+        for r in range(rounds):
+            for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+                marks: list[float] = []
+                cases[name](marks)
+                rates[name].append(steps * batch / (marks[1] - marks[0]))
+                log(f"round {r + 1}/{rounds}: {name} {rates[name][-1]:.1f} img/s")
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        cores = cpu_cores(loader)
+        t, d = trainer.config["train"], trainer.config["data"]
+        res = {
+            "input_img_s": med["input"], "step_img_s": med["step"], "loop_img_s": med["loop"],
+            "input_img_s_per_core": med["input"] / cores if cores else None, "input_cores": cores,
+            "input_over_step": med["input"] / med["step"], "loop_over_step": med["loop"] / med["step"],
+            "limited_by": "input" if med["input"] < med["step"] else "step",
+            "rates": rates, "loader": d.get("loader", "torch"), "dataset": d["dataset"], "augment": t["augment"],
+            "model": f"{trainer.config['model']['method']} {trainer.config['model']['arch']}",
+            "keep_rate": trainer.config["model"].get("keep_rate"), "batch_size": batch, "amp": t["amp"],
+            "compile": t["compile"], "device": device_name(device), "threads": torch.get_num_threads(),
+            "steps": steps, "warmup": warmup, "rounds": rounds,
+        }
+    return res
+
+
+def table(res: dict) -> str:
+    """The result as a Markdown table and a sentence on what limits the loop."""
+    per_core = (f"{res['input_img_s_per_core']:.1f} ({res['input_cores']} cores)"
+                if res["input_img_s_per_core"] else "")
+    rows = [
+        ("input pipeline alone (loader + batch stage)", res["input_img_s"], per_core, res["input_over_step"]),
+        ("training step on a batch held on the device", res["step_img_s"], "", 1.0),
+        ("`evit train` loop, end to end", res["loop_img_s"], "", res["loop_over_step"]),
+    ]
+    lines = ["| what | img/s | img/s per core | / step |", "|---|---:|---:|---:|"]
+    lines += [f"| {what} | {rate:.1f} | {core} | {ratio:.2f} |" for what, rate, core, ratio in rows]
+    limit = ("the input pipeline: the device waits for data" if res["limited_by"] == "input"
+             else "the training step: the input pipeline keeps up")
+    return "\n".join(lines) + (
+        f"\n\n{res['model']} (keep rate {res['keep_rate']}), {res['dataset']} / {res['augment']} augment, "
+        f"loader {res['loader']}, batch {res['batch_size']}, amp {res['amp']}, compile {res['compile']}, "
+        f"{res['device']}, {res['threads']} threads; medians of {res['rounds']} rounds of {res['steps']} batches.\n"
+        f"Limited by {limit}; the loop runs at {100 * res['loop_over_step']:.0f} % of the step's rate.")
+
+
+def _cmd_bench_input(args) -> int:
+    raw = apply_overrides(load_config(args.config), args.set)
+    res = bench_input(raw, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                      log=lambda m: print(m, flush=True))
+    print(table(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench-input", help="input pipeline vs training step vs the training loop, for a run config",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (YAML-parsed); repeatable")
+    p.add_argument("--steps", type=int, default=20, help="timed batches per rate and round")
+    p.add_argument("--warmup", type=int, default=5, help="untimed batches first, in every round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.set_defaults(func=command_errors(_cmd_bench_input))
