@@ -11,7 +11,7 @@ env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen --extra test --compile-bytecode
+	$(UV) sync --frozen --extra test --extra dali --compile-bytecode
 	@touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist (real images, installs offline from the Debian mirror).

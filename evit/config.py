@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -192,7 +194,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "root": Field("path", None, nullable=True,
                       help="Dataset directory; null = /usr/share/datasets/fashion-mnist for fashion_mnist, "
                            "required otherwise."),
-        "num_workers": Field("int", 8, lo=0, help="Data-loading workers per process."),
+        "loader": Field("choice", "torch", choices=("torch", "dali"),
+                        help="`torch`: DataLoader workers decode and augment with PIL/timm; `dali`: NVIDIA DALI "
+                             "decodes and augments on the training GPU, or in DALI's CPU mode without one "
+                             "(`pip install .[dali]`; imagenet/folder datasets, deit augment with a `rand-...-inc1` "
+                             "RandAugment; evit/dali.py)."),
+        "num_workers": Field("int", 8, lo=0,
+                             help="Data-loading workers per process (`data.loader: dali`: DALI's CPU threads)."),
         "train_subset": Field("int", None, nullable=True, lo=1,
                               help="Use a fixed random subset of that many training images (seed-independent); "
                                    "null = all."),
@@ -428,6 +436,8 @@ def resolve_config(raw: dict | None) -> dict:
         raise ConfigError(f"train.batch_size: Mixup/CutMix need an even batch size, got {t['batch_size']}")
     if t["recipe"] == "finetune" and not t["init_checkpoint"]:
         raise ConfigError("train.init_checkpoint: the finetune recipe starts from a checkpoint; give its path")
+    if d["loader"] == "dali":
+        _check_dali(d, t)
     if d["canvas"] and t["augment"] != "demo":
         raise ConfigError(f"data.canvas: only the demo augment places images on a canvas, not {t['augment']!r}")
     if d["canvas"] and d["dataset"] == "fashion_mnist" and d["canvas"] < 28:
@@ -439,6 +449,28 @@ def resolve_config(raw: dict | None) -> dict:
     if ev["keep_rate"] is not None and m["method"] != "evit":
         raise ConfigError(f"eval.keep_rate: a parameter of method evit, not of {m['method']}")
     return out
+
+
+# The RandAugment specs evit/dali.py implements: timm's increasing op set, no op weights, magnitude <= 10.
+DALI_AA = re.compile(r"rand(-m\d+(\.\d+)?|-n\d+|-mstd\d+(\.\d+)?|-p\d+(\.\d+)?)*-inc1(-m\d+(\.\d+)?|-n\d+|"
+                     r"-mstd\d+(\.\d+)?|-p\d+(\.\d+)?)*")
+
+
+def _check_dali(d: dict, t: dict) -> None:
+    """``data.loader: dali``: DALI is installed, and the dataset and augmentation are ones evit/dali.py has."""
+    if importlib.util.find_spec("nvidia.dali") is None:
+        raise ConfigError("data.loader: dali needs NVIDIA DALI, which is not installed: `pip install .[dali]` "
+                          "(nvidia-dali-cuda130), or use data.loader: torch")
+    if d["dataset"] not in ("imagenet", "folder"):
+        raise ConfigError(f"data.loader: dali reads the imagenet and folder datasets (JPEG files), not "
+                          f"{d['dataset']}; use data.loader: torch")
+    if t["augment"] != "deit":
+        raise ConfigError(f"data.loader: dali implements the deit augment, not train.augment {t['augment']!r}")
+    if t["aa"] is None or not DALI_AA.fullmatch(t["aa"]):
+        raise ConfigError(f"train.aa: data.loader dali implements timm's RandAugment with the increasing op set, "
+                          f"rand-m<M>[-n<N>][-mstd<S>]-inc1, not {t['aa']!r}")
+    if t["interpolation"] == "random":
+        raise ConfigError("train.interpolation: random is not implemented by data.loader dali; use bicubic")
 
 
 def config_hash(cfg: dict) -> str:

@@ -434,6 +434,10 @@ def build_eval_loader(cfg: dict, rank: int, world_size: int, device: torch.devic
     tf = eval_transform(cfg)
     raw = raw_dataset(cfg, "val", tf)
     ds = SeededDataset(raw, tf, subset_indices(len(raw), d["val_subset"]))
+    if d["loader"] == "dali":
+        from evit.dali import DaliEvalLoader
+
+        return DaliEvalLoader(cfg, ds, rank, world_size, device), len(ds), raw
     loader = torch.utils.data.DataLoader(
         ds, batch_size=cfg["eval"]["batch_size"], sampler=ShardSampler(len(ds), world_size, rank),
         num_workers=d["num_workers"], pin_memory=device.type == "cuda", persistent_workers=d["num_workers"] > 0)

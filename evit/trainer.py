@@ -253,9 +253,17 @@ class Trainer:
             raise ConfigError(f"train.batch_size: {rt.batch} is more than the {len(rt.sampler)} training images "
                               "per process")
         batch_sampler = torch.utils.data.BatchSampler(rt.sampler, rt.batch, drop_last=True)
-        rt.train_loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=batch_sampler, num_workers=d["num_workers"],
-            pin_memory=rt.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+        if d["loader"] == "dali":
+            from evit.dali import DaliTrainLoader
+
+            rt.train_loader = DaliTrainLoader(cfg, train_ds, batch_sampler, rt.device)
+            if rt.info.is_main and rt.device.type != "cuda":
+                _log(f"data.loader dali: no GPU, so DALI decodes and augments in its CPU mode "
+                     f"({rt.train_loader.kwargs['num_threads']} threads)")
+        else:
+            rt.train_loader = torch.utils.data.DataLoader(
+                train_ds, batch_sampler=batch_sampler, num_workers=d["num_workers"],
+                pin_memory=rt.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
 
     def _build_model(self, rt: Runtime, init: bool) -> None:
         """The model (from ``train.init_checkpoint`` when ``init``), its DDP wrapper and its keep-rate schedule."""
