@@ -457,16 +457,17 @@ DALI_AA = re.compile(r"rand(-m\d+(\.\d+)?|-n\d+|-mstd\d+(\.\d+)?|-p\d+(\.\d+)?)*
 
 
 def _check_dali(d: dict, t: dict) -> None:
-    """``data.loader: dali``: DALI is installed, and the dataset and augmentation are ones evit/dali.py has."""
+    """``data.loader: dali``: DALI is installed, and the dataset and augmentation are ones evit/dali.py has
+    (augment none: evaluation only; `evit.dali.DaliTrainLoader` refuses to train with it)."""
     if importlib.util.find_spec("nvidia.dali") is None:
         raise ConfigError("data.loader: dali needs NVIDIA DALI, which is not installed: `pip install .[dali]` "
                           "(nvidia-dali-cuda130), or use data.loader: torch")
     if d["dataset"] not in ("imagenet", "folder"):
         raise ConfigError(f"data.loader: dali reads the imagenet and folder datasets (JPEG files), not "
                           f"{d['dataset']}; use data.loader: torch")
-    if t["augment"] != "deit":
+    if t["augment"] not in ("deit", "none"):
         raise ConfigError(f"data.loader: dali implements the deit augment, not train.augment {t['augment']!r}")
-    if t["aa"] is None or not DALI_AA.fullmatch(t["aa"]):
+    if t["augment"] == "deit" and (t["aa"] is None or not DALI_AA.fullmatch(t["aa"])):
         raise ConfigError(f"train.aa: data.loader dali implements timm's RandAugment with the increasing op set, "
                           f"rand-m<M>[-n<N>][-mstd<S>]-inc1, not {t['aa']!r}")
     if t["interpolation"] == "random":

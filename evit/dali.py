@@ -426,6 +426,9 @@ class DaliTrainLoader:
 
     def __init__(self, cfg: dict, dataset, batch_sampler, device: torch.device):
         m, d, t = cfg["model"], cfg["data"], cfg["train"]
+        if t["augment"] != "deit":
+            raise ConfigError(f"train.augment: data.loader dali trains with the deit augment, not {t['augment']!r} "
+                              "(it evaluates any run); use data.loader: torch")
         self.samples, self.batch_sampler = samples_of(dataset), batch_sampler
         self.spec = RandAugmentSpec(t["aa"]) if t["aa"] else None
         self.kwargs = dict(

@@ -96,6 +96,7 @@ def test_dali_config_errors_are_named_at_resolution(jpeg_root, monkeypatch):
     for section, values, msg in [
         ("data", {"dataset": "fashion_mnist", "root": None}, "data.loader: dali reads the imagenet and folder"),
         ("train", {"recipe": "demo"}, "data.loader: dali implements the deit augment, not train.augment 'demo'"),
+        ("train", {"augment": "demo"}, "data.loader: dali implements the deit augment, not train.augment 'demo'"),
         ("train", {"aa": "rand-m9-mstd0.5"}, "train.aa: data.loader dali implements timm's RandAugment with the "
                                              "increasing op set"),
         ("train", {"aa": None}, "train.aa"),
@@ -105,6 +106,9 @@ def test_dali_config_errors_are_named_at_resolution(jpeg_root, monkeypatch):
         raw[section].update(values)
         with pytest.raises(C.ConfigError, match=msg.replace("(", r"\(").replace("'", "'")):
             C.resolve_config(raw)
+    evaluation_only = dali_config(jpeg_root, recipe="none")     # augment none: DALI evaluates, does not train
+    with pytest.raises(C.ConfigError, match="train.augment: data.loader dali trains with the deit augment"):
+        train_loader(evaluation_only, seed=0)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)      # as when DALI is not installed
     with pytest.raises(C.ConfigError, match=r"needs NVIDIA DALI, which is not installed: `pip install \.\[dali\]`"):
         C.resolve_config(dali_config(jpeg_root))
