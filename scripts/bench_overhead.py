@@ -8,11 +8,12 @@ turn (autocast's casts, the GEMM under a linear...). The largest differences in 
 listed by op.
 
 Compile (`--compile`): each model in a fresh child process with an empty inductor cache, timing the first call of
-`torch.compile(model)` (dynamo + inductor + the C++ compiler on the CPU), with dynamo's graph, break and
-recompilation counters and inductor's count of generated kernels.
+`torch.compile(model)` (dynamo + inductor + the C++ compiler on the CPU, Triton on a GPU), with dynamo's graph, break
+and recompilation counters over three passes and inductor's count of generated kernels.
 
     .venv/bin/python scripts/bench_overhead.py                      # ops: DeiT-S, EViT-S 0.7, ToMe-S r 13, bf16
     .venv/bin/python scripts/bench_overhead.py --compile --batch-size 4
+    .venv/bin/python scripts/bench_overhead.py --compile --device cuda --batch-size 256   # on a GPU
 """
 from __future__ import annotations
 
@@ -70,14 +71,17 @@ from torch._dynamo.utils import counters
 from torch._inductor import metrics
 import evit.models
 from evit.benchmark import AMP_DTYPES, create_model
-spec, batch, amp, passes = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-model = create_model(spec).eval()
-x = torch.randn(batch, 3, *model.patch_embed.img_size)
+spec, batch, amp, passes, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+dev = torch.device(device)
+model = create_model(spec).eval().to(dev)
+x = torch.randn(batch, 3, *model.patch_embed.img_size, device=dev)
 compiled = torch.compile(model)
-ctx = torch.autocast("cpu", dtype=AMP_DTYPES[amp]) if amp != "fp32" else torch.autocast("cpu", enabled=False)
+ctx = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else torch.autocast(dev.type, enabled=False)
 with torch.inference_mode(), ctx:
     t0 = time.perf_counter()
     compiled(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     first = time.perf_counter() - t0
     for _ in range(passes - 1):
         compiled(x)
@@ -86,11 +90,11 @@ print(json.dumps(dict(seconds=first, graphs=counters["stats"]["unique_graphs"], 
 """
 
 
-def compile_time(spec: str, batch_size: int, amp: str, passes: int = 3) -> dict:
+def compile_time(spec: str, batch_size: int, amp: str, device: str = "cpu", passes: int = 3) -> dict:
     """Seconds of the first compiled call, in a child process with an empty inductor cache; dynamo's counters."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        proc = subprocess.run([sys.executable, "-c", COMPILE_CHILD, spec, str(batch_size), amp, str(passes)],
+        proc = subprocess.run([sys.executable, "-c", COMPILE_CHILD, spec, str(batch_size), amp, str(passes), device],
                               capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"compiling {spec} failed:\n{proc.stderr[-3000:]}")
@@ -103,6 +107,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--amp", choices=list(AMP_DTYPES), default="bf16")
     p.add_argument("--compile", action="store_true", help="also time inductor's compile of each model")
+    p.add_argument("--device", default="cpu", help="where to compile (cpu, cuda); ops are counted on the CPU")
     p.add_argument("--detail", type=int, default=12, help="list this many ops with the largest count differences")
     args = p.parse_args(argv)
 
@@ -120,11 +125,11 @@ def main(argv=None) -> None:
         print(f"  {spec}: " + ", ".join(f"{name[6:]} {n:+d}" for name, n in top if n))
 
     if args.compile:
-        print(f"\ninductor compile (first call, empty cache), CPU, batch {args.batch_size}, {args.amp}, "
+        print(f"\ninductor compile (first call, empty cache), {args.device}, batch {args.batch_size}, {args.amp}, "
               f"{torch.get_num_threads()} threads")
         print(f"{'model':60s} {'seconds':>8s} {'graphs':>6s} {'breaks':>6s} {'kernels':>7s}")
         for spec in args.models:
-            r = compile_time(spec, args.batch_size, args.amp)
+            r = compile_time(spec, args.batch_size, args.amp, args.device)
             print(f"{spec:60s} {r['seconds']:8.1f} {r['graphs']:6d} {r['breaks']:6d} {r['kernels']:7d}", flush=True)
 
 
