@@ -33,6 +33,7 @@ def make(name, **kwargs):
     return timm.create_model(name, **TINY, **kwargs).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs, override", [
     ("evit_deit_tiny_patch16_224", dict(keep_rate=0.5, fuse_token=True, drop_loc=[0, 1]), dict(keep_rate=0.7)),
     ("tome_deit_tiny_patch16_224", dict(r=3), dict(r=[2, 0])),
