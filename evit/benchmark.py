@@ -1,4 +1,4 @@
-"""MACs and inference throughput of DeiT / EViT / ToMe models (`evit macs`, `evit bench`).
+"""MACs and inference throughput of timm ViTs and token-reduction models (`evit macs`, `evit bench`).
 
 The workflow's bench job measures each experiment's model built from its run config's ``model:`` section by
 the one model factory (`evit.models.factory.build_model`). On the command line, models are named by spec
@@ -24,9 +24,8 @@ import yaml
 from torch import nn
 
 import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
-from evit.config import METHODS
-from evit.models import BlockTokens, EViT, ToMe
-from evit.models.tome import matching_macs
+from evit.config import METHODS, ConfigError
+from evit.models.base import extra_macs, token_counts
 from evit.models.factory import build_model
 from evit.provenance import environment
 
@@ -66,36 +65,21 @@ def create_model(spec: str, **overrides) -> nn.Module:
     return timm.create_model(arch, **{**kwargs, **overrides})
 
 
-def token_counts(model: nn.Module, keep_rate: float | None = None, r=None) -> list[BlockTokens]:
-    """Token counts per block of a timm ViT, EViT (at its own keep rate or `keep_rate`) or ToMe (at its own r
-    or `r`)."""
-    if isinstance(model, EViT):
-        return model.token_counts(keep_rate=keep_rate)
-    if isinstance(model, ToMe):
-        return model.token_counts(r=r)
-    n = model.patch_embed.num_patches + model.num_prefix_tokens
-    return [BlockTokens(n, n, False, False) for _ in model.blocks]
+def count_macs(model: nn.Module, **override) -> int:
+    """Multiply-accumulates of one image's forward pass, attention matmuls included, at ``override`` (a method's
+    per-pass parameter, e.g. ``keep_rate=0.5``; else the model's own).
 
-
-def count_macs(model: nn.Module, keep_rate: float | None = None, r=None) -> int:
-    """Multiply-accumulates of one image's forward pass, attention matmuls included.
-
-    Analytic, for timm ViTs, EViT and ToMe: patch embedding, qkv/proj/MLP linears, QK^T and AV, the CLS
-    attention row and the fused token in EViT's reorganizing blocks, ToMe's matching similarities in its
-    merging blocks, and the head.
+    Analytic: patch embedding, qkv/proj/MLP linears, QK^T and AV at each block's token counts, what the method
+    spends on reducing tokens (`TokenReducer.extra_macs`: EViT's CLS attention row and fused token, ToMe's
+    matching similarities), and the head.
     """
     pe = model.patch_embed.proj
     macs = model.patch_embed.num_patches * pe.out_channels * pe.in_channels * math.prod(pe.kernel_size)
     dim = model.embed_dim
     hidden = model.blocks[0].mlp.fc1.out_features
-    for t in token_counts(model, keep_rate, r):
+    for t in token_counts(model, **override):
         macs += t.attn * 4 * dim * dim + 2 * t.attn * t.attn * dim  # qkv + proj; QK^T + AV
-        if t.reorganized and isinstance(model, ToMe):
-            macs += matching_macs(t.attn, model.blocks[0].attn.head_dim)  # the A x B key similarities
-        elif t.reorganized:
-            macs += t.attn * dim  # the CLS attention row
-        if t.fused:
-            macs += (t.attn - 1) * dim  # the fused token's weighted sum
+        macs += extra_macs(model, t)
         macs += t.mlp * 2 * dim * hidden
     if isinstance(model.head, nn.Linear):
         macs += model.head.in_features * model.head.out_features
@@ -162,6 +146,9 @@ def benchmark(
     for CUDA graphs (`cuda_graphed`); CUDA only.
     """
     specs = [m if isinstance(m, str) else _section_spec(m) for m in models]
+    not_compiled = [m["method"] for m in models if compile and isinstance(m, dict) and not METHODS[m["method"]].compile]
+    if not_compiled:
+        raise ConfigError(f"compile: method {not_compiled[0]} does not support torch.compile")
     labels = labels or specs
     if len(labels) != len(specs):
         raise ValueError(f"got {len(labels)} labels for {len(specs)} models")

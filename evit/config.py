@@ -28,8 +28,10 @@ import importlib.util
 import json
 import math
 import os
+import functools
+import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,30 +124,114 @@ class Field:
 
 @dataclass(frozen=True)
 class Method:
-    """A token-reduction method: its models are timm's ``prefix + model.arch``, built with its params as kwargs."""
+    """A token-reduction method: what the run config, the workflow and the report need of it (no torch).
 
-    label: str                      # its name in tables and figures
-    prefix: str                     # timm registry prefix of its models ("" = the plain backbone)
-    params: dict[str, Field]        # its keys in the model section (`model.<param>`), with their defaults
-    describe: Callable[[dict], str]  # its params in brief, for table rows and figure labels
+    Its models are timm's ``prefix + model.arch``, registered by ``module`` (which `build_model` imports) and
+    built with its ``params`` as keyword arguments; they implement `evit.models.base.TokenReducer` (token counts,
+    extra MACs, a forward pass at another ``override`` value). The default of ``override`` leaves the backbone
+    unchanged (EViT's keep rate 1, ToMe's r 0). A new method is one such entry (`register_method`) and one module.
+    """
+
+    label: str                                  # its name in tables and figures
+    prefix: str                                 # timm registry prefix of its models ("" = the plain backbone)
+    module: str | None                          # the module that registers its timm models
+    params: dict[str, Field]                    # its keys in the model section (`model.<param>`), with defaults
+    override: str | None = None                 # the parameter a pass may override: ``model(x, **{override: v})``
+    shown: tuple[str, ...] = ()                 # parameters every label shows; the others when not at default
+    brief: dict[str, Callable[[Any], str]] = dataclass_field(default_factory=dict)  # a value in a label
+    variant: tuple[str, ...] = ()               # parameters whose values the figures colour apart
+    # (model section, train section, iterations per epoch) -> step -> the override while training; None: fixed
+    schedule: Callable[[dict, dict, int], Callable[[int], Any]] | None = None
+    grad_checkpointing: bool = True             # its blocks can be re-run in the backward pass
+    compile: bool = True                        # torch.compile builds its forward pass
+    kept_patches: bool = False                  # ``model(x, return_kept=True)`` names the patches each block kept
+
+    def _brief(self, key: str, value: Any) -> str:
+        return self.brief[key](value) if key in self.brief else f"{key} {_plain(value)}"
+
+    def describe(self, params: dict) -> str:
+        """Its parameters in brief: the shown ones, and every other one that is not at its default."""
+        return ", ".join(self._brief(k, params[k]) for k, f in self.params.items()
+                         if k in self.shown or params[k] != f.default)
+
+    def variant_name(self, params: dict) -> str:
+        """The figures' colour group: its label and its variant parameters, e.g. ``EViT not fused``."""
+        return " ".join([self.label, *(self._brief(k, params[k]) for k in self.variant)])
+
+    def variant_names(self) -> list[str]:
+        """Every variant name, defaults first (variant parameters are bools or choices)."""
+        domains = [[self.params[k].default, *(c for c in (self.params[k].choices or (True, False))
+                                              if c != self.params[k].default)] for k in self.variant]
+        return [self.variant_name(dict(zip(self.variant, values))) for values in itertools.product(*domains)]
+
+
+def keep_rate_at(step: int, iters_per_epoch: int, target: float, shrink_start: float, shrink_epochs: float) -> float:
+    """EViT's keep-rate schedule, per iteration.
+
+    1 for the first ``shrink_start`` epochs; then a cosine from 1 down to ``target`` over ``shrink_epochs``:
+    ``target + (1 - target) * (cos(pi * t / T) + 1) / 2`` with t the iterations since ``shrink_start`` and
+    ``T = iters_per_epoch * shrink_epochs``; then ``target``. With ``shrink_epochs == 0`` the target holds from
+    ``shrink_start`` on (so shrink 0/0 = the target from the first step, as in fine-tuning).
+    """
+    if target >= 1.0:
+        return 1.0
+    t = step - shrink_start * iters_per_epoch
+    if t < 0:
+        return 1.0
+    total = iters_per_epoch * shrink_epochs
+    if t >= total:
+        return float(target)
+    return target + (1.0 - target) * (math.cos(math.pi * t / total) + 1.0) / 2.0
 
 
 METHODS: dict[str, Method] = {
-    "none": Method("baseline", "", {}, lambda p: ""),
-    "evit": Method("EViT", "evit_", {
-        "keep_rate": Field("float", 1.0, lo=0.0, lo_open=True, hi=1.0,
-                           help="EViT: target keep rate of the reorganizing blocks."),
-        "fuse_token": Field("bool", True,
-                            help="EViT: fuse the inattentive tokens into one extra token (weighted by their "
-                                 "attention scores); false drops them."),
-        "drop_loc": Field("intlist", [3, 6, 9], lo=0,
-                          help="EViT: block indices (0-based) of the reorganizing blocks."),
-    }, lambda p: f"keep {p['keep_rate']:g}, {'fused' if p['fuse_token'] else 'not fused'}"),
-    "tome": Method("ToMe", "tome_", {
-        "r": Field("int", 0, lo=0, help="ToMe: tokens merged per block (at most half of its non-CLS tokens)."),
-    }, lambda p: f"r {p['r']}"),
+    "none": Method("baseline", "", None, {}),
+    "evit": Method(
+        "EViT", "evit_", "evit.models.evit", {
+            "keep_rate": Field("float", 1.0, lo=0.0, lo_open=True, hi=1.0,
+                               help="EViT: target keep rate of the reorganizing blocks."),
+            "fuse_token": Field("bool", True,
+                                help="EViT: fuse the inattentive tokens into one extra token (weighted by their "
+                                     "attention scores); false drops them."),
+            "drop_loc": Field("intlist", [3, 6, 9], lo=0,
+                              help="EViT: block indices (0-based) of the reorganizing blocks."),
+        },
+        override="keep_rate", shown=("keep_rate", "fuse_token"), variant=("fuse_token",), kept_patches=True,
+        brief={"keep_rate": lambda v: f"keep {v:g}", "fuse_token": lambda v: "fused" if v else "not fused"},
+        schedule=lambda m, t, ipe: functools.partial(
+            keep_rate_at, iters_per_epoch=ipe, target=m["keep_rate"], shrink_start=t["shrink_start"],
+            shrink_epochs=t["shrink_epochs"]),
+    ),
+    "tome": Method(
+        "ToMe", "tome_", "evit.models.tome", {
+            "r": Field("int", 0, lo=0, help="ToMe: tokens merged per block (at most half of its non-CLS tokens)."),
+        },
+        override="r", shown=("r",),
+        grad_checkpointing=False,  # the token sizes change as its blocks run
+    ),
 }
-PARAM_METHOD = {key: name for name, m in METHODS.items() for key in m.params}  # model.<param> -> its method
+
+
+def register_method(name: str, method: Method) -> Method:
+    """Add a method to `METHODS`; its name, prefix and parameters must be new."""
+    clash = [k for k in method.params if k in SCHEMA["model"] or param_method(k)]
+    if name in METHODS or not method.prefix or any(m.prefix == method.prefix for m in METHODS.values()) or clash:
+        raise ValueError(f"method {name!r}: its name, its prefix {method.prefix!r} and its parameters {clash} must "
+                         "be new (not a model key or another method's)")
+    if method.override is not None and method.override not in method.params:
+        raise ValueError(f"method {name!r}: its override {method.override!r} is not one of its parameters")
+    METHODS[name] = method
+    return method
+
+
+def param_method(key: str) -> str | None:
+    """The method whose parameter ``model.<key>`` is, or None."""
+    return next((name for name, m in METHODS.items() if key in m.params), None)
+
+
+def method_param_keys() -> list[str]:
+    """Every method's parameters (the model keys that are not `SCHEMA`'s)."""
+    return [k for m in METHODS.values() for k in m.params]
 
 
 def method_params(model: dict) -> dict:
@@ -156,6 +242,14 @@ def method_params(model: dict) -> dict:
 def describe_method(method: str, params: dict) -> str:
     """A method's parameters in brief, e.g. ``keep 0.7, fused``, ``r 8``, ``""`` for none."""
     return METHODS[method].describe(params)
+
+
+def check_method_param(key: str, value: Any) -> Any:
+    """A method parameter's value, checked against its `Field` (`ConfigError` naming ``model.<key>``)."""
+    method = param_method(key)
+    if method is None:
+        raise ConfigError(f"model.{key}: not a parameter of any method ({', '.join(method_param_keys())})")
+    return _check(f"model.{key}", METHODS[method].params[key], value)
 
 
 # One line per section of the reference (`config_reference`).
@@ -173,7 +267,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "arch": Field("str", "deit_small_patch16_224",
                       help="The backbone: a timm model name, e.g. `deit_small_patch16_224`; the method's model is "
                            "timm's `<prefix><arch>` (e.g. `evit_deit_small_patch16_224`, see `model.method`)."),
-        "method": Field("choice", "none", choices=tuple(METHODS),
+        "method": Field("choice", "none", choices=METHODS,  # the registry itself: a registered method is valid
                         help="The token-reduction method: " + "; ".join(
                             f"`{name}` = {m.label}" + (f" (`{m.prefix}*` models; parameters "
                                                        + ", ".join(f"`model.{k}`" for k in m.params) + ")"
@@ -248,7 +342,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "shrink_start": Field("float", _RECIPE, lo=0.0,
                               help="Keep-rate schedule: 1 before `shrink_start` epochs, then a cosine to "
                                    "`model.keep_rate` over `shrink_epochs`, per iteration "
-                                   "(`evit.engine.keep_rate_at`)."),
+                                   "(`evit.config.keep_rate_at`)."),
         "shrink_epochs": Field("float", _RECIPE, lo=0.0,
                                help="Length of the keep-rate cosine, in epochs (see `shrink_start`)."),
         "hold_eval": Field("bool", _RECIPE,
@@ -277,9 +371,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                     "(timm's `set_grad_checkpointing`): less memory (e.g. DeiT-B at 288-304 px on "
                                     "smaller GPUs) for about a third more compute; the same results."),
         "compile": Field("bool", False,
-                         help="`torch.compile` the model for training (evaluation stays eager). One graph per keep "
-                              "rate: a keep-rate schedule is then rounded up to the nearest of "
-                              "`train.compile_levels` + 1 evenly spaced rates from the target to 1, so a run "
+                         help="`torch.compile` the model for training (evaluation stays eager), if its method "
+                              "supports it. One graph per value of the method's per-pass parameter: its schedule "
+                              "(EViT's keep rate) is then rounded up to the nearest of `train.compile_levels` + 1 "
+                              "evenly spaced values from the target to the default (keep rate 1), so a run "
                               "compiles at most that many graphs (one more is an error, never a silent fall-back to "
                               "eager)."),
         "compile_levels": Field("int", 8, lo=1,
@@ -299,15 +394,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "crop_pct": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0,
                           help="Crop fraction (resize to `img_size / crop_pct`, centre crop); null = 0.875 for "
                                "deit/none augment, 1.0 for demo."),
-        "keep_rate": Field("float", None, nullable=True, lo=0.0, lo_open=True, hi=1.0,
-                           help="EViT: keep rate for evaluation; null = `model.keep_rate`."),
+        "params": Field("dict", {},
+                        help="The method's per-pass parameter at evaluation (`evit eval` and training's), e.g. "
+                             "`{keep_rate: 0.5}` for EViT or `{r: 8}` for ToMe; empty = the model's own."),
     },
 }
 PASSTHROUGH = ("launcher", "meta", "mask")
 # Keys that may differ between a checkpoint's config and the resuming run's (they do not change the maths).
 RESUME_FREE = {"data.root", "data.num_workers", "data.val_subset", "train.device", "train.amp",
                "train.grad_checkpointing", "train.eval_every", "train.log_every", "eval.batch_size", "eval.crop_pct",
-               "eval.keep_rate"}
+               "eval.params"}
 
 
 def _check(key: str, f: Field, v: Any) -> Any:
@@ -363,9 +459,9 @@ def _check(key: str, f: Field, v: Any) -> Any:
 def _model_fields(given: dict) -> dict[str, Field]:
     """The model section's keys for the method it names: `SCHEMA`'s and that method's own parameters."""
     method = _check("model.method", SCHEMA["model"]["method"], given.get("method", SCHEMA["model"]["method"].default))
-    foreign = [k for k in given if PARAM_METHOD.get(k, method) != method]
+    foreign = [k for k in given if (param_method(k) or method) != method]
     if foreign:
-        raise ConfigError(f"model.{foreign[0]}: a parameter of method {PARAM_METHOD[foreign[0]]}, not of {method}")
+        raise ConfigError(f"model.{foreign[0]}: a parameter of method {param_method(foreign[0])}, not of {method}")
     arch = given.get("arch", "")
     for name, m in METHODS.items():
         if m.prefix and isinstance(arch, str) and arch.startswith(m.prefix):
@@ -415,7 +511,7 @@ def resolve_config(raw: dict | None) -> dict:
             out[k] = copy.deepcopy(raw[k])
 
     m, d, t, ev = out["model"], out["data"], out["train"], out["eval"]
-    for key in ("img_size", "patch_size", "num_classes", "method", *PARAM_METHOD, "drop_path_rate", "pretrained"):
+    for key in ("img_size", "patch_size", "num_classes", "method", *method_param_keys(), "drop_path_rate", "pretrained"):
         if key in m["kwargs"]:
             raise ConfigError(f"model.kwargs.{key}: set it as model.{key.removesuffix('_rate')} instead"
                               if key != "pretrained" else "model.kwargs.pretrained: not allowed (no hub "
@@ -444,10 +540,16 @@ def resolve_config(raw: dict | None) -> dict:
         raise ConfigError(f"data.canvas: {d['canvas']} px is smaller than Fashion-MNIST's 28 px images")
     if ev["crop_pct"] is None:
         ev["crop_pct"] = 1.0 if t["augment"] == "demo" else DEFAULT_CROP_PCT
-    if t["grad_checkpointing"] and m["method"] == "tome":
-        raise ConfigError("train.grad_checkpointing: not with method tome (token sizes change as its blocks run)")
-    if ev["keep_rate"] is not None and m["method"] != "evit":
-        raise ConfigError(f"eval.keep_rate: a parameter of method evit, not of {m['method']}")
+    method = METHODS[m["method"]]
+    if t["grad_checkpointing"] and not method.grad_checkpointing:
+        raise ConfigError(f"train.grad_checkpointing: method {m['method']} does not support it")
+    if t["compile"] and not method.compile:
+        raise ConfigError(f"train.compile: method {m['method']} does not support torch.compile")
+    for key, value in ev["params"].items():
+        if key != method.override:
+            raise ConfigError(f"eval.params.{key}: method {m['method']} overrides "
+                              + (f"only {method.override} at evaluation" if method.override else "nothing"))
+        ev["params"][key] = _check(f"eval.params.{key}", method.params[key], value)
     return out
 
 
@@ -523,19 +625,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 REFERENCE_PATH = "docs/run_config.md"      # config_reference()'s output, committed; a test checks it is current
 
 
+def _plain(x: Any) -> str:
+    """A value as YAML would write it: null, true, [3, 6, 9], {}."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_plain(e) for e in x) + "]"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_plain(e)}" for k, e in x.items()) + "}"
+    return str(x)
+
+
 def _md_value(v: Any) -> str:
-    """A value as YAML would write it (null, true, [3, 6, 9], {}), in a Markdown code span."""
-    def plain(x: Any) -> str:
-        if x is None:
-            return "null"
-        if isinstance(x, bool):
-            return "true" if x else "false"
-        if isinstance(x, (list, tuple)):
-            return "[" + ", ".join(plain(e) for e in x) + "]"
-        if isinstance(x, dict):
-            return "{" + ", ".join(f"{k}: {plain(e)}" for k, e in x.items()) + "}"
-        return str(x)
-    return f"`{plain(v)}`"
+    """A value as YAML would write it, in a Markdown code span."""
+    return f"`{_plain(v)}`"
 
 
 def _md_type(f: Field) -> str:

@@ -1,4 +1,4 @@
-"""The training and evaluation loops, the keep-rate schedule, and mixed precision.
+"""The training and evaluation loops, the per-pass parameter's schedule for compiled training, and mixed precision.
 
 Everything here works on one process of a (possibly) distributed job; `evit.trainer` wires it together.
 """
@@ -27,31 +27,12 @@ class NonFiniteLossError(RuntimeError):
                          "the update); the run is stopped and the last checkpoint is left as it was")
 
 
-# --------------------------------------------------------------------------------------------- keep rate
-
-
-def keep_rate_at(step: int, iters_per_epoch: int, target: float, shrink_start: float, shrink_epochs: float) -> float:
-    """EViT's keep-rate schedule, per iteration.
-
-    1 for the first ``shrink_start`` epochs; then a cosine from 1 down to ``target`` over ``shrink_epochs``:
-    ``target + (1 - target) * (cos(pi * t / T) + 1) / 2`` with t the iterations since ``shrink_start`` and
-    ``T = iters_per_epoch * shrink_epochs``; then ``target``. With ``shrink_epochs == 0`` the target holds from
-    ``shrink_start`` on (so shrink 0/0 = the target from the first step, as in fine-tuning).
-    """
-    if target >= 1.0:
-        return 1.0
-    t = step - shrink_start * iters_per_epoch
-    if t < 0:
-        return 1.0
-    total = iters_per_epoch * shrink_epochs
-    if t >= total:
-        return float(target)
-    return target + (1.0 - target) * (math.cos(math.pi * t / total) + 1.0) / 2.0
+# --------------------------------------------------------------------------------------------- schedule
 
 
 def bucketed(fn: Callable[[int], float], lo: float, hi: float, levels: int) -> Callable[[int], float]:
     """``fn`` (step -> a value in [lo, hi]) rounded up to the nearest of ``levels + 1`` evenly spaced values from lo
-    to hi (both exact). A compiled model makes one graph per keep rate it sees; this bounds their number."""
+    to hi (both exact). A compiled model makes one graph per value of the per-pass parameter it sees; this bounds their number."""
     grid = [lo + (hi - lo) * j / levels for j in range(levels)] + [hi]
 
     def at(step: int) -> float:
@@ -100,8 +81,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def call_model(model: torch.nn.Module, x: torch.Tensor, keep_rate: float | None):
-    return model(x) if keep_rate is None else model(x, keep_rate=keep_rate)
+def call_model(model: torch.nn.Module, x: torch.Tensor, override: dict | None):
+    """One forward pass; ``override``: the method's per-pass parameter, e.g. ``{"keep_rate": 0.7}`` (None: none)."""
+    return model(x, **(override or {}))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -173,15 +155,16 @@ class StepContext:
     seed: int
     rank: int = 0
     scheduler: object | None = None            # timm scheduler, stepped per iteration via step_update(step)
-    keep_rate_fn: Callable[[int], float] | None = None   # step -> keep rate, or None (model without keep_rate)
+    override_fn: Callable[[int], dict] | None = None    # step -> the method's scheduled override, or None
     batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.BatchStage`);
                                                # None: batches are ready, only moved to the device
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
     clip_grad: float | None = None
     hold_eval: bool = False                    # model.eval() while training (fine-tuning: DropPath off)
-    # (state, loss, lr, kr) after each step; the loss is a 0-d tensor on the device (reading it waits for the step)
-    on_step: Callable[[TrainState, torch.Tensor, float, float | None], None] | None = None
+    # (state, loss, lr, override) after each step; the loss is a 0-d tensor on the device (reading it waits for
+    # the step)
+    on_step: Callable[[TrainState, torch.Tensor, float, dict | None], None] | None = None
     max_step: int | None = None                # stop (before fetching more) once state.step reaches this
     check_every: int = 50                      # steps between reads of the losses (`TrainState.settle`)
 
@@ -206,7 +189,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     world = dist.get_world_size() if dist.is_initialized() else 1
     skip_on_device = ctx.scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False)
     lr = optimizer.param_groups[0]["lr"]
-    kr = None
+    override = None
     t0 = time.perf_counter()
     for images, targets in loader:
         if ctx.max_step is not None and state.step >= ctx.max_step:
@@ -222,9 +205,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         else:
             images = images.to(device, non_blocking=non_blocking)
             targets = targets.to(device, non_blocking=non_blocking)
-        kr = ctx.keep_rate_fn(step) if ctx.keep_rate_fn is not None else None
+        override = ctx.override_fn(step) if ctx.override_fn is not None else None
         with autocast(device, ctx.amp_dtype):
-            output = call_model(model, images, kr)
+            output = call_model(model, images, override)
             loss = ctx.criterion(output, targets)
         optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
@@ -254,14 +237,14 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         state.epoch_step += 1
         state.phase = "idle"
         if ctx.on_step is not None:
-            ctx.on_step(state, loss_mean, lr, kr)
+            ctx.on_step(state, loss_mean, lr, override)
         if skip_on_device and state.step % ctx.check_every == 0:
             state.settle()
     state.settle()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     state.epoch_time += time.perf_counter() - t0
-    return {"train_loss": state.loss_sum / max(state.epoch_step, 1), "lr": lr, "keep_rate": kr}
+    return {"train_loss": state.loss_sum / max(state.epoch_step, 1), "lr": lr, "override": override}
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -269,11 +252,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, amp_dtype: torch.dtype | None = None,
-             keep_rate: float | None = None) -> dict:
+             override: dict | None = None) -> dict:
     """Top-1 / top-5 / mean cross-entropy over this rank's share of ``loader``, summed over all ranks.
 
-    With `evit.data.ShardSampler` each image is counted exactly once over the ranks. ``keep_rate`` overrides the
-    model's own (None: the model's target)."""
+    With `evit.data.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets the
+    model's per-pass parameter (e.g. ``{"keep_rate": 0.5}``; None: the model's own)."""
     model.eval()
     non_blocking = device.type == "cuda"
     sums = torch.zeros(4, dtype=torch.float64, device=device)    # correct@1, correct@5, loss sum, count
@@ -281,7 +264,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, 
         images = images.to(device, non_blocking=non_blocking)
         targets = targets.to(device, non_blocking=non_blocking)
         with autocast(device, amp_dtype):
-            output = call_model(model, images, keep_rate)
+            output = call_model(model, images, override)
         output = output.float()
         k = min(5, output.shape[-1])
         top = output.topk(k, dim=-1).indices

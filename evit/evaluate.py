@@ -1,8 +1,7 @@
-"""`evit eval`: top-1 / top-5 of one checkpoint (ours, DeiT or official EViT) on a val split, as any method (EViT at
-any keep rate, ToMe at any r)."""
+"""`evit eval`: top-1 / top-5 of one checkpoint (ours, DeiT or official EViT) on a val split, as any method with any
+parameters (``--method evit --param keep_rate=0.5``, ``--method tome --param r=8``)."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, over
 
     The run config is: ``config`` if given, else the checkpoint's own (ours), else defaults; ``overrides``
     (``section.key=value``) apply last. A foreign checkpoint therefore needs at least ``model.arch`` and the
-    data section; the result names the method and its parameters. For EViT, ``model.keep_rate`` (or
-    ``eval.keep_rate``) sets the keep rate evaluated. The file is read once.
+    data section; the result names the method and its parameters, which ``model.<param>`` sets (and
+    ``eval.params``, the per-pass parameter of training's evaluation, overrides). The file is read once.
     """
     checkpoint = Path(checkpoint)
     blob = read_checkpoint(checkpoint)
@@ -34,8 +33,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, over
     saved = blob.get("config") if isinstance(blob, dict) and isinstance(blob.get("config"), dict) else None
     del blob
     cfg = resolve_config(apply_overrides(config if config is not None else (saved or {}), overrides or []))
-    if cfg["eval"]["keep_rate"] is not None:
-        cfg["model"]["keep_rate"] = cfg["eval"]["keep_rate"]
+    cfg["model"].update(cfg["eval"]["params"])
 
     info = dist_env()
     device = resolve_device(cfg["train"]["device"], info.local_rank)
@@ -80,7 +78,6 @@ def _cmd_eval(args) -> int:
     overrides = list(args.set or [])
     for flag, key in (("arch", "model.arch"), ("method", "model.method"), ("img_size", "model.img_size"),
                       ("patch_size", "model.patch_size"), ("num_classes", "model.num_classes"),
-                      ("keep_rate", "eval.keep_rate"), ("fuse_token", "model.fuse_token"), ("r", "model.r"),
                       ("dataset", "data.dataset"), ("data_root", "data.root"),
                       ("val_subset", "data.val_subset"), ("batch_size", "eval.batch_size"),
                       ("num_workers", "data.num_workers"), ("crop_pct", "eval.crop_pct"),
@@ -88,8 +85,11 @@ def _cmd_eval(args) -> int:
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"{key}={json.dumps(v)}")
-    if args.drop_loc is not None:
-        overrides.append(f"model.drop_loc=[{args.drop_loc}]")
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. keep_rate=0.7")
+        overrides.append(f"model.{key.strip()}={value}")
     config = load_config(args.config) if args.config else None
     result = evaluate_checkpoint(args.checkpoint, config, overrides, args.out)
     if dist_env().is_main:
@@ -101,7 +101,7 @@ def _cmd_eval(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on the val split",
-                       description="Evaluate our, DeiT or official EViT checkpoints, at any keep rate.")
+                       description="Evaluate our, DeiT or official EViT checkpoints, as any method.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", help="run config YAML for model/data (default: the checkpoint's own)")
     p.add_argument("--arch", help="the backbone, e.g. deit_small_patch16_224")
@@ -109,10 +109,9 @@ def add_commands(sub) -> None:
     p.add_argument("--img-size", type=int)
     p.add_argument("--patch-size", type=int)
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--keep-rate", type=float, help="EViT: keep rate to evaluate at (default: the model's)")
-    p.add_argument("--fuse-token", action=argparse.BooleanOptionalAction, default=None, help="EViT: fuse or drop")
-    p.add_argument("--drop-loc", help="EViT: comma-separated block indices, e.g. 3,6,9")
-    p.add_argument("--r", type=int, help="ToMe: tokens merged per block")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the method (model.KEY; VALUE as YAML), e.g. keep_rate=0.5, "
+                        "drop_loc=[3,6,9], r=8; repeatable")
     p.add_argument("--dataset", choices=D.DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--val-subset", type=int)

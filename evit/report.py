@@ -19,7 +19,7 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
       - name: evit_s_0.7              # required, unique; the `label` of its row in the bench CSV
         arch: deit_small_patch16_224  # optional, not used
         img_size: 224                 # required; must equal the bench CSV's img_size
-        method: evit                  # required: none, evit or tome
+        method: evit                  # required: a name in evit.config.METHODS (none, evit, tome, ...)
         params: {keep_rate: 0.7, fuse_token: true, drop_loc: [3, 6, 9]}  # required: all of its method's, {} for none
         recipe: finetune              # required: none (evaluated off the shelf), finetune, scratch or demo
         tables: [main]                # required (may be empty): tables this experiment is a row of
@@ -41,7 +41,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import seaborn as sns
 import yaml
@@ -75,8 +74,6 @@ FORMATS = {
     "paper_gmacs": "{:.1f}".format, "delta_gmacs": lambda v: f"{round(v, 2) + 0:+.2f}", "paper_img_s": "{:.0f}".format,
     "paper_speedup": "{:.2f}".format, "delta_speedup": lambda v: f"{round(v, 2) + 0:+.2f}",
 }
-VARIANTS = ["baseline", "EViT fused", "EViT not fused", "ToMe"]  # the figures' colours: method, and EViT's fusion
-PALETTE = dict(zip(VARIANTS, ["0.2", "tab:blue", "tab:orange", "tab:green"]))  # another method: the next free colour
 _HTML_STYLE = [
     {"selector": "", "props": "border-collapse: collapse; font: 14px sans-serif"},
     {"selector": "caption", "props": "caption-side: top; text-align: left; padding-bottom: 8px"},
@@ -119,7 +116,8 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     spec = yaml.safe_load(Path(experiments).read_text()) or {}
     if not isinstance(spec.get("experiments"), list) or not isinstance(spec.get("tables"), dict):
         raise ReportError(f"experiments file {experiments}: needs a `tables` mapping and an `experiments` list")
-    exps = pd.DataFrame(spec["experiments"]).reindex(columns=[*REQUIRED, "paper", "schedule"])
+    exps = (pd.DataFrame(spec["experiments"]).reindex(columns=[*REQUIRED, "paper", "schedule"])
+            .astype({"paper": object}))
     names = exps["name"].fillna(pd.Series([f"#{i + 1}" for i in exps.index]))
     lacking = exps[list(REQUIRED)].isna().set_axis(names).stack()
     _check([f"{exp} lacks {key!r}" for exp, key in lacking[lacking].index], f"experiments file {experiments}")
@@ -279,14 +277,13 @@ def masking_table(spec: dict, dataset: str | None) -> dict[str, str]:
 
 
 def _runs(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per experiment, with its variant (colour) for the figures, EViT's keep rate and fusion (the
-    baseline: keep rate 1), and whether it is a table's baseline."""
+    """One row per experiment, with its variant (colour) for the figures (`Method.variant_name`), the value of its
+    method's per-pass parameter (`setting`: EViT's keep rate, ToMe's r; None for the baseline), and whether it is a
+    table's baseline."""
     runs = results.drop_duplicates("experiment").copy()
-    evit = runs["method"] == "evit"
-    runs["keep_rate"] = [p.get("keep_rate", 1.0) for p in runs["params"]]
-    runs["fuse_token"] = [p.get("fuse_token", False) for p in runs["params"]]
-    runs["variant"] = runs["method"].map(lambda m: METHODS[m].label).where(
-        ~evit, np.where(runs["fuse_token"], "EViT fused", "EViT not fused"))
+    methods = runs["method"].map(METHODS)
+    runs["variant"] = [m.variant_name(p) for m, p in zip(methods, runs["params"])]
+    runs["setting"] = [p[m.override] if m.override else None for m, p in zip(methods, runs["params"])]
     runs["is_baseline"] = runs["experiment"].isin(results["baseline"])
     main_size = (runs.loc[runs["is_baseline"], "img_size"] if runs["is_baseline"].any() else runs["img_size"]).mode()[0]
     runs["main_size"] = runs["img_size"] == main_size
@@ -296,11 +293,13 @@ def _runs(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _colours(variants) -> tuple[list[str], dict[str, str]]:
-    """The figures' hue order and palette for these variants (a method not in `VARIANTS` gets a colour too)."""
+    """The figures' hue order and palette for these variants: every method's variants in `METHODS` order take the
+    colours in turn (the baseline grey, then tab10's), so a variant has the same colour in every figure."""
+    known = [v for m in METHODS.values() for v in m.variant_names()]
+    colours = dict(zip(known, ["0.2", *sns.color_palette("tab10").as_hex()]))
     present = set(variants)
-    order = [v for v in VARIANTS if v in present] + sorted(present - set(VARIANTS))
-    spare = iter(c for c in sns.color_palette("tab10").as_hex()[4:])
-    return order, {v: PALETTE[v] if v in PALETTE else next(spare) for v in order}
+    order = [v for v in known if v in present]
+    return order, {v: colours[v] for v in order}
 
 
 # Where a label may sit around its point (points): rings of 8 directions, nearest first.
@@ -346,8 +345,8 @@ def _data_name(results: pd.DataFrame) -> str:
 
 
 def plot_accuracy_vs_throughput(results: pd.DataFrame) -> Figure:
-    """Top-1 against median img/s (bars: interquartile range), coloured by method (EViT: fused or not), labelled
-    by parameters."""
+    """Top-1 against median img/s (bars: interquartile range), coloured by variant (method, and e.g. EViT's fusion),
+    labelled by parameters."""
     runs = _runs(results)
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -359,10 +358,11 @@ def plot_accuracy_vs_throughput(results: pd.DataFrame) -> Figure:
     base = runs[runs["is_baseline"]]
     ax.scatter(base["img_s"], base["top1"], s=380, facecolors="none", edgecolors="black", linewidths=1.5,
                zorder=2, label="baseline")
-    # label by parameters, on the side away from the run's partner at the same keep rate (they sit close
-    # together); runs at other image sizes are named by the marker legend
+    # label by parameters, on the side away from the run's partners of its method at the same setting (they sit
+    # close together); runs at other image sizes are named by the marker legend
     labelled = runs[runs["main_size"] | runs["is_baseline"]]
-    labelled = labelled.assign(left=labelled["img_s"] < labelled.groupby("keep_rate")["img_s"].transform("max"))
+    fastest = labelled.groupby(["method", "setting"], dropna=False)["img_s"].transform("max")
+    labelled = labelled.assign(left=labelled["img_s"] < fastest)
     for r in labelled.itertuples():
         text = f"{r.experiment} (baseline)" if r.is_baseline else r.parameters
         left = r.left and not r.is_baseline
@@ -379,46 +379,54 @@ def plot_accuracy_vs_throughput(results: pd.DataFrame) -> Figure:
 
 
 def plot_keep_rate_sweep(results: pd.DataFrame) -> Figure:
-    """Top-1 and GMACs of the trained EViT runs against keep rate at the baseline's image size, fused vs not
-    fused (paper dashed), from the baseline (keep rate 1); EViT evaluated off the shelf is left out."""
+    """Top-1 and GMACs of the trained runs against their method's per-pass parameter (EViT's keep rate, ToMe's r)
+    at the baseline's image size: one row per method, one line per variant (EViT: fused or not; the paper dashed),
+    each from the baseline (at the parameter's default, which leaves the backbone unchanged). Runs evaluated off
+    the shelf, and ablations (another parameter off its default, or another schedule), are left out."""
     runs = _runs(results)
-    # the sweep's EViT runs: trained, reorganizing where the paper does, on their recipe's keep-rate schedule
-    # (not an ablation's rows)
-    default_loc = METHODS["evit"].params["drop_loc"].default
-    swept = runs["params"].map(lambda p: p.get("drop_loc", default_loc) == default_loc) & runs["schedule"].isna()
-    sweep = runs[runs["main_size"] & ((runs["method"] == "none") | ((runs["method"] == "evit")
-                                                                     & (runs["recipe"] != "none") & swept))]
-    img_size = sweep["img_size"].iloc[0]
-    pruned = sweep[sweep["method"] == "evit"]
-    baseline = sweep[sweep["method"] == "none"]  # keep rate 1 is the start of every curve
-    fusions = pruned["variant"].unique() if len(pruned) else ["baseline"]
-    sweep = pd.concat([pruned, *(baseline.assign(variant=f) for f in fusions)])
+    main = runs[runs["main_size"]]
+    baseline = main[main["is_baseline"]]
+    # the sweep's runs: trained on their recipe's schedule, with every parameter but the swept one and the variant's
+    # at its default (not an ablation's rows)
+    plain = pd.Series([all(v == m.params[k].default for k, v in p.items() if k != m.override and k not in m.variant)
+                       for m, p in zip(main["method"].map(METHODS), main["params"])], index=main.index)
+    trained = main[plain & ~main["is_baseline"] & (main["recipe"] != "none") & main["setting"].notna()
+                   & main["schedule"].isna()]
+    methods = [name for name in METHODS if (trained["method"] == name).any()]
+    img_size = main["img_size"].iloc[0]
     dataset = _data_name(results)
     imagenet = results["dataset"].isna().all() or "imagenet" in dataset.lower()  # else the paper is not comparable
-    paper = [sweep.assign(source="paper", top1=sweep["paper_top1"], gmacs=sweep["paper_gmacs"])] if imagenet else []
-    long = (pd.concat([sweep.assign(source="ours"), *paper])
-            .melt(id_vars=["keep_rate", "variant", "source"], value_vars=["top1", "gmacs"], var_name="metric")
-            .dropna(subset="value"))
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2, sharex=True)
-    order, palette = _colours(long["variant"])
-    for ax, (metric, label) in zip(axes, [("top1", "top-1 accuracy (%)"), ("gmacs", "GMACs per image")]):
-        sns.lineplot(data=long[long["metric"] == metric], x="keep_rate", y="value", hue="variant", style="source",
-                     palette=palette, hue_order=order,
-                     style_order=[s for s in ("ours", "paper") if s in set(long["source"])],
-                     markers=True, markersize=8, ax=ax, legend=ax is axes[1])
-        ax.set(xlabel="keep rate", ylabel=label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig = Figure(figsize=(10, 4.5 * max(len(methods), 1)), layout="constrained")
+    axes = fig.subplots(max(len(methods), 1), 2, squeeze=False)
+    for row, name in zip(axes, methods or [None]):
+        method = METHODS[name] if name else None
+        swept = trained[trained["method"] == name]
+        variants = swept["variant"].unique() if len(swept) else baseline["variant"].unique()
+        start = baseline.assign(setting=method.params[method.override].default if method else 1.0)
+        sweep = pd.concat([swept, *(start.assign(variant=v) for v in variants)]).astype({"setting": float})
+        paper = [sweep.assign(source="paper", top1=sweep["paper_top1"], gmacs=sweep["paper_gmacs"])] if imagenet else []
+        long = (pd.concat([sweep.assign(source="ours"), *paper])
+                .melt(id_vars=["setting", "variant", "source"], value_vars=["top1", "gmacs"], var_name="metric")
+                .dropna(subset="value"))
+        order, palette = _colours(long["variant"])
+        for ax, (metric, label) in zip(row, [("top1", "top-1 accuracy (%)"), ("gmacs", "GMACs per image")]):
+            sns.lineplot(data=long[long["metric"] == metric], x="setting", y="value", hue="variant", style="source",
+                         palette=palette, hue_order=order,
+                         style_order=[s for s in ("ours", "paper") if s in set(long["source"])],
+                         markers=True, markersize=8, ax=ax, legend=ax is row[1])
+            ax.set(xlabel=f"{method.label}: {method.override}" if method else "", ylabel=label)
+            ax.grid(alpha=0.3)
+        row[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     note = "" if imagenet else " (the paper's ImageNet numbers are not plotted)"
-    fig.suptitle(f"EViT keep-rate sweep at {img_size} px: {dataset}{note}\nGMACs: analytic count, attention included",
-                 fontsize=10)
+    fig.suptitle(f"Each method's sweep of its per-pass parameter at {img_size} px: {dataset}{note}\n"
+                 "GMACs: analytic count, attention included", fontsize=10)
     return fig
 
 
 def plot_frontier(results: pd.DataFrame) -> Figure:
     """Top-1 against median img/s of the `frontier` table's rows (else of every run at the baseline's image size):
-    one line per method (EViT: fused or not) and training, points labelled by parameters, the baseline marked."""
+    one line per variant (method, and e.g. EViT's fusion) and training, points labelled by parameters, the baseline
+    marked."""
     runs = _runs(results)
     in_table = runs["experiment"].isin(results.loc[results["table"] == FRONTIER, "experiment"])
     rows = runs[in_table] if in_table.any() else runs[runs["main_size"]]

@@ -27,7 +27,9 @@ import yaml
 from evit import data as D
 from evit import engine as E
 from evit.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from evit.config import ConfigError, apply_overrides, config_hash, load_config, resolve_config, resume_mismatch
+from evit.config import (
+    METHODS, ConfigError, apply_overrides, config_hash, load_config, method_params, resolve_config, resume_mismatch,
+)
 from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import device_name, provenance
@@ -100,7 +102,7 @@ class Runtime:
     model: torch.nn.Module | None = None
     train_model: torch.nn.Module | None = None   # the DDP wrapper when distributed
     params: int = 0
-    keep_rate_fn: Callable[[int], float] | None = None
+    override_fn: Callable[[int], dict] | None = None   # step -> the method's scheduled override (`Method.schedule`)
     # optimization
     lr: float = 0.0
     optimizer: torch.optim.Optimizer | None = None
@@ -280,11 +282,13 @@ class Trainer:
                 _log(f"initialized from {t['init_checkpoint']}")
         model.set_grad_checkpointing(t["grad_checkpointing"])
         rt.model = model.to(rt.device)
-        rt.keep_rate_fn = (functools.partial(E.keep_rate_at, iters_per_epoch=rt.ipe, target=m["keep_rate"],
-                                             shrink_start=t["shrink_start"], shrink_epochs=t["shrink_epochs"])
-                           if m["method"] == "evit" else None)
-        if t["compile"] and rt.keep_rate_fn is not None:   # one graph per keep rate: a bounded number of them
-            rt.keep_rate_fn = E.bucketed(rt.keep_rate_fn, m["keep_rate"], 1.0, t["compile_levels"])
+        method = METHODS[m["method"]]
+        if method.schedule is not None:
+            schedule = method.schedule(m, t, rt.ipe)
+            if t["compile"]:  # one graph per value: a bounded number of them, from the target to the identity
+                ends = sorted((m[method.override], method.params[method.override].default))
+                schedule = E.bucketed(schedule, *ends, t["compile_levels"])
+            rt.override_fn = lambda step: {method.override: schedule(step)}
         rt.train_model = (torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
             if rt.info.distributed else model)
@@ -320,7 +324,7 @@ class Trainer:
             criterion = torch.nn.CrossEntropyLoss()
         rt.ctx = E.StepContext(
             criterion=criterion, device=rt.device, iters_per_epoch=rt.ipe, seed=t["seed"], rank=rt.info.rank,
-            scheduler=rt.scheduler, keep_rate_fn=rt.keep_rate_fn, batch_stage=stage, scaler=rt.scaler,
+            scheduler=rt.scheduler, override_fn=rt.override_fn, batch_stage=stage, scaler=rt.scaler,
             amp_dtype=rt.amp_dtype, clip_grad=t["clip_grad"], hold_eval=t["hold_eval"],
             check_every=t["log_every"])
 
@@ -356,13 +360,11 @@ class Trainer:
     def _evaluate(self) -> dict:
         rt = self._rt
         return E.evaluate(rt.model, rt.eval_loader, rt.device, amp_dtype=rt.amp_dtype,
-                          keep_rate=self._eval_keep_rate())
+                          override=self.config["eval"]["params"] or None)
 
-    def _eval_keep_rate(self) -> float | None:
-        if self._rt.keep_rate_fn is None:
-            return None
-        kr = self.config["eval"]["keep_rate"]
-        return kr if kr is not None else self.config["model"]["keep_rate"]
+    def _eval_params(self) -> dict:
+        """The method's parameters at evaluation: the model's, with `eval.params` over them."""
+        return method_params(self.config["model"]) | self.config["eval"]["params"]
 
     def _train(self, max_steps: int | None) -> dict | None:
         rt, cfg = self._rt, self.config
@@ -378,8 +380,8 @@ class Trainer:
             e = state.epoch
             rt.sampler.set_epoch(e, start=state.epoch_step * rt.batch)
             progress = _Progress(main, rt.ipe, f"epoch {e + 1}/{t['epochs']}", t["log_every"], state.epoch_step)
-            rt.ctx.on_step = lambda s, loss, lr, kr: progress.update(s.epoch_step, rt.world_batch, loss=loss,
-                                                                     lr=lr, keep=kr)
+            rt.ctx.on_step = lambda s, loss, lr, override: progress.update(s.epoch_step, rt.world_batch, loss=loss,
+                                                                           lr=lr, **(override or {}))
             rt.ctx.max_step = max_steps
             rt.epoch_started = time.perf_counter()
             try:
@@ -395,7 +397,7 @@ class Trainer:
             record = {
                 "epoch": e, "step": state.step, "train_loss": state.loss_sum / max(state.epoch_step, 1),
                 "lr": rt.optimizer.param_groups[0]["lr"],
-                "keep_rate": rt.keep_rate_fn(state.step - 1) if rt.keep_rate_fn else None,
+                **(rt.override_fn(state.step - 1) if rt.override_fn else {}),
                 "top1": eval_res and eval_res["top1"], "top5": eval_res and eval_res["top5"],
                 "val_loss": eval_res and eval_res["loss"],
                 "img_per_s": rt.ipe * rt.world_batch / max(state.epoch_time, 1e-9),
@@ -433,7 +435,7 @@ class Trainer:
         rt, cfg = self._rt, self.config
         return {
             "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["loss"], "num_eval_images": ev["num_images"],
-            "keep_rate": self._eval_keep_rate(), "params": rt.params, "epochs": rt.state.epoch,
+            **self._eval_params(), "params": rt.params, "epochs": rt.state.epoch,
             "steps": rt.state.step, "train_time_s": rt.state.train_time, "arch": cfg["model"]["arch"],
             "method": cfg["model"]["method"], "img_size": cfg["model"]["img_size"], "dataset": cfg["data"]["dataset"],
             "run_dir": str(self.run_dir), "meta": cfg.get("meta"),

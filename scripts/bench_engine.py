@@ -30,6 +30,7 @@ from evit import engine as E
 from evit import trainer as T
 from evit.provenance import device_name
 from evit.benchmark import quartiles
+from evit.config import keep_rate_at
 
 
 def build(args) -> torch.nn.Module:
@@ -66,14 +67,14 @@ def make_engine(model, opt, criterion, steps, args):
     ctx = E.StepContext(
         criterion=criterion, device=torch.device("cpu"), iters_per_epoch=steps, seed=0, scheduler=sched,
         # shrink 0/0: the model's own target from step 0, so both loops compute the same thing
-        keep_rate_fn=lambda s: E.keep_rate_at(s, steps, args.keep_rate, 0, 0))
+        override_fn=lambda s: {"keep_rate": keep_rate_at(s, steps, args.keep_rate, 0, 0)})
     state = E.TrainState()
 
     def run(batches):
         # the Trainer's progress for a non-TTY (SLURM) run, one per epoch; quiet here (every > steps)
         progress = T._Progress(True, steps + 1, "bench", every=10 ** 9)
-        ctx.on_step = lambda st, loss, lr, kr: progress.update(st.epoch_step, args.batch_size, loss=loss, lr=lr,
-                                                               keep=kr)
+        ctx.on_step = lambda st, loss, lr, override: progress.update(st.epoch_step, args.batch_size, loss=loss,
+                                                                     lr=lr, **(override or {}))
         state.epoch_step, state.loss_sum = 0, 0.0
         E.train_one_epoch(model, batches, opt, state, ctx)
     return run

@@ -14,6 +14,7 @@ import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
 from evit import distributed as dist
 from evit import engine as E
+from evit.config import keep_rate_at
 from evit.provenance import provenance
 
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_keep_rate_schedule_values():
     ipe, r = 10, 0.7
-    f = lambda s: E.keep_rate_at(s, ipe, r, shrink_start=2, shrink_epochs=4)  # noqa: E731
+    f = lambda s: keep_rate_at(s, ipe, r, shrink_start=2, shrink_epochs=4)  # noqa: E731
     assert [f(s) for s in (0, 5, 19)] == [1.0, 1.0, 1.0]            # before shrink_start epochs
     assert f(20) == pytest.approx(1.0)                              # t = 0: cos(0) -> 1
     assert f(40) == pytest.approx(r + (1 - r) / 2)                  # t = T/2
@@ -34,16 +35,16 @@ def test_keep_rate_schedule_values():
     values = [f(s) for s in range(80)]
     assert all(a >= b for a, b in zip(values, values[1:]))          # non-increasing
     # fine-tuning: shrink 0/0 = the target from the first step
-    assert E.keep_rate_at(0, ipe, 0.5, 0, 0) == 0.5
+    assert keep_rate_at(0, ipe, 0.5, 0, 0) == 0.5
     # a target of 1 never shrinks
-    assert E.keep_rate_at(35, ipe, 1.0, 0, 1) == 1.0
+    assert keep_rate_at(35, ipe, 1.0, 0, 1) == 1.0
     # the paper's recipe: 1 for 10 epochs, cosine over 100, then the target
-    paper = lambda e: E.keep_rate_at(int(e * 1000), 1000, 0.7, 10, 100)  # noqa: E731
+    paper = lambda e: keep_rate_at(int(e * 1000), 1000, 0.7, 10, 100)  # noqa: E731
     assert paper(9.99) == 1.0 and paper(60) == pytest.approx(0.85) and paper(110) == 0.7
 
 
 def test_a_bucketed_schedule_takes_few_values_and_never_keeps_fewer_tokens():
-    exact = lambda s: E.keep_rate_at(s, 1000, 0.7, 10, 100)  # noqa: E731  (the paper's scratch recipe)
+    exact = lambda s: keep_rate_at(s, 1000, 0.7, 10, 100)  # noqa: E731  (the paper's scratch recipe)
     b = E.bucketed(exact, 0.7, 1.0, 8)
     values = [b(s) for s in range(0, 120_000, 50)]
     assert sorted(set(values)) == pytest.approx([0.7 + 0.3 * j / 8 for j in range(9)])
@@ -167,11 +168,11 @@ def test_train_one_epoch_schedules_and_learns():
     sched, _ = create_scheduler_v2(opt, "cosine", num_epochs=2, warmup_epochs=1, warmup_lr=1e-5, min_lr=0,
                                    step_on_epochs=False, updates_per_epoch=6)
     loader = _train_batches()
-    krf = lambda s: E.keep_rate_at(s, 6, 0.5, shrink_start=0.5, shrink_epochs=1)  # noqa: E731
+    krf = lambda s: keep_rate_at(s, 6, 0.5, shrink_start=0.5, shrink_epochs=1)  # noqa: E731
     lrs = []
     state = E.TrainState()
     ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), iters_per_epoch=6,
-                        seed=0, scheduler=sched, keep_rate_fn=krf,
+                        seed=0, scheduler=sched, override_fn=lambda s: {"keep_rate": krf(s)},
                         on_step=lambda s, loss, lr, kr: lrs.append(lr))
     out0 = E.train_one_epoch(spy, loader, opt, state, ctx)
     state.epoch, state.epoch_step, state.loss_sum = 1, 0, 0.0

@@ -140,7 +140,7 @@ def test_run_outputs(straight_run):
         for k in ("train_loss", "lr", "keep_rate", "top1", "top5", "img_per_s", "epoch_time_s", "train_time_s"):
             assert isinstance(r[k], float), k
     # the keep rate follows the schedule: start 0.5 epochs, cosine over 1 epoch, per iteration
-    assert log[0]["keep_rate"] == pytest.approx(E.keep_rate_at(7, 8, 0.7, 0.5, 1)) and log[2]["keep_rate"] == 0.7
+    assert log[0]["keep_rate"] == pytest.approx(C.keep_rate_at(7, 8, 0.7, 0.5, 1)) and log[2]["keep_rate"] == 0.7
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert metrics["num_eval_images"] == 101 and metrics["top1"] == log[-1]["top1"] > 10   # it learned a bit
@@ -219,12 +219,12 @@ def test_checkpoint_on_request_mid_step_is_exact(straight_run, tmp_path, monkeyp
     assert trainer.checkpoint_now() is False          # not running: nothing to save
     real_call, calls = E.call_model, []
 
-    def call_model(model, x, keep_rate):
-        calls.append(keep_rate) if model.training else None
+    def call_model(model, x, override):
+        calls.append(override) if model.training else None
         if model.training and len(calls) == 11:      # the 11th training forward = step 10 (epoch 1, step 2)
             assert trainer.checkpoint_now() is True
             raise Preempted
-        return real_call(model, x, keep_rate)
+        return real_call(model, x, override)
 
     monkeypatch.setattr(E, "call_model", call_model)
     with pytest.raises(Preempted):
@@ -326,7 +326,7 @@ def test_finetune_recipe_loads_init_and_matches_eval(straight_run, tmp_path):
     assert_same_weights(final_weights(ref_dir), final_weights(tmp_path / "ft"))
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--checkpoint", str(init), "--config", str(_write(tmp_path / "c.yaml", cfg)),
-                     "--keep-rate", "0.5", "--out", str(out)]) == 0
+                     "--param", "keep_rate=0.5", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["top1"] == metrics["top1"] and result["keep_rate"] == 0.5
     assert result["num_eval_images"] == 101
@@ -349,7 +349,7 @@ def test_eval_own_checkpoint_and_keep_rate_override(straight_run, tmp_path, caps
     assert res["provenance"]["config_hash"] and res["provenance"]["world_size"] == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == ref["top1"]
     # keep rate 1 = the full ViT: another (deterministic) accuracy, recorded as such
-    cli.main(["eval", "--checkpoint", str(ref_dir / "checkpoint.pth"), "--keep-rate", "1.0", "--out", str(out)])
+    cli.main(["eval", "--checkpoint", str(ref_dir / "checkpoint.pth"), "--param", "keep_rate=1.0", "--out", str(out)])
     full = json.loads(out.read_text())
     assert full["keep_rate"] == 1.0 and full["val_loss"] != res["val_loss"]
 
@@ -366,9 +366,10 @@ def test_eval_a_deit_checkpoint_as_evit_and_tome(tmp_path):
             "--patch-size", "4", "--dataset", "fashion_mnist", "--val-subset", "64", "--num-workers", "0",
             "--set", "model.kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
             "--set", "train.augment=demo", "--amp", "none"]  # the recipe (scratch) would autocast to bf16
-    evit = ["--method", "evit", "--drop-loc", "1,2"]
-    runs = {"k1": evit + ["--keep-rate", "1.0"], "k05": evit + ["--keep-rate", "0.5", "--fuse-token"],
-            "r0": ["--method", "tome", "--r", "0"], "r3": ["--method", "tome", "--r", "3"]}
+    evit = ["--method", "evit", "--param", "drop_loc=[1,2]"]
+    runs = {"k1": evit + ["--param", "keep_rate=1.0"], "k05": evit + ["--param", "keep_rate=0.5", "--param",
+                                                                     "fuse_token=true"],
+            "r0": ["--method", "tome", "--param", "r=0"], "r3": ["--method", "tome", "--param", "r=3"]}
     for name, extra in runs.items():
         assert cli.main(args + extra + ["--out", str(tmp_path / f"{name}.json")]) == 0
     res = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}

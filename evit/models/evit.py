@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+
+from .base import BlockTokens, TokenReducer, deit_cfg
 
 DEFAULT_DROP_LOC = (3, 6, 9)
 
@@ -47,15 +48,6 @@ class PassState:
 
     keep_rate: float | None = None  # overrides the rate of the reorganizing blocks; None: their own rates
     kept: dict[nn.Module, torch.Tensor] | None = None  # if recording: block -> its kept indices, (B, k)
-
-
-class BlockTokens(NamedTuple):
-    """Tokens through one block in a pass, CLS (and any fused token) included."""
-
-    attn: int  # into attention
-    mlp: int  # into the MLP, that is, out of the block
-    reorganized: bool
-    fused: bool
 
 
 class EViTAttention(Attention):
@@ -127,7 +119,7 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, k: int, fuse_toke
     return torch.cat(parts, dim=1), kept_idx
 
 
-class EViT(VisionTransformer):
+class EViT(TokenReducer, VisionTransformer):
     """timm `VisionTransformer` with EViT token reorganization in the blocks listed in `drop_loc`."""
 
     def __init__(
@@ -172,6 +164,11 @@ class EViT(VisionTransformer):
             counts.append(BlockTokens(n, n_out, k is not None, k is not None and block.fuse_token))
             n = n_out
         return counts
+
+    def extra_macs(self, tokens: BlockTokens) -> int:
+        """A reorganizing block's CLS attention row, and the weighted sum of its fused token."""
+        dim = self.embed_dim
+        return tokens.reorganized * tokens.attn * dim + tokens.fused * (tokens.attn - 1) * dim
 
     def _start_pass(self, keep_rate: float | None, record_kept: bool = False) -> None:
         self.pass_state.keep_rate = keep_rate
@@ -226,40 +223,22 @@ class EViT(VisionTransformer):
         return self.forward_head(self.forward_features(x, keep_rate))
 
 
-def _cfg(hf_hub_id: str = "", **kwargs):
-    return {
-        "url": "",
-        "hf_hub_id": hf_hub_id,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
 # Pretrained tags initialize from the DeiT releases (EViT fine-tunes from DeiT); official EViT
 # checkpoints are plain files, loaded with `evit.checkpoint.load_pretrained`.
 default_cfgs = generate_default_cfgs({
-    "evit_deit_tiny_patch16_224.fb_in1k": _cfg("timm/deit_tiny_patch16_224.fb_in1k"),
-    "evit_deit_small_patch16_224.fb_in1k": _cfg("timm/deit_small_patch16_224.fb_in1k"),
-    "evit_deit_base_patch16_224.fb_in1k": _cfg("timm/deit_base_patch16_224.fb_in1k"),
-    "evit_deit_small_patch16_256.fb_in1k": _cfg(
+    "evit_deit_tiny_patch16_224.fb_in1k": deit_cfg("timm/deit_tiny_patch16_224.fb_in1k"),
+    "evit_deit_small_patch16_224.fb_in1k": deit_cfg("timm/deit_small_patch16_224.fb_in1k"),
+    "evit_deit_base_patch16_224.fb_in1k": deit_cfg("timm/deit_base_patch16_224.fb_in1k"),
+    "evit_deit_small_patch16_256.fb_in1k": deit_cfg(
         "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 256, 256), crop_pct=1.0
     ),
-    "evit_deit_small_patch16_272.fb_in1k": _cfg(
+    "evit_deit_small_patch16_272.fb_in1k": deit_cfg(
         "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 272, 272), crop_pct=1.0
     ),
-    "evit_deit_small_patch16_288.fb_in1k": _cfg(
+    "evit_deit_small_patch16_288.fb_in1k": deit_cfg(
         "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 288, 288), crop_pct=1.0
     ),
-    "evit_deit_small_patch16_304.fb_in1k": _cfg(
+    "evit_deit_small_patch16_304.fb_in1k": deit_cfg(
         "timm/deit_small_patch16_224.fb_in1k", input_size=(3, 304, 304), crop_pct=1.0
     ),
 })

@@ -9,11 +9,13 @@ from evit.config import METHODS, ConfigError, method_params
 def build_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
     """timm's ``<method prefix><arch>`` (e.g. ``evit_deit_small_patch16_224``) with the method's parameters, from a
     resolved ``model:`` section (never pretrained: weights come from checkpoints)."""
+    import importlib
+
     import timm
 
-    import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
-
     method = METHODS[model_cfg["method"]]
+    if method.module:
+        importlib.import_module(method.module)  # registers the method's models with timm
     name = method.prefix + model_cfg["arch"]
     if not timm.is_model(name):
         raise ConfigError(f"model: method {model_cfg['method']} has no model of arch {model_cfg['arch']!r} "

@@ -31,7 +31,7 @@ from timm.layers import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
-from .evit import BlockTokens, _cfg
+from .base import BlockTokens, TokenReducer, deit_cfg
 
 
 def merge_count(num_tokens: int, r: int) -> int:
@@ -133,7 +133,7 @@ class ToMeBlock(Block):
         return x
 
 
-class ToMe(VisionTransformer):
+class ToMe(TokenReducer, VisionTransformer):
     """timm `VisionTransformer` merging `r` tokens per block: one int for every block, or a list, one per block."""
 
     def __init__(self, *args, r: int | Sequence[int] = 0, **kwargs):
@@ -177,6 +177,10 @@ class ToMe(VisionTransformer):
             n = n_out
         return counts
 
+    def extra_macs(self, tokens: BlockTokens) -> int:
+        """A merging block's matching similarities."""
+        return matching_macs(tokens.attn, self.blocks[0].attn.head_dim) if tokens.reorganized else 0
+
     def _start_pass(self, r: int | Sequence[int] | None) -> None:
         self.tome_state.r = self._schedule(r)
         self.tome_state.size = None
@@ -197,9 +201,9 @@ class ToMe(VisionTransformer):
 
 # Pretrained tags initialize from the DeiT releases (ToMe runs off-the-shelf DeiT weights).
 default_cfgs = generate_default_cfgs({
-    "tome_deit_tiny_patch16_224.fb_in1k": _cfg("timm/deit_tiny_patch16_224.fb_in1k"),
-    "tome_deit_small_patch16_224.fb_in1k": _cfg("timm/deit_small_patch16_224.fb_in1k"),
-    "tome_deit_base_patch16_224.fb_in1k": _cfg("timm/deit_base_patch16_224.fb_in1k"),
+    "tome_deit_tiny_patch16_224.fb_in1k": deit_cfg("timm/deit_tiny_patch16_224.fb_in1k"),
+    "tome_deit_small_patch16_224.fb_in1k": deit_cfg("timm/deit_small_patch16_224.fb_in1k"),
+    "tome_deit_base_patch16_224.fb_in1k": deit_cfg("timm/deit_base_patch16_224.fb_in1k"),
 })
 
 

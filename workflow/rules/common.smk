@@ -11,12 +11,15 @@ from snakemake.utils import validate
 
 from evit.boxes import check_mask
 from evit.config import (
-    METHODS, PARAM_METHOD, SCHEMA, ConfigError, method_params, recipe_defaults, resolve_bench_launcher,
-    resolve_config,
+    METHODS, SCHEMA, ConfigError, check_method_param, method_param_keys, method_params, param_method,
+    recipe_defaults, resolve_bench_launcher, resolve_config,
 )
 from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
 
 validate(config, "../schemas/config.schema.yaml")
+# The schema's experiment fields other than the methods' parameters, which evit.config.METHODS checks.
+EXPERIMENT_FIELDS = yaml.safe_load((Path(workflow.basedir) / "workflow/schemas/config.schema.yaml").read_text())[
+    "$defs"]["experiment_fields"]["properties"]
 
 RESULTS = config["results"]
 RUNS = f"{RESULTS}/runs"
@@ -25,7 +28,18 @@ EVIT = f"{sys.executable} -m evit.cli"
 
 # Model keys that are experiment fields: the tables label rows with them, so a run: section may not override them.
 # An experiment's method uses its own parameters; experiment_defaults may hold every method's.
-OWNED_MODEL_KEYS = ("arch", "img_size", "method", *PARAM_METHOD)
+OWNED_MODEL_KEYS = ("arch", "img_size", "method", *method_param_keys())
+
+
+def _check_method_fields(name, entry):
+    """An experiment's (or experiment_defaults') keys beyond the schema's: parameters of a method, each valid."""
+    if entry.get("method", "none") not in METHODS:
+        raise ValueError(f"config: {name}: method {entry['method']!r} is not one of {list(METHODS)}")
+    for key in sorted(set(entry) - set(EXPERIMENT_FIELDS)):
+        try:
+            check_method_param(key, entry[key])
+        except ConfigError as e:
+            raise ValueError(f"config: {name}: {e}") from None
 
 
 def deep_merge(base, override):
@@ -37,16 +51,18 @@ def deep_merge(base, override):
 
 def _experiment_table():
     defaults = config["experiment_defaults"]
+    _check_method_fields("experiment_defaults", defaults)
     experiments = {}
     for entry in config["experiments"]:
+        _check_method_fields(f"experiment {entry['name']!r}", entry)
         exp = deep_merge(defaults, entry)
         exp.setdefault("method", SCHEMA["model"]["method"].default)
         if exp["name"] in experiments:
             raise ValueError(f"config: experiment {exp['name']!r} is defined twice")
-        foreign = [k for k in entry if PARAM_METHOD.get(k, exp["method"]) != exp["method"]]
+        foreign = [k for k in entry if (param_method(k) or exp["method"]) != exp["method"]]
         if foreign:
             raise ValueError(f"config: experiment {exp['name']!r} (method {exp['method']}) sets {foreign[0]}, a "
-                             f"parameter of method {PARAM_METHOD[foreign[0]]}")
+                             f"parameter of method {param_method(foreign[0])}")
         experiments[exp["name"]] = exp
     for name, path in config["checkpoints"].items():
         if name not in experiments:
@@ -75,9 +91,9 @@ def _experiment_table():
             raise ValueError(f"config: table {table!r} has unknown baseline experiment {spec['baseline']!r}")
     if config["visualize"]["experiment"] not in experiments:
         raise ValueError(f"config: visualize.experiment {config['visualize']['experiment']!r} is not an experiment")
-    if experiments[config["visualize"]["experiment"]]["method"] != "evit":
-        raise ValueError(f"config: visualize.experiment {config['visualize']['experiment']!r} is not an EViT "
-                         "experiment (the figure shows EViT's kept patches)")
+    if not METHODS[experiments[config["visualize"]["experiment"]]["method"]].kept_patches:
+        raise ValueError(f"config: visualize.experiment {config['visualize']['experiment']!r}: its method does not "
+                         "keep patches (the figure shows the patches kept after each block, as EViT's)")
     return experiments
 
 
