@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from evit import engine as E
-from evit.config import apply_overrides, load_config
+from evit.config import METHODS, apply_overrides, describe_method, load_config, method_params
 from evit.distributed import dist_env
 from evit.provenance import device_name
 from evit.trainer import Trainer, command_errors
@@ -67,7 +67,9 @@ def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: i
     trainer = Trainer(raw_config, tempfile.mkdtemp(prefix="evit-bench-input-"))
     with trainer.session() as rt:
         ctx, stage, loader, batch, device = rt.ctx, rt.ctx.batch_stage, rt.train_loader, rt.world_batch, rt.device
-        ctx.keep_rate_fn = (lambda step: trainer.config["model"]["keep_rate"]) if ctx.keep_rate_fn else None
+        m = trainer.config["model"]
+        target = {METHODS[m["method"]].override: m.get(METHODS[m["method"]].override)}  # the schedule's end
+        ctx.override_fn = (lambda step: target) if ctx.override_fn else None
         ctx.on_step, ctx.scheduler = None, None
         epochs = itertools.count()
 
@@ -112,7 +114,7 @@ def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: i
             "limited_by": "input" if med["input"] < med["step"] else "step",
             "rates": rates, "loader": d.get("loader", "torch"), "dataset": d["dataset"], "augment": t["augment"],
             "model": f"{trainer.config['model']['method']} {trainer.config['model']['arch']}",
-            "keep_rate": trainer.config["model"].get("keep_rate"), "batch_size": batch, "amp": t["amp"],
+            "parameters": describe_method(m["method"], method_params(m)), "batch_size": batch, "amp": t["amp"],
             "compile": t["compile"], "device": device_name(device), "threads": torch.get_num_threads(),
             "steps": steps, "warmup": warmup, "rounds": rounds,
         }
@@ -133,7 +135,7 @@ def table(res: dict) -> str:
     limit = ("the input pipeline: the device waits for data" if res["limited_by"] == "input"
              else "the training step: the input pipeline keeps up")
     return "\n".join(lines) + (
-        f"\n\n{res['model']} (keep rate {res['keep_rate']}), {res['dataset']} / {res['augment']} augment, "
+        f"\n\n{res['model']} ({res['parameters'] or 'no parameters'}), {res['dataset']} / {res['augment']} augment, "
         f"loader {res['loader']}, batch {res['batch_size']}, amp {res['amp']}, compile {res['compile']}, "
         f"{res['device']}, {res['threads']} threads; medians of {res['rounds']} rounds of {res['steps']} batches.\n"
         f"Limited by {limit}; the loop runs at {100 * res['loop_over_step']:.0f} % of the step's rate.")
