@@ -309,13 +309,30 @@ def eval_pipeline(source, img_size: int, interpolation: str, mean: Sequence[floa
 # --------------------------------------------------------------------------------------------- sources
 
 
+def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """Item ``i`` of an `evit.data.SeededDataset` over an ``imagenet`` / ``folder`` set: the file's bytes, its
+    label and its (width, height) from the header. An unreadable image is the dataset's `evit.data.ImageError`
+    naming the file and its index (a file-system error stays itself)."""
+    raw = i if dataset.indices is None else dataset.indices[i]
+    path, label = dataset.base.folder.samples[raw]
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+        return data, label, image_size(data)
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise dataset.image_error(raw, e) from e
+    except Exception as e:  # noqa: BLE001 - whatever PIL's header parser raises, the image is named
+        raise dataset.image_error(raw, e) from e
+
+
 class TrainSource:
     """The training pipeline's input: for each batch of ``(index, sample_seed)`` pairs (a `TrainSampler`
-    under a `BatchSampler`), the encoded files, labels, and each sample's draws (crop window, flip,
-    RandAugment ops / magnitude bins / signs) from ``random.Random(sample_seed)``, in timm's order."""
+    under a `BatchSampler`) over ``dataset``, the encoded files, labels, and each sample's draws (crop window,
+    flip, RandAugment ops / magnitude bins / signs) from ``random.Random(sample_seed)``, in timm's order."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], batches: Iterable, spec: RandAugmentSpec | None):
-        self.samples, self.batches, self.spec = samples, batches, spec
+    def __init__(self, dataset, batches: Iterable, spec: RandAugmentSpec | None):
+        self.dataset, self.batches, self.spec = dataset, batches, spec
 
     def __iter__(self):
         self._it = None         # DALI restarts the source as a pass ends: read the sampler at the next one's start
@@ -326,10 +343,9 @@ class TrainSource:
             self._it = iter(self.batches)
         cols = [[] for _ in range(8)]
         for i, seed in next(self._it):
-            path, label = self.samples[i]
-            data = np.fromfile(path, dtype=np.uint8)
+            data, label, size = read_image(self.dataset, i)
             rng = random.Random(seed)
-            x, y, w, h = crop_window(rng, *image_size(data))
+            x, y, w, h = crop_window(rng, *size)
             flip = int(rng.random() < 0.5)
             ops, bins, signs = self.spec.draw(rng) if self.spec else ([], [], [])
             cols[0].append(data)
@@ -351,12 +367,11 @@ def eval_geometry(width: int, height: int, img_size: int, crop_pct: float) -> tu
 
 
 class EvalSource:
-    """The evaluation pipeline's input: ``indices`` of ``samples`` in batches of ``batch`` (the last one
+    """The evaluation pipeline's input: ``indices`` of ``dataset`` in batches of ``batch`` (the last one
     shorter), with each image's resize and crop from `eval_geometry`."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], indices: Sequence[int], batch: int, img_size: int,
-                 crop_pct: float):
-        self.samples, self.indices, self.batch = samples, list(indices), batch
+    def __init__(self, dataset, indices: Sequence[int], batch: int, img_size: int, crop_pct: float):
+        self.dataset, self.indices, self.batch = dataset, list(indices), batch
         self.img_size, self.crop_pct = img_size, crop_pct
 
     def __iter__(self):
@@ -370,9 +385,8 @@ class EvalSource:
         self._pos += len(chunk)
         cols = [[] for _ in range(4)]
         for i in chunk:
-            path, label = self.samples[i]
-            data = np.fromfile(path, dtype=np.uint8)
-            size, start = eval_geometry(*image_size(data), self.img_size, self.crop_pct)
+            data, label, (width, height) = read_image(self.dataset, i)
+            size, start = eval_geometry(width, height, self.img_size, self.crop_pct)
             cols[0].append(data)
             cols[1].append(np.asarray(label, dtype=np.int64))
             cols[2].append(np.asarray(size, dtype=np.float32))
@@ -387,12 +401,6 @@ def pipeline_args(device: torch.device, num_workers: int) -> dict:
     """DALI's device and threads: the training GPU, or DALI's CPU mode (``device_id=None``) without one."""
     gpu = device.type == "cuda"
     return dict(device_id=device.index if gpu else None, num_threads=max(1, num_workers), gpu=gpu)
-
-
-def samples_of(dataset) -> list[tuple[str, int]]:
-    """``(path, label)`` of each item of an `evit.data.SeededDataset` over an ``imagenet`` / ``folder`` set."""
-    base = dataset.base.folder.samples
-    return list(base) if dataset.indices is None else [base[i] for i in dataset.indices]
 
 
 class _Epochs:
@@ -429,15 +437,16 @@ class DaliTrainLoader:
         if t["augment"] != "deit":
             raise ConfigError(f"train.augment: data.loader dali trains with the deit augment, not {t['augment']!r} "
                               "(it evaluates any run); use data.loader: torch")
-        self.samples, self.batch_sampler = samples_of(dataset), batch_sampler
+        self.dataset, self.batch_sampler = dataset, batch_sampler
         self.spec = RandAugmentSpec(t["aa"]) if t["aa"] else None
         self.kwargs = dict(
             img_size=m["img_size"], interpolation=t["interpolation"], names=self.spec.names if self.spec else [],
             fill=[min(255, round(255 * x)) for x in d["mean"]],
             num_layers=self.spec.num_layers if self.spec else 0, batch_size=batch_sampler.batch_size,
             prefetch_queue_depth=2, **pipeline_args(device, d["num_workers"]))
+        self.num_threads = self.kwargs["num_threads"]
         self.epochs = _Epochs(lambda: train_pipeline(
-            source=TrainSource(self.samples, self.batch_sampler, self.spec), **self.kwargs))
+            source=TrainSource(self.dataset, self.batch_sampler, self.spec), **self.kwargs))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -454,15 +463,16 @@ class DaliEvalLoader:
         from evit.data import ShardSampler
 
         m, d, ev, t = cfg["model"], cfg["data"], cfg["eval"], cfg["train"]
-        self.dataset, self.samples, self.batch = dataset, samples_of(dataset), ev["batch_size"]
-        self.indices = list(ShardSampler(len(self.samples), world_size, rank))
+        self.dataset, self.batch = dataset, ev["batch_size"]
+        self.indices = list(ShardSampler(len(dataset), world_size, rank))
         self.img_size, self.crop_pct = m["img_size"], ev["crop_pct"]
         interpolation = t["interpolation"] if t["interpolation"] != "random" else "bicubic"
         self.kwargs = dict(img_size=m["img_size"], interpolation=interpolation, mean=d["mean"], std=d["std"],
                            batch_size=self.batch, prefetch_queue_depth=2,
                            **pipeline_args(device, d["num_workers"]))
         self.epochs = _Epochs(lambda: eval_pipeline(
-            source=EvalSource(self.samples, self.indices, self.batch, self.img_size, self.crop_pct), **self.kwargs))
+            source=EvalSource(self.dataset, self.indices, self.batch, self.img_size, self.crop_pct),
+            **self.kwargs))
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch)

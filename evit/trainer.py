@@ -261,7 +261,7 @@ class Trainer:
             rt.train_loader = DaliTrainLoader(cfg, train_ds, batch_sampler, rt.device)
             if rt.info.is_main and rt.device.type != "cuda":
                 _log(f"data.loader dali: no GPU, so DALI decodes and augments in its CPU mode "
-                     f"({rt.train_loader.kwargs['num_threads']} threads)")
+                     f"({rt.train_loader.num_threads} thread(s))")
         else:
             rt.train_loader = torch.utils.data.DataLoader(
                 train_ds, batch_sampler=batch_sampler, num_workers=d["num_workers"],

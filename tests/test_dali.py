@@ -314,6 +314,21 @@ def test_training_batches_follow_the_sampler_and_the_seed(jpeg_root):
     assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(epochs[1][1:], rest))
 
 
+def test_an_unreadable_image_is_named(jpeg_root, tmp_path):
+    """A file that is not an image: one `ImageError` naming it and its index, before DALI gets it."""
+    bad = tmp_path / "jpegs"
+    for split in ("train", "val"):
+        for f in (jpeg_root / split).rglob("*.jpg"):
+            (bad / f.relative_to(jpeg_root)).parent.mkdir(parents=True, exist_ok=True)
+            (bad / f.relative_to(jpeg_root)).symlink_to(f)
+    (bad / "val" / "c1" / "broken.jpg").write_bytes(b"not a JPEG at all")
+    cfg = C.resolve_config(dali_config(bad))
+    loader, _, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
+    index = [Path(p).name for p, _ in raw.folder.samples].index("broken.jpg")
+    with pytest.raises(D.ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
+        list(loader)
+
+
 @pytest.mark.slow
 def test_dali_training_resumed_mid_epoch_ends_with_the_same_weights(jpeg_root, tmp_path, capsys):
     """Two epochs of 6 steps with RandAugment, random erasing and Mixup/CutMix through evit's BatchStage:
