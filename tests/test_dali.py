@@ -258,6 +258,11 @@ def test_eval_transform_matches_timm(jpeg_root):
     cfg = C.resolve_config(dali_config(jpeg_root))
     loader, n, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     assert isinstance(loader, DL.DaliEvalLoader) and n == len(raw) > 16
+    for path, _ in raw.folder.samples:          # the JPEG header walk reads the sizes PIL reads
+        assert DL.image_size(Path(path).read_bytes()) == Image.open(path).size
+    png = io.BytesIO()
+    Image.new("RGB", (37, 21)).save(png, format="PNG")
+    assert DL.image_size(png.getvalue()) == (37, 21)
     tf = D.eval_transform(cfg)
     got = [(x, y) for x, y in loader]
     assert [len(y) for _, y in got] == [16, n - 16]
