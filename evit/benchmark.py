@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
-from evit.config import METHODS, ConfigError
+from evit.config import METHODS, ConfigError, resolve_bench_launcher
 from evit.models.base import extra_macs, token_counts
 from evit.models.factory import build_model
 from evit.provenance import environment
@@ -229,17 +229,37 @@ BENCH_CONFIG_KEYS = ("batch_size", "device", "amp", "compile", "cuda_graphs", "w
                      "num_classes")
 
 
+def isolation(config: dict) -> str:
+    """How the benchmark job of a bench config had its machine: ``exclusive node`` (SLURM, ``--exclusive``),
+    ``after the runs`` (the workflow ran it after every run that would share this machine), or ``shared``."""
+    opts = resolve_bench_launcher(config.get("launcher"))
+    if opts["backend"] == "slurm":
+        return "exclusive node" if opts["exclusive"] else "shared"
+    return "after the runs" if config.get("after_runs") else "shared"
+
+
 def bench_from_config(config: dict, out_dir: str | Path) -> dict:
     """The benchmark job of the workflow: ``models`` (``{label, model}``: a label and a run config's resolved
-    ``model:`` section each) and benchmark() options -> out_dir/throughput.csv."""
-    unknown = sorted(set(config) - {"models", "launcher", *BENCH_CONFIG_KEYS})
+    ``model:`` section each) and benchmark() options -> out_dir/throughput.csv, one row per model and precision.
+
+    ``amp`` may list precisions (e.g. ``[fp32, bf16]``): each is measured in turn, interleaved over the models.
+    ``after_runs`` (set by the workflow) says the job runs after every run on its machine; the `isolation` column
+    records it."""
+    unknown = sorted(set(config) - {"models", "launcher", "after_runs", *BENCH_CONFIG_KEYS})
     if unknown:
-        raise ValueError(f"unknown bench config key(s) {unknown}; known: models, {', '.join(BENCH_CONFIG_KEYS)}")
+        raise ValueError(f"unknown bench config key(s) {unknown}; known: models, after_runs, "
+                         f"{', '.join(BENCH_CONFIG_KEYS)}")
     if not config.get("models"):
         raise ValueError("bench config has no `models` to measure")
-    options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config}
-    df = benchmark([m["model"] for m in config["models"]], labels=[m["label"] for m in config["models"]],
-                   log=lambda m: print(m, flush=True), **options)
+    amps = config.get("amp", "fp32")
+    amps = [amps] if isinstance(amps, str) else list(amps)
+    if not amps or len(set(amps)) < len(amps):
+        raise ValueError(f"bench config amp: expected a precision or a list of distinct ones, got {config['amp']!r}")
+    options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config and k != "amp"}
+    df = pd.concat([benchmark([m["model"] for m in config["models"]], labels=[m["label"] for m in config["models"]],
+                              amp=amp, log=lambda m: print(m, flush=True), **options) for amp in amps],
+                   ignore_index=True)
+    df["isolation"] = isolation(config)
     out = Path(out_dir) / "throughput.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".csv.tmp")

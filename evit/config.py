@@ -715,7 +715,7 @@ def config_reference() -> str:
 LAUNCHER_DEFAULTS = dict(
     backend="local", nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=2, mem_gb=None, timeout_min=60,
     partition=None, account=None, qos=None, constraint=None, signal_delay_s=120, max_num_timeout=10,
-    sbatch_extra={}, max_failures=2,
+    sbatch_extra={}, max_failures=2, exclusive=False,
 )
 BACKENDS = ("slurm", "local", "inline")
 
@@ -745,6 +745,8 @@ def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
     for key in ("partition", "account", "qos", "constraint"):
         if opts[key] is not None and not isinstance(opts[key], str):
             raise ConfigError(f"launcher {key} must be a string or null, got {opts[key]!r}")
+    if not isinstance(opts["exclusive"], bool):
+        raise ConfigError(f"launcher exclusive must be true or false, got {opts['exclusive']!r}")
     if not isinstance(opts["sbatch_extra"], dict):
         raise ConfigError(f"launcher sbatch_extra must be a mapping of sbatch options, got {opts['sbatch_extra']!r}")
     if opts["backend"] != "slurm" and opts["nodes"] > 1:
@@ -753,8 +755,11 @@ def resolve_launcher(section: dict | None, backend: str | None = None) -> dict:
 
 
 def resolve_bench_launcher(section: dict | None, backend: str | None = None) -> dict:
-    """`resolve_launcher` for the benchmark job, which runs in one process (it is not distributed)."""
-    opts = resolve_launcher(section, backend)
+    """`resolve_launcher` for the benchmark job, which runs in one process (it is not distributed) and, on SLURM,
+    on a node of its own unless its section says ``exclusive: false``."""
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"launcher: expected a mapping, got {section!r}")
+    opts = resolve_launcher({"exclusive": True, **(section or {})}, backend)
     if opts["nodes"] * opts["tasks_per_node"] != 1:
         raise ConfigError("the benchmark runs in one process; set its launcher to nodes: 1 and tasks_per_node: 1")
     return opts

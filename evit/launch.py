@@ -20,6 +20,7 @@ section says (defaults in `evit.config.LAUNCHER_DEFAULTS`):
       max_num_timeout: 10     # requeues on timeout or preemption before giving up
       sbatch_extra: {}        # any other sbatch options, e.g. {exclude: "node[1-2]", reservation: x}
       max_failures: 2         # resubmissions (from the last checkpoint) after a failed job
+      exclusive: false        # SLURM: the job's nodes to itself (sbatch --exclusive); the bench's default: true
 
 A job has nodes x tasks_per_node processes (DDP ranks); the launcher returns rank 0's result, and a failure
 names each failed task with its logs. The job is a submitit `Checkpointable`: on USR2 (timeout or preemption)
@@ -150,6 +151,8 @@ def make_executor(opts: dict, folder: Path, name: str) -> submitit.Executor:
             if opts[key]:
                 params[f"slurm_{key}"] = opts[key]
         params["slurm_signal_delay_s"] = opts["signal_delay_s"]
+        if opts["exclusive"]:
+            params["slurm_exclusive"] = True  # nothing else runs on its nodes (the benchmark's timings)
         # one task failing ends the others too, instead of leaving them blocked in a collective until the limit
         params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         if opts["sbatch_extra"]:
@@ -239,7 +242,7 @@ def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", bac
     """
     if command not in COMMANDS:
         raise ConfigError(f"command must be one of {COMMANDS}, got {command!r}")
-    opts = resolve_launcher(config.get("launcher"), backend)
+    opts = (resolve_bench_launcher if command == "bench" else resolve_launcher)(config.get("launcher"), backend)
     run_dir = Path(run_dir)
     checkpoint = None if checkpoint is None else str(checkpoint)
     check_run(config, run_dir, command, opts, checkpoint)

@@ -59,6 +59,10 @@ BENCH_COLUMNS = {  # bench CSV column -> results frame column
     "batch_size": "batch_size", "compile": "compile", "date": "bench_date", "torch": "torch", "timm": "timm",
 }
 PROVENANCE = ["device", "threads", "dtype", "batch_size", "compile", "bench_date", "torch", "timm"]
+ISOLATION = {  # the bench CSV's `isolation` (evit.benchmark.isolation) -> the tables' note
+    "exclusive node": "ran alone on an exclusive SLURM node", "after the runs": "ran after every run on its machine",
+    "shared": "may have shared its machine with other jobs", "not recorded": "did not record whether it ran alone",
+}
 TABLE_COLUMNS = {  # results frame column -> table header (.md/.tex; the .csv keeps the frame's names)
     "experiment": "experiment", "method": "method", "parameters": "parameters", "training": "training",
     "img_size": "img size",
@@ -111,7 +115,9 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
 
     experiments ⨝ metrics (top1, top5) ⨝ bench (gmacs, img_s, provenance) ⨝ reference (paper_*), with each
     row's speedup over its table's baseline (ours and the paper's) and the deltas ours − paper.
-    An experiment in no table has one row with table NaN (it still appears in the figures).
+    An experiment in no table has one row with table NaN (it still appears in the figures). A bench measured at
+    several precisions (its `dtype`s): img_s, speedup and the provenance are the first precision's (the figures
+    and the paper comparison use it), and each other precision P adds img_s_P and speedup_P.
     """
     spec = yaml.safe_load(Path(experiments).read_text()) or {}
     if not isinstance(spec.get("experiments"), list) or not isinstance(spec.get("tables"), dict):
@@ -156,10 +162,16 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     bench_paths = [bench] if isinstance(bench, (str, Path)) else list(bench)
     runs = pd.concat([pd.read_csv(p) for p in bench_paths], ignore_index=True)
     _check(set(BENCH_COLUMNS) - set(runs.columns), f"bench CSV {', '.join(map(str, bench_paths))} lacks columns")
-    runs = runs[list(BENCH_COLUMNS)].rename(columns=BENCH_COLUMNS)
-    _check(runs["experiment"][runs["experiment"].duplicated()], "experiments measured twice in the bench CSVs")
-    _check(exps["name"][~exps["name"].isin(runs["experiment"])],
-           f"experiments missing from the bench CSV {', '.join(map(str, bench_paths))}")
+    runs = runs.reindex(columns=[*BENCH_COLUMNS, "isolation"]).rename(columns=BENCH_COLUMNS)
+    runs["isolation"] = runs["isolation"].fillna("not recorded")
+    twice = runs[runs.duplicated(["experiment", "dtype"])]
+    _check(twice["experiment"] + " (" + twice["dtype"] + ")", "experiments measured twice in the bench CSVs")
+    precisions = list(dict.fromkeys(runs["dtype"]))  # the first is the figures' and the paper comparison's
+    measured = set(zip(runs["experiment"], runs["dtype"]))
+    _check([f"{n} ({p})" if len(precisions) > 1 else n for p in precisions for n in exps["name"]
+            if (n, p) not in measured], f"experiments missing from the bench CSV {', '.join(map(str, bench_paths))}")
+    at = {p: runs[runs["dtype"] == p].set_index("experiment")["img_s"] for p in precisions[1:]}
+    runs = runs[runs["dtype"] == precisions[0]].assign(**{f"img_s_{p}": runs["experiment"].map(s) for p, s in at.items()})
     runs["bench_date"] = (pd.to_datetime(runs["bench_date"], utc=True, format="ISO8601")
                           .dt.strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -176,6 +188,8 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     df = (df.explode("tables").rename(columns={"tables": "table"})
           .merge(tables, on="table", how="left", validate="m:1").reset_index(drop=True))
     df["speedup"] = df["img_s"] / df["baseline"].map(by_experiment["img_s"])
+    for p in precisions[1:]:
+        df[f"speedup_{p}"] = df[f"img_s_{p}"] / df["baseline"].map(by_experiment[f"img_s_{p}"])
     df["paper_speedup"] = df["paper_img_s"] / df["baseline"].map(by_experiment["paper_img_s"])
     for m in ("top1", "gmacs", "speedup"):
         df[f"delta_{m}"] = df[m] - df[f"paper_{m}"]
@@ -191,6 +205,11 @@ def training(recipe: str, schedule) -> str:
     if start == epochs == 0:
         return f"{TRAINING[recipe]}, no keep-rate warmup"
     return f"{TRAINING[recipe]}, keep rate 1 for {start:g} ep, cosine over {epochs:g} ep"
+
+
+def _precisions(rows: pd.DataFrame) -> list[str]:
+    """The precisions the throughput was measured at: the first one's (`dtype`), then those of speedup_P."""
+    return [rows["dtype"].iloc[0], *(c.removeprefix("speedup_") for c in rows.columns if c.startswith("speedup_"))]
 
 
 def _hardware(r) -> str:
@@ -209,19 +228,29 @@ def make_table(results: pd.DataFrame, table: str) -> dict[str, str]:
     Snakemake's report shows); unknown values are blank."""
     rows = results[results["table"] == table]
     title, baseline, dataset = rows[["title", "baseline", "dataset"]].iloc[0]
-    data = rows[list(TABLE_COLUMNS)]
+    first, *others = _precisions(rows)
+    columns, headers, formats = list(TABLE_COLUMNS), dict(TABLE_COLUMNS), dict(FORMATS)
+    if others:  # img/s and speedup at each precision, each labelled
+        after = columns.index("speedup") + 1
+        columns[after:after] = [f"{m}_{p}" for p in others for m in ("img_s", "speedup")]
+        for p, suffix in ((first, ""), *((p, f"_{p}") for p in others)):
+            headers |= {f"img_s{suffix}": f"img/s ({p})", f"speedup{suffix}": f"speedup ({p})"}
+            formats |= {f"img_s{suffix}": FORMATS["img_s"], f"speedup{suffix}": FORMATS["speedup"]}
+    data = rows[columns]
     data = data.loc[:, ~(data.columns.str.startswith(("paper_", "delta_")) & data.isna().all().to_numpy())]
-    shown = data.apply(lambda col: col.map(FORMATS.get(col.name, str), na_action="ignore").astype("string").fillna(""))
-    shown = shown.rename(columns=TABLE_COLUMNS)
+    shown = data.apply(lambda col: col.map(formats.get(col.name, str), na_action="ignore").astype("string").fillna(""))
+    shown = shown.rename(columns=headers)
     align = "".join("l" if c in TEXT_COLUMNS else "r" for c in data.columns)
     sources = ", ".join(rows["paper_source"].dropna().unique()) or "none"
     caption = f"{title}" + (f"; top-1/top-5 on {dataset}" if dataset else "") + "."
-    notes = f"Throughput: {provenance(rows)}. Speedup: img/s over {baseline}."
+    notes = f"Throughput: {provenance(rows)}" + "".join(f"; also {p}, the same way" for p in others)
+    notes += f"; the bench {ISOLATION[rows['isolation'].iloc[0]]}. Speedup: img/s over {baseline}"
+    notes += f", at each precision (Δ speedup: at {first})." if others and "paper_speedup" in data else "."
     if "paper_speedup" in data:
         notes += f" Paper speedup: the paper's img/s over its {baseline} img/s, blank where the paper gives none."
     if data.columns.str.startswith("paper_").any():
         notes += f" Δ = ours - paper. Paper: {sources}."
-    csv = rows[[*TABLE_COLUMNS, "baseline", "dataset", *PROVENANCE]].to_csv(index=False, float_format="%.8g")
+    csv = rows[[*columns, "baseline", "dataset", *PROVENANCE, "isolation"]].to_csv(index=False, float_format="%.8g")
     return {**_render_table(shown, align, caption, notes, table), "csv": csv}
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -135,3 +136,19 @@ def test_cli_names_a_bad_spec_or_option_without_a_traceback(capsys):
     assert capsys.readouterr().err.strip() == "evit bench: error: got 2 labels for 1 models"
     assert main(["macs", "evit_nope:keep_rate=0.7"]) == 2
     assert "unknown timm model 'evit_nope'" in capsys.readouterr().err
+
+
+def test_the_bench_job_measures_each_precision_and_records_whether_it_ran_alone(tmp_path):
+    from evit.config import resolve_config
+
+    section = resolve_config({"model": {"arch": "deit_tiny_patch16_224", "img_size": 28, "patch_size": 4,
+                                        "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
+                              "data": {"dataset": "fashion_mnist"}})["model"]
+    config = {"models": [{"label": "a", "model": section}, {"label": "b", "model": section}], "amp": ["fp32", "bf16"],
+              "batch_size": 2, "warmup": 0, "rounds": 1, "launcher": {"backend": "local"}, "after_runs": True}
+    B.bench_from_config(config, tmp_path)
+    df = pd.read_csv(tmp_path / "throughput.csv")
+    assert list(zip(df["label"], df["dtype"])) == [("a", "fp32"), ("b", "fp32"), ("a", "bf16"), ("b", "bf16")]
+    assert set(df["isolation"]) == {"after the runs"}
+    with pytest.raises(ValueError, match="bench config amp: expected a precision or a list of distinct ones"):
+        B.bench_from_config({**config, "amp": ["bf16", "bf16"]}, tmp_path)

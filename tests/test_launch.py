@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evit.config import ConfigError, resolve_launcher
+from evit.benchmark import isolation
+from evit.config import ConfigError, resolve_bench_launcher, resolve_launcher
 from evit.launch import LaunchError, RunTask, launch, make_executor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,6 +314,23 @@ def test_sbatch_script_of_a_multi_node_gpu_job(tmp_path):
         assert line in script.splitlines(), (line, script)
     srun = next(line for line in script.splitlines() if line.startswith("srun"))
     assert "--kill-on-bad-exit=1" in srun
+
+
+def test_the_bench_job_has_its_node_to_itself(tmp_path):
+    """sbatch --exclusive for the bench (unless its launcher says otherwise), not for runs; the CSV records it."""
+    def script(opts):
+        executor = make_executor(opts, tmp_path, name="evit-bench")
+        return executor._executor._make_submission_file_text("python -m submitit.core._submit", "uid").splitlines()
+
+    assert "#SBATCH --exclusive" in script(resolve_bench_launcher({"cpus_per_task": 4}, backend="slurm"))
+    assert "#SBATCH --exclusive" not in script(resolve_bench_launcher({"exclusive": False}, backend="slurm"))
+    assert "#SBATCH --exclusive" not in script(resolve_launcher({"cpus_per_task": 4}, backend="slurm"))
+    assert isolation({"launcher": {"backend": "slurm"}}) == "exclusive node"
+    assert isolation({"launcher": {"backend": "slurm", "exclusive": False}}) == "shared"
+    assert isolation({"launcher": {"backend": "local"}, "after_runs": True}) == "after the runs"
+    assert isolation({"launcher": {"backend": "local"}}) == "shared"
+    with pytest.raises(ConfigError, match="launcher exclusive must be true or false, got 'yes'"):
+        resolve_launcher({"exclusive": "yes"})
 
 
 def test_local_job_output_is_relayed_while_it_runs(tmp_path):

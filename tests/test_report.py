@@ -398,3 +398,33 @@ def test_ablation_rows_say_their_schedule_and_stay_out_of_the_keep_rate_sweep(tm
     top1_axes = R.plot_keep_rate_sweep(results).axes[0]
     points = {(float(x), float(y)) for line in top1_axes.lines for x, y in zip(*line.get_data())}
     assert (0.7, 79.47) in points and not {y for _, y in points} & {78.1, 78.2}  # the sweep's own 0.7 run only
+
+
+def test_a_bench_at_two_precisions_gives_img_s_and_speedup_at_each_labelled(tmp_path):
+    """paper.yaml measures fp32 (the paper's) and bf16: each precision's img/s and speedup, labelled; the figures and
+    the comparison with the paper use the first."""
+    inputs = write_inputs(tmp_path)
+    bf16 = pd.read_csv(inputs["bench"]).assign(isolation="exclusive node")
+    slower = [4.0 if n == "deit_s" else 3.0 for n in bf16["label"]]
+    fp32 = bf16.assign(dtype="fp32", **{c: bf16[c] / slower for c in ("img_s", "img_s_q1", "img_s_q3")})
+    pd.concat([fp32, bf16]).to_csv(inputs["bench"], index=False)
+    run_report(inputs)
+    md = (inputs["out_dir"] / "tables" / "main.md").read_text()
+    header = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| experiment")).strip("|").split("|")]
+    assert header[7:12] == ["GMACs", "img/s (fp32)", "speedup (fp32)", "img/s (bf16)", "speedup (bf16)"]
+    row = next(line for line in md.splitlines() if line.startswith("| evit_s_0.7 "))
+    assert [c.strip() for c in row.strip("|").split("|")][8:12] == ["3966.7", "1.95", "11900.0", "1.47"]
+    footer = md.strip().splitlines()[-1]
+    assert "fp32, batch 256" in footer and "; also bf16, the same way" in footer
+    assert "the bench ran alone on an exclusive SLURM node" in footer
+    main = read_table(inputs["out_dir"], "main").set_index("experiment")
+    assert main.loc["evit_s_0.7", ["dtype", "img_s_bf16"]].tolist() == ["fp32", 11900.0]
+    assert main.loc["evit_s_0.7", "speedup_bf16"] == pytest.approx(11900 / 8120)
+
+
+def test_a_precision_missing_for_an_experiment_is_named(tmp_path):
+    inputs = write_inputs(tmp_path)
+    bf16 = pd.read_csv(inputs["bench"])
+    pd.concat([bf16.assign(dtype="fp32"), bf16[bf16["label"] != "evit_s_0.8"]]).to_csv(inputs["bench"], index=False)
+    with pytest.raises(R.ReportError, match=r"experiments missing from the bench CSV .*: evit_s_0\.8 \(bf16\)$"):
+        run_report(inputs)

@@ -250,8 +250,9 @@ def test_tables_from_existing_checkpoints_and_adding_an_entry_adds_its_row(tmp_p
         assert benched[name] == run_cfg["model"]
     assert "Nothing to be done" in snakemake("all", "-n", "--configfile", str(config_file)).stdout
     (results / "runs/evit_0.5/eval.json").unlink()  # one run's output gone: only it and what uses it rerun
-    assert job_counts(snakemake("all", "-n", "--configfile", str(config_file)).stdout) == {
-        "evaluate": 1, "report": 1, "visualize": 1, "all": 1}  # visualize shows evit_0.5's kept tokens
+    assert job_counts(snakemake("all", "-n", "--configfile", str(config_file)).stdout) == {  # the bench comes
+        "evaluate": 1, "benchmark": 1, "report": 1, "visualize": 1, "all": 1}  # after the runs it would share a
+    # machine with (not on SLURM); visualize shows evit_0.5's kept tokens
     snakemake("all", "--cores", "2", "--configfile", str(config_file))
 
     cfg["experiments"].append({"name": "evit_0.7", "keep_rate": 0.7, "recipe": "none", "tables": ["main"]})
@@ -305,3 +306,20 @@ def test_published_weights_are_fetched_once_by_a_local_rule_and_named_when_they_
                      check=False)
     assert proc.returncode != 0 and f"download gone: cannot fetch {(tmp_path / 'gone.pth').as_uri()}" in proc.stderr
     assert not (tmp_path / "results/weights/gone.pth").exists()
+
+
+def test_the_bench_runs_alone(tmp_path):
+    """On SLURM the bench job asks for a node of its own; otherwise every run would share its machine, so it comes
+    after them all. Its config says which (the tables' note records it)."""
+    demo = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
+    results = [f"{tmp_path}/results/runs/{e['name']}/{'eval' if e.get('recipe') == 'none' else 'metrics'}.json"
+               for e in demo["experiments"]]
+    for backend, after in (("local", sorted(results)), ("slurm", [])):
+        site = write_config(tmp_path / "site.yaml", {"results": str(tmp_path / "results"), "backend": backend})
+        files = ("--configfile", "workflow/config/demo.yaml", str(site))
+        dry_run = snakemake("-n", "all", *files).stdout.split("rule benchmark:")[1]
+        bench_input = next(line for line in dry_run.splitlines() if line.strip().startswith("input:"))
+        assert sorted(bench_input.split(":", 1)[1].replace(",", " ").split()[1:]) == after, backend
+    snakemake(str(tmp_path / "results/bench/config.yaml"), "--cores", "1", *files)  # a local rule writing YAML
+    bench = yaml.safe_load((tmp_path / "results/bench/config.yaml").read_text())
+    assert bench["after_runs"] is False and bench["launcher"]["exclusive"] is True  # SLURM: a node of its own

@@ -1,5 +1,7 @@
 # Throughput of every experiment's model, all in ONE job, interleaved (weights do not matter); each model is
-# built from its run config's model section by the same factory as training and evaluation.
+# built from its run config's model section by the same factory as training and evaluation. The job runs alone:
+# on SLURM on a node of its own (the bench launcher's `exclusive`), otherwise after every run, which would share
+# its machine (`after_runs`, recorded in the tables' note).
 
 
 rule bench_config:
@@ -10,6 +12,7 @@ rule bench_config:
             **config["bench"],
             "models": [{"label": name, "model": RESOLVED[name]["model"]} for name in EXPERIMENTS],
             "launcher": bench_launcher(),
+            "after_runs": config["backend"] != "slurm",
         },
     localrule: True
     run:
@@ -18,11 +21,14 @@ rule bench_config:
 
 rule benchmark:
     input:
-        RESULTS + "/bench/config.yaml",
+        config=RESULTS + "/bench/config.yaml",
+        # without SLURM every run shares the bench's machine: the bench comes after them all (ancient: a run
+        # redone later does not redo the bench; a deleted one does)
+        runs=[] if config["backend"] == "slurm" else [ancient(result_file(name)) for name in EXPERIMENTS],
     output:
         RESULTS + "/bench/throughput.csv",
     log:
         RESULTS + "/bench/launch.log",
     threads: lambda w: workflow.cores  # a function: `snakemake --report` runs without --cores
     shell:
-        "{EVIT} launch --command bench --config {input} --run-dir {RESULTS}/bench > {log} 2>&1"
+        "{EVIT} launch --command bench --config {input.config} --run-dir {RESULTS}/bench > {log} 2>&1"

@@ -175,8 +175,9 @@ def run_config(name):
 
 
 def bench_launcher():
-    """The benchmark job's launcher options: one process (the bench is not distributed), on the runs' backend."""
-    return {**config["launcher"], "nodes": 1, "tasks_per_node": 1, **config["bench_launcher"],
+    """The benchmark job's launcher options: one process (the bench is not distributed), on the runs' backend, on
+    a node of its own on SLURM (`exclusive`)."""
+    return {**config["launcher"], "nodes": 1, "tasks_per_node": 1, "exclusive": True, **config["bench_launcher"],
             "backend": config["backend"]}
 
 
@@ -204,7 +205,8 @@ def masking_config():
     (`evit.config.MASK_DEFAULTS`) that writes the figure."""
     keys = ("share", "boxes", "boxes_format", "seed", "figure_images")
     cfg = deep_merge(run_config(MASKING["experiment"]), {
-        "launcher": bench_launcher(), "meta": {"experiment": MASKING["experiment"]},
+        "launcher": {**bench_launcher(), "exclusive": False},  # it counts top-1s: a node of its own is not needed
+        "meta": {"experiment": MASKING["experiment"]},
         "mask": {**{k: MASKING[k] for k in keys if k in MASKING}, "figure": f"{RESULTS}/figures/{MASKING_FIGURE}"},
     })
     if MASKING.get("val_subset"):
