@@ -144,7 +144,8 @@ class Method:
     schedule: Callable[[dict, dict, int], Callable[[int], Any]] | None = None
     grad_checkpointing: bool = True             # its blocks can be re-run in the backward pass
     compile: bool = True                        # torch.compile builds its forward pass
-    kept_patches: bool = False                  # ``model(x, return_kept=True)`` names the patches each block kept
+    kept_patches: bool = False                  # `evit visualize`: ``model(x, return_kept=True)`` names the patches
+                                                # each reorganizing block (``model.drop_loc``) kept
 
     def _brief(self, key: str, value: Any) -> str:
         return self.brief[key](value) if key in self.brief else f"{key} {_plain(value)}"

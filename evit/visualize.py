@@ -80,21 +80,22 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
     """Draw the kept patches of ``checkpoint`` under the run config at ``config_path``; ``name`` (the
     experiment's) titles the figure, else the arch."""
     from evit import data as D
-    from evit.config import load_config, resolve_config
+    from evit.config import METHODS, describe_method, load_config, method_params, resolve_config
     from evit.models.factory import build_model
 
     cfg = resolve_config(load_config(config_path))
     m, d = cfg["model"], cfg["data"]
-    if m["method"] != "evit":
-        raise ValueError(f"visualize needs an EViT model; {config_path} has method {m['method']!r}")
+    if not METHODS[m["method"]].kept_patches:
+        raise ValueError(f"visualize needs a method whose model names the patches it keeps (`Method.kept_patches`: "
+                         f"EViT); {config_path} has method {m['method']!r}")
     tf = D.eval_transform(cfg)
     val = D.raw_dataset(cfg, "val", tf)
     images = torch.stack([tf(val[i][0]) for i in pick_images(val, num_images)])
     model = build_model(m, D.num_classes_of(cfg, val))
     load_pretrained(model, checkpoint)
     masks = kept_patch_masks(model, images)
-    title = (f"{name or m['arch']} at {m['img_size']} px, keep rate {m['keep_rate']}"
-             f"{', fused' if m['fuse_token'] else ''}: patches kept after each reorganizing block")
+    title = (f"{name or m['arch']} at {m['img_size']} px, {describe_method(m['method'], method_params(m))}: patches "
+             "kept after each reorganizing block")
     out = Path(out)
     plot_kept_tokens(images, masks, d["mean"], d["std"], model.drop_loc, title, out)
     return out
