@@ -2,7 +2,7 @@
 
 For a run config, in one process, after warm-up, in interleaved rounds, three rates in img/s:
 
-- **input**: the training loader the Trainer builds (whatever ``data.loader`` names) and its batch stage
+- **input**: the training loader the Trainer builds (whichever the run config chooses) and its batch stage
   (`evit.data.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
   loader's ``num_workers``, or its ``num_threads``);
 - **step**: the training step (`evit.engine.train_one_epoch`: forward, backward, optimizer, with
@@ -123,8 +123,8 @@ def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: i
 
 def table(res: dict) -> str:
     """The result as a Markdown table and a sentence on what limits the loop."""
-    per_core = (f"{res['input_img_s_per_core']:.1f} ({res['input_cores']} cores)"
-                if res["input_img_s_per_core"] else "")
+    cores = res["input_cores"]
+    per_core = f"{res['input_img_s_per_core']:.1f} ({cores} core{'s' * (cores != 1)})" if cores else ""
     rows = [
         ("input pipeline alone (loader + batch stage)", res["input_img_s"], per_core, res["input_over_step"]),
         ("training step on a batch held on the device", res["step_img_s"], "", 1.0),
