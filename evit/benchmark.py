@@ -23,10 +23,9 @@ import torch
 import yaml
 from torch import nn
 
-import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
 from evit.config import METHODS, ConfigError, resolve_bench_launcher
 from evit.models.base import extra_macs, token_counts
-from evit.models.factory import build_model
+from evit.models.factory import build_model, register_models
 from evit.provenance import environment
 
 PAPER_MACS_SPECS = [
@@ -48,6 +47,7 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
     """`arch[:key=value,...]` -> (arch, kwargs); values are parsed as YAML (numbers, booleans, lists)."""
+    register_models()  # every method's timm models
     arch, _, rest = spec.partition(":")
     kwargs = {}
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):

@@ -1,16 +1,23 @@
 """The one model factory: a run config's ``model:`` section -> a timm model (training, evaluation and the bench)."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from evit.config import METHODS, ConfigError, method_params
 
 
+def register_models() -> None:
+    """Import every method's module (`Method.module`), which registers its models with timm."""
+    for method in METHODS.values():
+        if method.module:
+            importlib.import_module(method.module)
+
+
 def build_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
     """timm's ``<method prefix><arch>`` (e.g. ``evit_deit_small_patch16_224``) with the method's parameters, from a
     resolved ``model:`` section (never pretrained: weights come from checkpoints)."""
-    import importlib
-
     import timm
 
     method = METHODS[model_cfg["method"]]
