@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Training step of a run config's model, eager vs ``train.compile`` (`evit.engine.compile_for_training`), in one
 process: the time of the first compiled steps (compiling), then interleaved rounds of steps on one staged batch
-held on the device, at the model's target keep rate. Medians of img/s and their ratio.
+held on the device, at the end of the method's schedule (e.g. EViT's target keep rate), fused AdamW for both.
+Medians of img/s and their ratio.
 
     .venv/bin/python scripts/bench_compile.py --config run.yaml [--steps 5] [--rounds 4]
 """
@@ -17,7 +18,7 @@ import time
 import torch
 
 from evit import engine as E
-from evit.config import apply_overrides, load_config
+from evit.config import METHODS, apply_overrides, load_config
 from evit.trainer import Trainer
 
 
@@ -33,12 +34,14 @@ def main(argv=None) -> dict:
         rt.sampler.set_epoch(0)
         images, targets = next(iter(rt.train_loader))
         staged = rt.ctx.batch_stage(images, targets)
-        target = trainer.config["model"].get("keep_rate")
+        m = trainer.config["model"]
+        name = METHODS[m["method"]].override
+        target = {name: m.get(name)} if rt.ctx.override_fn else None        # the schedule's end
         ctx = E.StepContext(**dict(rt.ctx.__dict__, batch_stage=None, scheduler=None, on_step=None,
-                                   keep_rate_fn=(lambda s: target) if rt.ctx.keep_rate_fn else None))
-        models = {"eager": rt.model, "compiled": None}
-        models["compiled"] = E.compile_for_training(copy.deepcopy(rt.model), 2)
-        opts = {k: type(rt.optimizer)(m.parameters(), **rt.optimizer.defaults) for k, m in models.items()}
+                                   override_fn=(lambda s: target) if target else None))
+        models = {"eager": rt.model, "compiled": E.compile_for_training(copy.deepcopy(rt.model), 2)}
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+                for k, m in models.items()}
 
         def steps(name, n):
             t0 = time.perf_counter()
@@ -55,8 +58,7 @@ def main(argv=None) -> dict:
         batch = staged[0].shape[0]
         rate = {k: statistics.median(batch * args.steps / t for t in v) for k, v in times.items()}
         ratio = statistics.median(e / c for e, c in zip(times["eager"], times["compiled"]))
-        m = trainer.config["model"]
-        print(f"{m['method']} {m['arch']} keep {target}, {m['img_size']} px, batch {batch}, "
+        print(f"{m['method']} {m['arch']} {target}, {m['img_size']} px, batch {batch}, "
               f"{torch.get_num_threads()} threads, {rt.device}: first step eager {first['eager']:.1f} s, compiled "
               f"{first['compiled']:.1f} s (compiling); then eager {rate['eager']:.1f} img/s, compiled "
               f"{rate['compiled']:.1f} img/s: compiled / eager {ratio:.2f}x (median of paired rounds)")
