@@ -7,7 +7,7 @@ Run config
 ==========
 
 A YAML mapping with the sections of `SCHEMA` (model, data, train, eval). The model section names a backbone
-(``arch``) and a token-reduction method (``method``, one of `METHODS`: none, evit, tome) with that method's own
+(``arch``) and a token-reduction method (``method``, one of `METHODS`: none, evit, tome, dynamicvit) with that method's own
 parameters; a parameter of another method is an error. Every key has a default except ``data.dataset`` (and
 ``data.root`` for imagenet / folder); unknown keys and bad values are rejected with one error naming the key
 (``ConfigError``). `resolve_config` fills in every default, so a resolved config is
@@ -146,6 +146,7 @@ class Method:
     compile: bool = True                        # torch.compile builds its forward pass
     kept_patches: bool = False                  # `evit visualize`: ``model(x, return_kept=True)`` names the patches
                                                 # each reorganizing block (``model.drop_loc``) kept
+    trainable: bool = True                      # the trainer can train it (else: evaluated only, recipe none)
 
     def _brief(self, key: str, value: Any) -> str:
         return self.brief[key](value) if key in self.brief else f"{key} {_plain(value)}"
@@ -210,6 +211,16 @@ METHODS: dict[str, Method] = {
         override="r", shown=("r",),
         grad_checkpointing=False,  # the token sizes change as its blocks run
     ),
+    "dynamicvit": Method(
+        "DynamicViT", "dynamicvit_", "evit.models.dynamicvit", {
+            "base_rate": Field("float", 0.7, lo=0.0, lo_open=True, hi=1.0,
+                               help="DynamicViT: stage s keeps base_rate ** (s + 1) of the patches."),
+            "pruning_loc": Field("intlist", [3, 6, 9], lo=1,
+                                 help="DynamicViT: block indices (0-based) before which a prediction module prunes."),
+        },
+        override="base_rate", shown=("base_rate",), brief={"base_rate": lambda v: f"rate {v:g}"},
+        trainable=False,  # its training (Gumbel-softmax decisions, masked attention, distillation) is not built
+    ),
 }
 
 
@@ -223,6 +234,13 @@ def register_method(name: str, method: Method) -> Method:
         raise ValueError(f"method {name!r}: its override {method.override!r} is not one of its parameters")
     METHODS[name] = method
     return method
+
+
+def check_trainable(method: str) -> None:
+    """A `ConfigError` if the trainer cannot train ``method`` (it is evaluated only: recipe none)."""
+    if not METHODS[method].trainable:
+        raise ConfigError(f"model.method: {method} is evaluated only here (its own training is not implemented); "
+                          "evaluate its weights (recipe none, or `evit eval`)")
 
 
 def param_method(key: str) -> str | None:

@@ -28,7 +28,8 @@ from evit import data as D
 from evit import engine as E
 from evit.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from evit.config import (
-    METHODS, ConfigError, apply_overrides, config_hash, load_config, method_params, resolve_config, resume_mismatch,
+    METHODS, ConfigError, apply_overrides, check_trainable, config_hash, load_config, method_params, resolve_config,
+    resume_mismatch,
 )
 from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
@@ -130,6 +131,7 @@ class Trainer:
     def __init__(self, config: dict | str | Path, run_dir: str | Path):
         raw = load_config(config) if isinstance(config, (str, Path)) else config
         self.config = resolve_config(raw)
+        check_trainable(self.config["model"]["method"])
         self.run_dir = Path(run_dir)
         self._rt: Runtime | None = None
 

@@ -72,7 +72,7 @@ def test_the_canvas_is_the_demo_augments_and_holds_the_image():
 
 
 def test_describe_labels_rows_by_method_and_parameters():
-    assert [C.METHODS[m].label for m in C.METHODS] == ["baseline", "EViT", "ToMe"]
+    assert [C.METHODS[m].label for m in C.METHODS] == ["baseline", "EViT", "ToMe", "DynamicViT"]
     assert C.describe_method("evit", C.method_params(model_of(method="evit", keep_rate=0.7))) == "keep 0.7, fused"
     assert C.describe_method("evit", {"keep_rate": 0.5, "fuse_token": False, "drop_loc": [3, 6, 9]}) == (
         "keep 0.5, not fused")
@@ -80,8 +80,9 @@ def test_describe_labels_rows_by_method_and_parameters():
     assert C.describe_method("evit", {"keep_rate": 0.5, "fuse_token": True, "drop_loc": [2, 5]}) == (
         "keep 0.5, fused, drop_loc [2, 5]")
     assert C.describe_method("tome", {"r": 8}) == "r 8" and C.describe_method("none", {}) == ""
+    assert C.describe_method("dynamicvit", {"base_rate": 0.7, "pruning_loc": [3, 6, 9]}) == "rate 0.7"
     assert [C.METHODS[m].variant_names() for m in C.METHODS] == [["baseline"], ["EViT fused", "EViT not fused"],
-                                                                 ["ToMe"]]
+                                                                 ["ToMe"], ["DynamicViT"]]
 
 
 def test_the_workflow_schema_leaves_methods_and_their_parameters_to_the_registry():

@@ -94,7 +94,11 @@ def job_counts(dry_run_output: str) -> dict:
      "config: experiment 'evit_s_0.9' (method evit) sets r, a parameter of method tome"),
     (lambda c: c["experiments"][0].update(keep_rate=0.5),
      "config: experiment 'deit_s' (method none) sets keep_rate, a parameter of method evit"),
-    (lambda c: c["experiments"][1].update(method="dynamicvit"), "config: experiment 'evit_s_0.9': method 'dynamicvit' is not one of ['none', 'evit', 'tome']"),
+    (lambda c: c["experiments"][1].update(method="dynamicvt"),
+     "config: experiment 'evit_s_0.9': method 'dynamicvt' is not one of ['none', 'evit', 'tome', 'dynamicvit']"),
+    # DynamicViT is evaluated only (its own training is not built): an experiment training it is refused
+    (lambda c: c["experiments"].append({"name": "dyn", "method": "dynamicvit", "base_rate": 0.7}),
+     "config: experiment 'dyn' (recipe finetune): model.method: dynamicvit is evaluated only here"),
     (lambda c: c["experiments"][1].update(method="tome", r=-2),
      "config: experiment 'evit_s_0.9': model.r: expected a value >= 0, got -2"),
     (lambda c: c["experiment_defaults"].update(r=1.5), "config: experiment_defaults: model.r: expected an integer"),
@@ -122,13 +126,14 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
     proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(imagenet_site(tmp_path)),
                      "--config", "backend=slurm")
     assert job_counts(proc.stdout).items() >= {  # the runs, and one bench, tables and figures job each
-        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 30,
-        "train": 20, "evaluate": 10, "visualize": 1, "masking_config": 1, "masking": 1,
+        "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 31,
+        "train": 20, "evaluate": 11, "visualize": 1, "masking_config": 1, "masking": 1, "download": 1,
     }.items()
     for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5", "tome_s_r11", "tome_s_r16",
                 "evit_s_0.7_loc258", "evit_s_0.7_loc4710", "evit_s_0.7_scratch", "evit_s_0.7_scratch_nowarmup"):
         assert f"{tmp_path}/results/runs/{exp}/metrics.json" in proc.stdout
-    for exp in ("evit_s_0.9_offshelf", "evit_s_0.5_offshelf", "tome_s_r4_offshelf", "tome_s_r16_offshelf"):
+    for exp in ("evit_s_0.9_offshelf", "evit_s_0.5_offshelf", "tome_s_r4_offshelf", "tome_s_r16_offshelf",
+                "dynamicvit_s_0.7"):
         assert f"{tmp_path}/results/runs/{exp}/eval.json" in proc.stdout  # evaluated, not trained
     for out in ("tables/frontier.md", "figures/frontier.png", "tables/ablation.md", "masking/masking.json",
                 "tables/masking.md",
@@ -136,7 +141,8 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
         assert f"{tmp_path}/results/{out}" in proc.stdout
     masking_file = tmp_path / "results/masking/config.yaml"  # the masking job's config, by a local rule
     experiments_file = tmp_path / "results/tables/experiments.yaml"
-    snakemake(str(masking_file), str(experiments_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml",
+    snakemake(str(masking_file), str(experiments_file), f"{tmp_path}/results/runs/dynamicvit_s_0.7/config.yaml",
+              "--cores", "1", "--configfile", "workflow/config/paper.yaml",
               str(imagenet_site(tmp_path)))
     ablation = {e["name"]: e for e in yaml.safe_load(experiments_file.read_text())["experiments"]
                 if "ablation" in e["tables"]}
@@ -144,6 +150,10 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
         [3, 6, 9], [2, 5, 8], [4, 7, 10]]
     assert "schedule" not in ablation["evit_s_0.7_scratch"] and ablation["evit_s_0.7_scratch"]["recipe"] == "scratch"
     assert ablation["evit_s_0.7_scratch_nowarmup"]["schedule"] == {"shrink_start": 0, "shrink_epochs": 0}
+    dynamicvit = yaml.safe_load((tmp_path / "results/runs/dynamicvit_s_0.7/config.yaml").read_text())
+    assert (dynamicvit["model"]["method"], dynamicvit["model"]["base_rate"], dynamicvit["train"]["recipe"]) == (
+        "dynamicvit", 0.7, "none")
+    assert f"output: {tmp_path}/results/weights/dynamicvit_deit_s_0.7.pth" in proc.stdout  # fetched by a local rule
     masking = yaml.safe_load(masking_file.read_text())
     assert masking["mask"] == {"share": 0.5, "boxes": str(tmp_path / "imagenet/LOC_val_solution.csv"),
                                "boxes_format": "csv", "seed": 0, "figure_images": 6,

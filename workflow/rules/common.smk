@@ -11,8 +11,8 @@ from snakemake.utils import validate
 
 from evit.boxes import check_mask
 from evit.config import (
-    METHODS, SCHEMA, ConfigError, check_method_param, method_param_keys, method_params, param_method,
-    recipe_defaults, resolve_bench_launcher, resolve_config,
+    METHODS, SCHEMA, ConfigError, check_method_param, check_trainable, method_param_keys, method_params,
+    param_method, recipe_defaults, resolve_bench_launcher, resolve_config,
 )
 from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
 
@@ -70,6 +70,11 @@ def _experiment_table():
         if not Path(path).is_file():
             raise ValueError(f"config: checkpoint {path} for experiment {name!r} does not exist")
     for exp in experiments.values():
+        if exp["recipe"] != "none" and exp["name"] not in config["checkpoints"]:
+            try:
+                check_trainable(exp["method"])
+            except ConfigError as e:
+                raise ValueError(f"config: experiment {exp['name']!r} (recipe {exp['recipe']}): {e}") from None
         owned = sorted(set(OWNED_MODEL_KEYS) & set((exp.get("run") or {}).get("model") or {}))
         if owned:
             raise ValueError(f"config: experiment {exp['name']!r} sets model.{owned[0]} in its run: section; set "
