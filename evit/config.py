@@ -7,8 +7,8 @@ Run config
 ==========
 
 A YAML mapping with the sections of `SCHEMA` (model, data, train, eval). The model section names a backbone
-(``arch``) and a token-reduction method (``method``, one of `METHODS`: none, evit, tome, dynamicvit) with that method's own
-parameters; a parameter of another method is an error. Every key has a default except ``data.dataset`` (and
+(``arch``) and a token-reduction method (``method``, one of `METHODS`: none, evit, tome, dynamicvit) with that
+method's own parameters; a parameter of another method is an error. Every key has a default except ``data.dataset`` (and
 ``data.root`` for imagenet / folder); unknown keys and bad values are rejected with one error naming the key
 (``ConfigError``). `resolve_config` fills in every default, so a resolved config is
 complete. Top-level ``launcher`` (read by ``evit launch``; its keys are checked by `resolve_launcher`, see
