@@ -284,8 +284,8 @@ def _edit_experiments(edit):
     (_edit_experiments(lambda s: s["experiments"][1].update(method="tome")),
      r"params that are not all of their method's: evit_s_0\.9 \(params \['drop_loc', 'fuse_token', 'keep_rate'\], "
      r"method tome\)"),
-    (_edit_experiments(lambda s: s["experiments"][2].update(method="dynamicvit")),
-     r"unknown methods \(known: none, evit, tome\): evit_s_0\.8 \(method 'dynamicvit'\)"),
+    (_edit_experiments(lambda s: s["experiments"][2].update(method="adavit")),
+     r"unknown methods \(known: none, evit, tome, dynamicvit\): evit_s_0\.8 \(method 'adavit'\)"),
 ], ids=["missing-result", "missing-bench", "unknown-baseline", "unknown-paper-ref", "unknown-table", "no-method",
         "foreign-params", "unknown-method"])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, breakage, message):

@@ -102,7 +102,7 @@ def test_config_defaults_and_recipes():
     ({"model": {"drop_loc": [3, "x"]}}, "model.drop_loc[1]: expected an integer"),
     ({"model": {"method": "none", "keep_rate": 0.7}}, "model.keep_rate: a parameter of method evit, not of none"),
     ({"model": {"r": 8}}, "model.r: a parameter of method tome, not of evit"),
-    ({"model": {"method": "dynamicvit"}}, "model.method: expected one of none, evit, tome"),
+    ({"model": {"method": "adavit"}}, "model.method: expected one of none, evit, tome, dynamicvit"),
     ({"model": {"arch": "evit_deit_tiny_patch16_224"}},
      "model.arch: 'evit_deit_tiny_patch16_224' includes the method (EViT); write `arch: deit_tiny_patch16_224` "
      "and `method: evit`"),
