@@ -32,6 +32,7 @@ antialiased cubic filter, which does not clip PIL's intermediate (between passes
 """
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import math
@@ -49,6 +50,7 @@ from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from evit.config import ConfigError
+from evit.data import ImageError, ShardSampler
 
 NUM_MAGNITUDE_BINS = 1001                           # magnitudes 0, 0.01, ..., 10 (timm's range)
 MAGNITUDE_STEP = 10.0 / (NUM_MAGNITUDE_BINS - 1)
@@ -327,12 +329,18 @@ def eval_pipeline(source, img_size: int, interpolation: str, mean: Sequence[floa
 # --------------------------------------------------------------------------------------------- sources
 
 
+def sample_of(dataset, i: int) -> tuple[int, str, int]:
+    """Item ``i`` of an `evit.data.SeededDataset` over an ``imagenet`` / ``folder`` set: its index in the
+    whole set, its file and its label."""
+    raw = i if dataset.indices is None else dataset.indices[i]
+    return (raw, *dataset.base.folder.samples[raw])
+
+
 def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
     """Item ``i`` of an `evit.data.SeededDataset` over an ``imagenet`` / ``folder`` set: the file's bytes, its
     label and its (width, height) from the header. An unreadable image is the dataset's `evit.data.ImageError`
     naming the file and its index (a file-system error stays itself)."""
-    raw = i if dataset.indices is None else dataset.indices[i]
-    path, label = dataset.base.folder.samples[raw]
+    raw, path, label = sample_of(dataset, i)
     try:
         with open(path, "rb") as f:
             encoded = f.read()
@@ -345,17 +353,39 @@ def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
         raise dataset.image_error(raw, e) from e
 
 
+PREFETCH_DEPTH = 2   # batches DALI reads ahead of the one it hands over
+
+
 class _Reader:
     """Reads a batch's files with `read_image` on ``threads`` threads (file reads release the GIL; on a
-    network file system each read waits)."""
+    network file system each read waits), and remembers the batches DALI may still be decoding."""
 
     def __init__(self, dataset, threads: int):
         self.dataset, self.threads, self.pool = dataset, threads, None
+        self.in_flight = collections.deque(maxlen=PREFETCH_DEPTH + 1)
 
     def read(self, indices: Sequence[int]) -> list:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="evit-dali-read")
+        self.in_flight.append(list(indices))
         return list(self.pool.map(functools.partial(read_image, self.dataset), indices))
+
+    def undecodable(self, error: Exception) -> ImageError:
+        """DALI's decoder names no file when one fails (its header parsed, its data corrupt): the first image
+        in flight that PIL cannot decode either, as the dataset's `ImageError`; else one naming them all."""
+        from PIL import Image
+
+        samples = [sample_of(self.dataset, i) for batch in self.in_flight for i in batch]
+        for raw, path, _ in samples:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is named
+                return self.dataset.image_error(raw, e)
+        cause = " ".join(f"{type(error).__name__}: {error}".split())
+        return ImageError(f"cannot decode one of the {len(samples)} images DALI was reading, from "
+                          f"{samples[0][1]} (index {samples[0][0]}) to {samples[-1][1]} (index {samples[-1][0]}), "
+                          f"though PIL decodes each: {cause}")
 
 
 class TrainSource(_Reader):
@@ -441,22 +471,30 @@ def pipeline_args(device: torch.device, num_workers: int) -> dict:
 class _Epochs:
     """Runs a pipeline one pass of its source per `epoch` call; the pipeline is built once, on first use, and
     reset for the next pass when the previous one ran to its end (otherwise, e.g. after a pass was left
-    half-way, what it prefetched is dropped with it and a new one is built)."""
+    half-way, what it prefetched is dropped with it and a new one is built). An image DALI cannot decode is
+    one `ImageError` naming it (`_Reader.undecodable`)."""
 
-    def __init__(self, make_pipeline: Callable):
-        self.make_pipeline, self.iterator, self.finished = make_pipeline, None, False
+    def __init__(self, make_source: Callable, make_pipeline: Callable):
+        self.make_source, self.make_pipeline = make_source, make_pipeline
+        self.source, self.iterator, self.finished = None, None, False
 
     def epoch(self):
         if self.iterator is not None and self.finished:
             self.iterator.reset()
         else:
-            pipe = self.make_pipeline()
+            self.source = self.make_source()
+            pipe = self.make_pipeline(self.source)
             pipe.build()
             self.iterator = DALIGenericIterator([pipe], ["images", "labels"], prepare_first_batch=False,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL)
         self.finished = False
-        for out in self.iterator:
-            yield out[0]["images"], out[0]["labels"]
+        try:
+            for out in self.iterator:
+                yield out[0]["images"], out[0]["labels"]
+        except ImageError:
+            raise
+        except RuntimeError as e:
+            raise self.source.undecodable(e) from e
         self.finished = True
 
 
@@ -478,10 +516,10 @@ class DaliTrainLoader:
             img_size=m["img_size"], interpolation=t["interpolation"], names=self.spec.names if self.spec else [],
             fill=[min(255, round(255 * x)) for x in d["mean"]],
             num_layers=self.spec.num_layers if self.spec else 0, batch_size=batch_sampler.batch_size,
-            prefetch_queue_depth=2, **pipeline_args(device, d["num_workers"]))
+            prefetch_queue_depth=PREFETCH_DEPTH, **pipeline_args(device, d["num_workers"]))
         self.num_threads = self.kwargs["num_threads"]
-        self.epochs = _Epochs(lambda: train_pipeline(
-            source=TrainSource(self.dataset, self.batch_sampler, self.spec, self.num_threads), **self.kwargs))
+        self.epochs = _Epochs(lambda: TrainSource(self.dataset, self.batch_sampler, self.spec, self.num_threads),
+                              lambda source: train_pipeline(source=source, **self.kwargs))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -495,19 +533,17 @@ class DaliEvalLoader:
     of ``dataset`` as `evit.data.ShardSampler` splits it."""
 
     def __init__(self, cfg: dict, dataset, rank: int, world_size: int, device: torch.device):
-        from evit.data import ShardSampler
-
         m, d, ev, t = cfg["model"], cfg["data"], cfg["eval"], cfg["train"]
         self.dataset, self.batch = dataset, ev["batch_size"]
         self.indices = list(ShardSampler(len(dataset), world_size, rank))
         self.img_size, self.crop_pct = m["img_size"], ev["crop_pct"]
         interpolation = t["interpolation"] if t["interpolation"] != "random" else "bicubic"
         self.kwargs = dict(img_size=m["img_size"], interpolation=interpolation, mean=d["mean"], std=d["std"],
-                           batch_size=self.batch, prefetch_queue_depth=2,
+                           batch_size=self.batch, prefetch_queue_depth=PREFETCH_DEPTH,
                            **pipeline_args(device, d["num_workers"]))
-        self.epochs = _Epochs(lambda: eval_pipeline(
-            source=EvalSource(self.dataset, self.indices, self.batch, self.img_size, self.crop_pct,
-                              self.kwargs["num_threads"]), **self.kwargs))
+        self.epochs = _Epochs(lambda: EvalSource(self.dataset, self.indices, self.batch, self.img_size,
+                                                 self.crop_pct, self.kwargs["num_threads"]),
+                              lambda source: eval_pipeline(source=source, **self.kwargs))
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch)

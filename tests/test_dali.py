@@ -319,14 +319,22 @@ def test_training_batches_follow_the_sampler_and_the_seed(jpeg_root):
     assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(epochs[1][1:], rest))
 
 
-def test_an_unreadable_image_is_named(jpeg_root, tmp_path):
-    """A file that is not an image: one `ImageError` naming it and its index, before DALI gets it."""
+def truncated_jpeg(root: Path) -> bytes:
+    """A JPEG whose header parses but whose data stops short: DALI's decoder fails on it, naming no file."""
+    return (root / "val" / "c0" / "photo.jpg").read_bytes()[:2000] + bytes(64)
+
+
+@pytest.mark.parametrize("content", [lambda root: b"not a JPEG at all", truncated_jpeg],
+                         ids=["no-header", "corrupt-data"])
+def test_an_unreadable_image_is_named(jpeg_root, tmp_path, content):
+    """A file that is not an image (one `ImageError` naming it and its index, before DALI gets it), or whose
+    data DALI cannot decode (the same error, once DALI fails)."""
     bad = tmp_path / "jpegs"
     for split in ("train", "val"):
         for f in (jpeg_root / split).rglob("*.jpg"):
             (bad / f.relative_to(jpeg_root)).parent.mkdir(parents=True, exist_ok=True)
             (bad / f.relative_to(jpeg_root)).symlink_to(f)
-    (bad / "val" / "c1" / "broken.jpg").write_bytes(b"not a JPEG at all")
+    (bad / "val" / "c1" / "broken.jpg").write_bytes(content(jpeg_root))
     cfg = C.resolve_config(dali_config(bad))
     loader, _, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     index = [Path(p).name for p, _ in raw.folder.samples].index("broken.jpg")
