@@ -58,7 +58,8 @@ BENCH_COLUMNS = {  # bench CSV column -> results frame column
     "img_s_q1": "img_s_q1", "img_s_q3": "img_s_q3", "device": "device", "threads": "threads", "dtype": "dtype",
     "batch_size": "batch_size", "compile": "compile", "date": "bench_date", "torch": "torch", "timm": "timm",
 }
-PROVENANCE = ["device", "threads", "dtype", "batch_size", "compile", "bench_date", "torch", "timm"]
+SETUP = ["device", "threads", "dtype", "batch_size", "compile", "cuda_graphs"]  # how the throughput was measured
+PROVENANCE = [*SETUP, "bench_date", "torch", "timm"]
 ISOLATION = {  # the bench CSV's `isolation` (evit.benchmark.isolation) -> the tables' note
     "exclusive node": "ran alone on an exclusive SLURM node", "after the runs": "ran after every run on its machine",
     "shared": "may have shared its machine with other jobs", "not recorded": "did not record whether it ran alone",
@@ -162,7 +163,8 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     bench_paths = [bench] if isinstance(bench, (str, Path)) else list(bench)
     runs = pd.concat([pd.read_csv(p) for p in bench_paths], ignore_index=True)
     _check(set(BENCH_COLUMNS) - set(runs.columns), f"bench CSV {', '.join(map(str, bench_paths))} lacks columns")
-    runs = runs.reindex(columns=[*BENCH_COLUMNS, "isolation"]).rename(columns=BENCH_COLUMNS)
+    runs = runs.reindex(columns=[*BENCH_COLUMNS, "cuda_graphs", "isolation"]).rename(columns=BENCH_COLUMNS)
+    runs["cuda_graphs"] = runs["cuda_graphs"].astype(object).fillna(False).astype(bool)  # a CSV from before it
     runs["isolation"] = runs["isolation"].fillna("not recorded")
     twice = runs[runs.duplicated(["experiment", "dtype"])]
     _check(twice["experiment"] + " (" + twice["dtype"] + ")", "experiments measured twice in the bench CSVs")
@@ -213,12 +215,13 @@ def _precisions(rows: pd.DataFrame) -> list[str]:
 
 
 def _hardware(r) -> str:
-    return f"{r.device} ({r.threads} threads), {r.dtype}, batch {r.batch_size}{', torch.compile' if r.compile else ''}"
+    compiled = ", torch.compile with CUDA graphs" if r.cuda_graphs else ", torch.compile" if r.compile else ""
+    return f"{r.device} ({r.threads} threads), {r.dtype}, batch {r.batch_size}{compiled}"
 
 
 def provenance(rows: pd.DataFrame, full: bool = True) -> str:
     """Where (and, if `full`, when and with which torch/timm) the throughput was measured, per distinct setup."""
-    setups = rows[PROVENANCE if full else PROVENANCE[:5]].drop_duplicates()
+    setups = rows[PROVENANCE if full else SETUP].drop_duplicates()
     return "; ".join(_hardware(r) + (f", measured {r.bench_date}, torch {r.torch}, timm {r.timm}" if full else "")
                      for r in setups.itertuples())
 

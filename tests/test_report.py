@@ -422,6 +422,20 @@ def test_a_bench_at_two_precisions_gives_img_s_and_speedup_at_each_labelled(tmp_
     assert main.loc["evit_s_0.7", "speedup_bf16"] == pytest.approx(11900 / 8120)
 
 
+@pytest.mark.parametrize("compiled, label", [({}, "batch 256;"), ({"compile": True}, "batch 256, torch.compile;"),
+                                             ({"compile": True, "cuda_graphs": True},
+                                              "batch 256, torch.compile with CUDA graphs;")])
+def test_the_note_says_how_the_bench_ran_the_models(tmp_path, compiled, label):
+    """Eager, compiled, or compiled with CUDA graphs (`evit bench --cuda-graphs`); a bench CSV without the
+    cuda_graphs column (written before the option) reads as without."""
+    inputs = write_inputs(tmp_path)
+    bench = pd.read_csv(inputs["bench"]).assign(**{"compile": False, **compiled})
+    bench.to_csv(inputs["bench"], index=False)
+    run_report(inputs)
+    footer = (inputs["out_dir"] / "tables" / "main.md").read_text().strip().splitlines()[-1]
+    assert label.replace(";", ",") in footer and footer.count("CUDA graphs") == label.count("CUDA graphs")
+
+
 def test_a_precision_missing_for_an_experiment_is_named(tmp_path):
     inputs = write_inputs(tmp_path)
     bf16 = pd.read_csv(inputs["bench"])
