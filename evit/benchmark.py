@@ -21,7 +21,10 @@ import pandas as pd
 import timm
 import torch
 import yaml
+from timm.layers import to_2tuple
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from evit.config import METHODS, ConfigError, resolve_bench_launcher
 from evit.models.base import extra_macs, token_counts
@@ -84,6 +87,23 @@ def count_macs(model: nn.Module, **override) -> int:
     if isinstance(model.head, nn.Linear):
         macs += model.head.in_features * model.head.out_features
     return macs
+
+
+def any_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """`count_macs` for timm's ViTs (and the token-reduction models built on them); any other model (a Swin, an
+    EfficientNet) is counted by torch's FlopCounterMode over one forward pass of `x` (one image)."""
+    if isinstance(model, VisionTransformer):
+        return count_macs(model)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    """The (height, width) a model takes: its patch embedding's, else its pretrained config's (EfficientNet at
+    its own resolution, e.g. 240 for b1)."""
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None) or model.pretrained_cfg["input_size"][1:]
+    return tuple(to_2tuple(img))
 
 
 def macs_table(specs: list[str]) -> pd.DataFrame:
@@ -167,7 +187,7 @@ def benchmark(
     for item, spec, label in zip(models, specs, labels):
         model = (create_model(item) if isinstance(item, str)
                  else build_model(item, num_classes or item["num_classes"] or 1000)).eval().to(dev)
-        img = model.patch_embed.img_size
+        img = input_size(model)
         x = torch.randn(batch_size, 3, *img, generator=gen).to(dev)
         entries.append(dict(
             label=label, spec=spec, x=x, raw=model,
@@ -193,7 +213,7 @@ def benchmark(
         rates = [batch_size * iters / t for t in e["times"]]
         q1, median, q3 = quartiles(rates)
         rows.append(dict(
-            label=e["label"], spec=e["spec"], img_size=e["img_size"], gmacs=count_macs(e["raw"]) / 1e9,
+            label=e["label"], spec=e["spec"], img_size=e["img_size"], gmacs=any_macs(e["raw"], e["x"][:1]) / 1e9,
             img_s=median, img_s_q1=q1, img_s_q3=q3, img_s_min=min(rates),
             img_s_max=max(rates), **meta,
         ))
@@ -240,7 +260,8 @@ def isolation(config: dict) -> str:
 
 def bench_from_config(config: dict, out_dir: str | Path) -> dict:
     """The benchmark job of the workflow: ``models`` (``{label, model}``: a label and a run config's resolved
-    ``model:`` section each) and benchmark() options -> out_dir/throughput.csv, one row per model and precision.
+    ``model:`` section each; or ``{label, timm}``: a `comparison:` backbone by its timm name, built plainly at its
+    pretrained input size) and benchmark() options -> out_dir/throughput.csv, one row per model and precision.
 
     ``amp`` may list precisions (e.g. ``[fp32, bf16]``): each is measured in turn, interleaved over the models.
     ``after_runs`` (set by the workflow) says the job runs after every run on its machine; the `isolation` column
@@ -251,12 +272,16 @@ def bench_from_config(config: dict, out_dir: str | Path) -> dict:
                          f"{', '.join(BENCH_CONFIG_KEYS)}")
     if not config.get("models"):
         raise ValueError("bench config has no `models` to measure")
+    register_models()
+    unknown = [m["timm"] for m in config["models"] if "timm" in m and not timm.is_model(m["timm"])]
+    if unknown:  # before any model is built; a ConfigError: the launcher does not retry it
+        raise ConfigError(f"bench config: timm has no model {unknown[0]!r} (a `comparison:` backbone?)")
     amps = config.get("amp", "fp32")
     amps = [amps] if isinstance(amps, str) else list(amps)
     if not amps or len(set(amps)) < len(amps):
         raise ValueError(f"bench config amp: expected a precision or a list of distinct ones, got {config['amp']!r}")
     options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config and k != "amp"}
-    df = pd.concat([benchmark([m["model"] for m in config["models"]], labels=[m["label"] for m in config["models"]],
+    df = pd.concat([benchmark([m.get("timm") or m["model"] for m in config["models"]], labels=[m["label"] for m in config["models"]],
                               amp=amp, log=lambda m: print(m, flush=True), **options) for amp in amps],
                    ignore_index=True)
     df["isolation"] = isolation(config)

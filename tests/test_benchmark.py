@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from evit import benchmark as B
 from evit.benchmark import PAPER_MACS_SPECS, benchmark, count_macs, create_model, macs_table, parse_model_spec
 from evit.cli import main
+from evit.config import ConfigError
 
 PAPER_GMACS = [4.6, 4.0, 3.5, 3.0, 2.6, 2.3]  # DeiT-S, then EViT-S fused at 0.9 ... 0.5
 
@@ -152,3 +153,16 @@ def test_the_bench_job_measures_each_precision_and_records_whether_it_ran_alone(
     assert set(df["isolation"]) == {"after the runs"}
     with pytest.raises(ValueError, match="bench config amp: expected a precision or a list of distinct ones"):
         B.bench_from_config({**config, "amp": ["bf16", "bf16"]}, tmp_path)
+
+
+def test_the_bench_job_builds_a_comparison_backbone_by_timm_name_at_its_own_input_size(tmp_path):
+    config = {"models": [{"label": "effnet", "timm": "efficientnet_b1"}], "batch_size": 1, "warmup": 0, "rounds": 1,
+              "launcher": {"backend": "local"}}
+    B.bench_from_config(config, tmp_path)
+    row = pd.read_csv(tmp_path / "throughput.csv").iloc[0]
+    assert (row["label"], row["spec"], row["img_size"]) == ("effnet", "efficientnet_b1", 240)  # timm's pretrained cfg
+    assert 0.65 < row["gmacs"] < 0.75  # timm's card: 0.71 GMACs, counted by FlopCounterMode (not a ViT)
+    bad = {**config, "models": [*config["models"], {"label": "x", "timm": "swin_nope_patch4"}]}
+    with pytest.raises(ConfigError, match="timm has no model 'swin_nope_patch4'"):
+        B.bench_from_config(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # named before anything was built or written

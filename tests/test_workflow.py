@@ -111,6 +111,8 @@ def job_counts(dry_run_output: str) -> dict:
     (lambda c: c["masking"].update(boxes="/nowhere/LOC_val_solution.csv", boxes_format="csv"),
      "config: masking: mask.boxes: /nowhere/LOC_val_solution.csv does not exist"),
     (lambda c: c["masking"].update(share=1.0), "1.0 is greater than or equal to the maximum of 1"),
+    (lambda c: c.update(comparison={"backbones": {"deit_s": "DeiT"}}),
+     "config: comparison.backbones: 'deit_s' is also an experiment's name"),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
@@ -141,8 +143,9 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
         assert f"{tmp_path}/results/{out}" in proc.stdout
     masking_file = tmp_path / "results/masking/config.yaml"  # the masking job's config, by a local rule
     experiments_file = tmp_path / "results/tables/experiments.yaml"
+    bench_file = tmp_path / "results/bench/config.yaml"
     snakemake(str(masking_file), str(experiments_file), f"{tmp_path}/results/runs/dynamicvit_s_0.7/config.yaml",
-              "--cores", "1", "--configfile", "workflow/config/paper.yaml",
+              str(bench_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml",
               str(imagenet_site(tmp_path)))
     ablation = {e["name"]: e for e in yaml.safe_load(experiments_file.read_text())["experiments"]
                 if "ablation" in e["tables"]}
@@ -160,6 +163,8 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
                                "figure": f"{tmp_path}/results/figures/masking"}
     assert (masking["model"]["arch"], masking["model"]["method"]) == ("deit_small_patch16_224", "none")
     assert (masking["launcher"]["tasks_per_node"], masking["launcher"]["gpus_per_node"]) == (1, 1)  # one GPU
+    backbones = [m["timm"] for m in yaml.safe_load(bench_file.read_text())["models"] if "timm" in m]
+    assert len(backbones) == 29 and {"swin_tiny_patch4_window7_224", "nfnet_f0", "efficientnet_b2"} <= set(backbones)
 
 
 def imagenet_site(tmp_path: Path) -> Path:

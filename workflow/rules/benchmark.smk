@@ -1,4 +1,4 @@
-# Throughput of every experiment's model, all in ONE job, interleaved (weights do not matter); each model is
+# Throughput of every experiment's model and of the `comparison:` backbones (by timm name), all in ONE job, interleaved (weights do not matter); each model is
 # built from its run config's model section by the same factory as training and evaluation. The job runs alone:
 # on SLURM on a node of its own (the bench launcher's `exclusive`), otherwise after every run, which would share
 # its machine (`after_runs`, recorded in the tables' note).
@@ -10,7 +10,8 @@ rule bench_config:
     params:
         cfg=lambda w: {
             **config["bench"],
-            "models": [{"label": name, "model": RESOLVED[name]["model"]} for name in EXPERIMENTS],
+            "models": [{"label": name, "model": RESOLVED[name]["model"]} for name in EXPERIMENTS]
+            + [{"label": name, "timm": name} for name in BACKBONES],
             "launcher": bench_launcher(),
             "after_runs": config["backend"] != "slurm",
         },

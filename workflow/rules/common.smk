@@ -119,6 +119,11 @@ _check_data_root()
 DOWNLOADS = config.get("downloads", {})
 EXPERIMENTS = _experiment_table()
 MASKING = config.get("masking")  # the masking experiment (workflow/rules/masking.smk), if the config has one
+# Other backbones benched by their timm names (workflow/rules/benchmark.smk): name -> family.
+BACKBONES = config.get("comparison", {}).get("backbones", {})
+if set(BACKBONES) & set(EXPERIMENTS):
+    raise ValueError(f"config: comparison.backbones: {sorted(set(BACKBONES) & set(EXPERIMENTS))[0]!r} is also an "
+                     "experiment's name (the bench labels rows by both)")
 TABLES = list(config["tables"]) + ([MASKING_TABLE] if MASKING else [])
 if MASKING_TABLE in config["tables"]:
     raise ValueError(f"config: tables: {MASKING_TABLE!r} is the masking experiment's table; name yours otherwise")
