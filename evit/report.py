@@ -165,7 +165,7 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     _check(set(BENCH_COLUMNS) - set(runs.columns), f"bench CSV {', '.join(map(str, bench_paths))} lacks columns")
     runs = runs.reindex(columns=[*BENCH_COLUMNS, "cuda_graphs", "isolation"]).rename(columns=BENCH_COLUMNS)
     runs["cuda_graphs"] = runs["cuda_graphs"].astype(object).fillna(False).astype(bool)  # a CSV from before it
-    runs["isolation"] = runs["isolation"].fillna("not recorded")
+    runs["isolation"] = runs["isolation"].astype(object).fillna("not recorded")
     twice = runs[runs.duplicated(["experiment", "dtype"])]
     _check(twice["experiment"] + " (" + twice["dtype"] + ")", "experiments measured twice in the bench CSVs")
     precisions = list(dict.fromkeys(runs["dtype"]))  # the first is the figures' and the paper comparison's
