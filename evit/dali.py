@@ -341,16 +341,10 @@ def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
     label and its (width, height) from the header. An unreadable image is the dataset's `evit.data.ImageError`
     naming the file and its index (a file-system error stays itself)."""
     raw, path, label = sample_of(dataset, i)
-    try:
+    with dataset.naming_errors(raw):
         with open(path, "rb") as f:
             encoded = f.read()
         return np.frombuffer(encoded, dtype=np.uint8), label, image_size(encoded)
-    except OSError as e:
-        if e.errno is not None:
-            raise
-        raise dataset.image_error(raw, e) from e
-    except Exception as e:  # noqa: BLE001 - whatever PIL's header parser raises, the image is named
-        raise dataset.image_error(raw, e) from e
 
 
 PREFETCH_DEPTH = 2   # batches DALI reads ahead of the one it hands over

@@ -32,6 +32,7 @@ which worker loads a sample, on ``num_workers``, or on where an interrupted epoc
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import random
@@ -518,17 +519,24 @@ class SeededDataset(Dataset):
         else:
             i = key
         raw = i if self.indices is None else self.indices[i]
-        try:
+        with self.naming_errors(raw):
             img, target = self.base[raw]
             if self.transform is not None:
                 img = self.transform(img)
+        return img, target
+
+    @contextlib.contextmanager
+    def naming_errors(self, raw: int):
+        """Whatever reading or augmenting item ``raw`` of the base raises becomes its `ImageError`, except a
+        file-system error (errno set), which a retry may fix."""
+        try:
+            yield
         except OSError as e:
-            if e.errno is not None:         # the file system's (a retry may succeed), not the image's
+            if e.errno is not None:
                 raise
             raise self.image_error(raw, e) from e
         except Exception as e:  # noqa: BLE001 - whatever the decoder or an augmentation raises, the image is named
             raise self.image_error(raw, e) from e
-        return img, target
 
     def image_error(self, raw: int, e: Exception) -> ImageError:
         describe = getattr(self.base, "describe", None)
