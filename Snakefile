@@ -31,6 +31,11 @@ if MASKING:
     include: "workflow/rules/masking.smk"
 
 
+if COMPARISON:
+
+    include: "workflow/rules/comparison.smk"
+
+
 # The runs' results are listed here too: a deleted run (results/runs/<exp>/) is then rerun, with what depends
 # on it, even though the tables made from it are still there.
 rule all:

@@ -2,7 +2,8 @@
 
 Every checkpoint is read by `read_checkpoint` alone: ``torch.load(weights_only=True)``, so a file that would need
 arbitrary pickled code is refused, with `argparse.Namespace` (the ``args`` of official DeiT / EViT training
-checkpoints) as the one class allowed besides torch's defaults.
+checkpoints) as the one class allowed besides torch's defaults; a ``.safetensors`` file (timm's published weights)
+by `safetensors.torch.load_file`.
 """
 from __future__ import annotations
 
@@ -58,12 +59,17 @@ def _why_unreadable(e: Exception) -> str:
 
 def read_checkpoint(path: str | os.PathLike, *, advice: str = "") -> object:
     """Whatever a checkpoint file holds: ``torch.load(path, weights_only=True)`` on the CPU, allowing
-    `argparse.Namespace` besides torch's defaults. Any failure to read it becomes one `CheckpointError` with a
-    one-line message naming the file (``advice`` appended); a missing file is a FileNotFoundError."""
+    `argparse.Namespace` besides torch's defaults, or a ``.safetensors`` file's state dict. Any failure to read it
+    becomes one `CheckpointError` with a one-line message naming the file (``advice`` appended); a missing file is a
+    FileNotFoundError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated, corrupt or foreign file

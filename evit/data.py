@@ -429,10 +429,16 @@ def raw_dataset(cfg: dict, split: str, transform) -> Dataset:
     return build_dataset(d["dataset"], d["root"], split, pil=not getattr(transform, "accepts_tensor", False))
 
 
-def build_eval_loader(cfg: dict, rank: int, world_size: int, device: torch.device):
-    """The val-split loader of this rank (exact sharding, no padding), the val set's size, and the raw val set."""
+def build_eval_loader(cfg: dict, rank: int, world_size: int, device: torch.device, transform: Callable | None = None):
+    """The val-split loader of this rank (exact sharding, no padding), the val set's size, and the raw val set.
+
+    ``transform``: the images' transform (PIL image -> normalized tensor), when not the run config's
+    (`eval_transform`): e.g. a comparison backbone's own timm data config; the torch loader only."""
     d = cfg["data"]
-    tf = eval_transform(cfg)
+    if d["loader"] == "dali" and transform is not None:
+        raise ConfigError("data.loader: dali computes the run config's eval transform; a model's own transform "
+                          "needs data.loader: torch")
+    tf = transform or eval_transform(cfg)
     raw = raw_dataset(cfg, "val", tf)
     ds = SeededDataset(raw, tf, subset_indices(len(raw), d["val_subset"]))
     if d["loader"] == "dali":

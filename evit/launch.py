@@ -1,6 +1,6 @@
 """Send one run (train, eval or the bench) to where it executes: SLURM, a local subprocess, or this process.
 
-`evit launch --config run.yaml --run-dir DIR [--command eval|mask --checkpoint X]` checks the run config (with the
+`evit launch --config run.yaml --run-dir DIR [--command eval|eval-backbone|mask --checkpoint X]` checks the run config (with the
 torch-free `evit.config`; this waiting process never imports torch), then submits it as its `launcher:`
 section says (defaults in `evit.config.LAUNCHER_DEFAULTS`):
 
@@ -47,7 +47,8 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from evit.boxes import check_mask
 from evit.config import BACKENDS, ConfigError, resolve_bench_launcher, resolve_config, resolve_launcher
 
-COMMANDS = ("train", "eval", "bench", "mask")
+COMMANDS = ("train", "eval", "eval-backbone", "bench", "mask")
+EVALUATIONS = ("eval", "eval-backbone", "mask")  # commands that read the weights of --checkpoint
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN")
 
@@ -100,6 +101,10 @@ class RunTask(submitit.helpers.Checkpointable):
             from evit.evaluate import evaluate_checkpoint
 
             return evaluate_checkpoint(self.eval_checkpoint, self.config, out=run_dir / "eval.json")
+        if self.command == "eval-backbone":
+            from evit.evaluate import evaluate_backbone
+
+            return evaluate_backbone(self.eval_checkpoint, self.config, out=run_dir / "eval.json")
         if self.command == "mask":
             from evit.masking import mask_experiment
 
@@ -125,7 +130,7 @@ def check_run(config: dict, run_dir: Path, command: str, opts: dict, checkpoint:
     resolve_config({**config, "launcher": opts})
     if command == "mask":
         check_mask(config.get("mask"))
-    if command in ("eval", "mask"):
+    if command in EVALUATIONS:
         if not checkpoint:
             raise ConfigError(f"{command} run {run_dir}: no checkpoint to evaluate (--checkpoint)")
         if not Path(checkpoint).expanduser().is_file():
@@ -333,6 +338,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="the run directory (checkpoint, logs, metrics, job.json)")
     p.add_argument("--command", choices=COMMANDS, default="train")
     p.add_argument("--backend", choices=BACKENDS, help="override launcher.backend from the config")
-    p.add_argument("--checkpoint", help="the weights to evaluate (--command eval, and mask: the masking "
-                   "experiment of evit/masking.py, options in the config's mask: section)")
+    p.add_argument("--checkpoint", help="the weights to evaluate (--command eval; eval-backbone: a comparison "
+                   "backbone's published weights, model.arch its timm name; mask: the masking experiment of "
+                   "evit/masking.py, options in the config's mask: section)")
     p.set_defaults(func=_cmd_launch)

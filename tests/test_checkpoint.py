@@ -126,6 +126,22 @@ def test_refuses_pickled_code_and_non_checkpoints(tmp_path):
         read_state_dict(junk)
 
 
+def test_reads_published_safetensors_weights_and_names_a_truncated_file(tmp_path, deit_tiny):
+    """timm's published weights are .safetensors files: read to the same tensors; a truncated one is one error
+    naming it, and is left as it was."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file(deit_tiny.state_dict(), path)
+    state = read_state_dict(path)
+    assert state.keys() == deit_tiny.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in deit_tiny.state_dict().items())
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"^{path} is not a readable checkpoint \\(truncated or corrupt"):
+        read_state_dict(path)
+    assert path.stat().st_size == 1000
+
+
 def test_truncated_training_checkpoint_is_one_clear_error_and_left_alone(tmp_path):
     path = tmp_path / "run" / "checkpoint.pth"
     model = timm.create_model("evit_deit_tiny_patch16_224", img_size=28, patch_size=4, embed_dim=32, depth=4,

@@ -215,6 +215,28 @@ def test_a_checkpoint_of_another_architecture_fails_at_once(tmp_path):
     assert sum(line.startswith("submitted") for line in lines) == 1
 
 
+def test_a_comparison_backbone_is_evaluated_by_its_own_job_and_wrong_weights_fail_at_once(tmp_path):
+    """`--command eval-backbone` (the comparison's jobs): a local job evaluates timm's model of a pretrained tag
+    with its safetensors weights and writes eval.json; weights of another model fail once, not resubmitted."""
+    import timm
+    from safetensors.torch import save_file
+
+    name = "test_vit.r160_in1k"
+    cfg = {"model": {"arch": name}, "data": {"dataset": "fashion_mnist", "num_workers": 0, "val_subset": 16},
+           "launcher": {"backend": "local", "cpus_per_task": 1, "max_failures": 2}}
+    save_file(timm.create_model(name, num_classes=10).state_dict(), tmp_path / "model.safetensors")
+    result = launch(cfg, tmp_path / "good", command="eval-backbone", checkpoint=tmp_path / "model.safetensors",
+                    log=lambda m: None, poll_s=0.5)
+    assert json.loads((tmp_path / "good" / "eval.json").read_text()) == result
+    assert (result["timm"], result["img_size"], result["num_eval_images"]) == (name, 160, 16)
+    save_file(timm.create_model("test_vit2.r160_in1k", num_classes=10).state_dict(), tmp_path / "other.safetensors")
+    lines = []
+    with pytest.raises(LaunchError, match=f"other.safetensors does not fit timm's {name}"):
+        launch(cfg, tmp_path / "bad", command="eval-backbone", checkpoint=tmp_path / "other.safetensors",
+               log=lines.append, poll_s=0.5)
+    assert sum(line.startswith("submitted") for line in lines) == 1
+
+
 def test_a_truncated_checkpoint_is_one_clear_error_and_is_left_as_it_was(tmp_path):
     run_dir = tmp_path / "run"
     launch(tiny_run(1, "inline"), run_dir)

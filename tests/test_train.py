@@ -394,6 +394,40 @@ def test_eval_needs_an_arch_for_foreign_checkpoints(tmp_path, capsys):
     assert "error" in err and "Traceback" not in err
 
 
+def test_a_comparison_backbone_is_evaluated_off_the_shelf_with_its_own_timm_data_config(tmp_path, capsys):
+    """`evit eval --backbone NAME` (the comparison's eval job): timm's model of a pretrained tag, its weights in the
+    published format (safetensors) loaded strictly, real val images through timm's own transform of that tag (160 px,
+    crop 0.95, bicubic; not the run config's 224 px): the top-1 and loss of that transform and model by hand. Weights
+    of another model are one error naming both."""
+    from safetensors.torch import save_file
+    from timm.data import create_transform, resolve_data_config
+
+    name = "test_vit.r160_in1k"
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    args = ["eval", "--backbone", name, "--dataset", "fashion_mnist", "--val-subset", "40", "--num-workers", "0",
+            "--batch-size", "16", "--out", str(tmp_path / "eval.json")]
+    assert cli.main([*args, "--checkpoint", str(tmp_path / "model.safetensors")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    val = D.build_dataset("fashion_mnist", None, "val")
+    items = [val[i] for i in D.subset_indices(len(val), 40)]
+    images = torch.stack([transform(image) for image, _ in items])
+    labels = torch.tensor([label for _, label in items])
+    with torch.inference_mode():
+        logits = model(images)
+    assert images.shape[-1] == result["img_size"] == 160 and result["timm"] == name
+    assert result["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert result["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
+
+    save_file(timm.create_model("test_vit2.r160_in1k", num_classes=10).state_dict(), tmp_path / "other.safetensors")
+    assert cli.main([*args, "--checkpoint", str(tmp_path / "other.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"other.safetensors does not fit timm's {name} with 10 classes" in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 

@@ -64,6 +64,9 @@ def job_counts(dry_run_output: str) -> dict:
 # ------------------------------------------------------------------------------------------ config validation
 
 
+WEIGHTS = "https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c.update(epochs_total=3), "Additional properties are not allowed ('epochs_total' was unexpected)"),
     (lambda c: c["experiments"][1].update(keep_rate=1.7),
@@ -111,8 +114,14 @@ def job_counts(dry_run_output: str) -> dict:
     (lambda c: c["masking"].update(boxes="/nowhere/LOC_val_solution.csv", boxes_format="csv"),
      "config: masking: mask.boxes: /nowhere/LOC_val_solution.csv does not exist"),
     (lambda c: c["masking"].update(share=1.0), "1.0 is greater than or equal to the maximum of 1"),
-    (lambda c: c.update(comparison={"backbones": {"deit_s": "DeiT"}}),
-     "config: comparison.backbones: 'deit_s' is also an experiment's name"),
+    (lambda c: c.update(comparison={"weights": WEIGHTS, "backbones": {"deit_s.fb_in1k": "DeiT"}},
+                        experiments=[*c["experiments"], {**c["experiments"][0], "name": "deit_s.fb_in1k"}]),
+     "config: comparison.backbones: 'deit_s.fb_in1k' is also an experiment's name"),
+    (lambda c: c.update(comparison={"weights": WEIGHTS, "backbones": {"nfnet_f0": "NFNet"}}),
+     "config: comparison.backbones: 'nfnet_f0' has no pretrained tag"),
+    (lambda c: c.update(comparison={"weights": WEIGHTS, "backbones": {"coat_mini.in1k": "CoaT"},
+                                    "experiments": ["deit_s", "evit_9"]}),
+     "config: comparison.experiments: 'evit_9' is not an experiment"),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     cfg = yaml.safe_load((ROOT / "workflow/config/demo.yaml").read_text())
@@ -129,7 +138,8 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
                      "--config", "backend=slurm")
     assert job_counts(proc.stdout).items() >= {  # the runs, and one bench, tables and figures job each
         "all": 1, "bench_config": 1, "benchmark": 1, "experiments_file": 1, "report": 1, "run_config": 31,
-        "train": 20, "evaluate": 11, "visualize": 1, "masking_config": 1, "masking": 1, "download": 1,
+        "train": 20, "evaluate": 11, "visualize": 1, "masking_config": 1, "masking": 1,
+        "download": 30, "backbone_config": 29, "evaluate_backbone": 29,  # DynamicViT's and the backbones' weights
     }.items()
     for exp in ("deit_s", "evit_s_0.7", "evit_s_0.5_nofuse", "evit_s_304_0.5", "tome_s_r11", "tome_s_r16",
                 "evit_s_0.7_loc258", "evit_s_0.7_loc4710", "evit_s_0.7_scratch", "evit_s_0.7_scratch_nowarmup"):
@@ -138,14 +148,15 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
                 "dynamicvit_s_0.7"):
         assert f"{tmp_path}/results/runs/{exp}/eval.json" in proc.stdout  # evaluated, not trained
     for out in ("tables/frontier.md", "figures/frontier.png", "tables/ablation.md", "masking/masking.json",
-                "tables/masking.md",
-                "figures/masking.png"):
+                "tables/masking.md", "figures/masking.png", "tables/comparison.md", "figures/comparison.png",
+                "comparison/dm_nfnet_f0.dm_in1k/eval.json", "weights/swin_small_patch4_window7_224.ms_in1k.safetensors"):
         assert f"{tmp_path}/results/{out}" in proc.stdout
     masking_file = tmp_path / "results/masking/config.yaml"  # the masking job's config, by a local rule
     experiments_file = tmp_path / "results/tables/experiments.yaml"
     bench_file = tmp_path / "results/bench/config.yaml"
+    nfnet_file = tmp_path / "results/comparison/dm_nfnet_f0.dm_in1k/config.yaml"
     snakemake(str(masking_file), str(experiments_file), f"{tmp_path}/results/runs/dynamicvit_s_0.7/config.yaml",
-              str(bench_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml",
+              str(bench_file), str(nfnet_file), "--cores", "1", "--configfile", "workflow/config/paper.yaml",
               str(imagenet_site(tmp_path)))
     ablation = {e["name"]: e for e in yaml.safe_load(experiments_file.read_text())["experiments"]
                 if "ablation" in e["tables"]}
@@ -164,7 +175,16 @@ def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):
     assert (masking["model"]["arch"], masking["model"]["method"]) == ("deit_small_patch16_224", "none")
     assert (masking["launcher"]["tasks_per_node"], masking["launcher"]["gpus_per_node"]) == (1, 1)  # one GPU
     backbones = [m["timm"] for m in yaml.safe_load(bench_file.read_text())["models"] if "timm" in m]
-    assert len(backbones) == 29 and {"swin_tiny_patch4_window7_224", "nfnet_f0", "efficientnet_b2"} <= set(backbones)
+    assert len(backbones) == 29 and {"swin_small_patch4_window7_224.ms_in1k", "dm_nfnet_f0.dm_in1k",
+                                     "efficientnet_b1.ft_in1k"} <= set(backbones)  # the original releases' tags
+    nfnet = yaml.safe_load(nfnet_file.read_text())  # its eval job's config: the runs' data, timm's model
+    assert (nfnet["model"], nfnet["data"]["loader"], nfnet["data"]["root"]) == (
+        {"arch": "dm_nfnet_f0.dm_in1k"}, "torch", str(tmp_path / "imagenet"))
+    assert (nfnet["launcher"]["gpus_per_node"], nfnet["launcher"]["exclusive"]) == (1, False)
+    comparison = yaml.safe_load(experiments_file.read_text())["comparison"]
+    assert comparison["experiments"][-1] == "dynamicvit_s_0.7" and len(comparison["backbones"]) == 29
+    assert comparison["backbones"][-4] == {"name": "dm_nfnet_f0.dm_in1k", "family": "NFNet",
+                                           "result": f"{tmp_path}/results/comparison/dm_nfnet_f0.dm_in1k/eval.json"}
 
 
 def imagenet_site(tmp_path: Path) -> Path:

@@ -4,6 +4,7 @@
 import copy
 import re
 import sys
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,9 @@ from evit.config import (
     METHODS, SCHEMA, ConfigError, check_method_param, check_trainable, method_param_keys, method_params,
     param_method, recipe_defaults, resolve_bench_launcher, resolve_config,
 )
-from evit.layout import FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
+from evit.layout import (
+    COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES,
+)
 
 validate(config, "../schemas/config.schema.yaml")
 # The schema's experiment fields other than the methods' parameters, which evit.config.METHODS checks.
@@ -119,15 +122,35 @@ _check_data_root()
 DOWNLOADS = config.get("downloads", {})
 EXPERIMENTS = _experiment_table()
 MASKING = config.get("masking")  # the masking experiment (workflow/rules/masking.smk), if the config has one
-# Other backbones benched by their timm names (workflow/rules/benchmark.smk): name -> family.
-BACKBONES = config.get("comparison", {}).get("backbones", {})
-if set(BACKBONES) & set(EXPERIMENTS):
-    raise ValueError(f"config: comparison.backbones: {sorted(set(BACKBONES) & set(EXPERIMENTS))[0]!r} is also an "
-                     "experiment's name (the bench labels rows by both)")
-TABLES = list(config["tables"]) + ([MASKING_TABLE] if MASKING else [])
-if MASKING_TABLE in config["tables"]:
-    raise ValueError(f"config: tables: {MASKING_TABLE!r} is the masking experiment's table; name yours otherwise")
-FIGURES = [fig for fig in FIGURES if fig != MASKING_FIGURE or MASKING]
+COMPARISON = config.get("comparison")  # other backbones, benched and evaluated off the shelf (rules/comparison.smk)
+# name (with its pretrained tag) -> family; their published weights are downloads like DOWNLOADS'
+BACKBONES = COMPARISON["backbones"] if COMPARISON else {}
+BACKBONE_WEIGHTS = {name: COMPARISON["weights"].format(name=name) for name in BACKBONES}
+
+
+def _check_comparison():
+    untagged = [name for name in BACKBONES if "." not in name]
+    if untagged:
+        raise ValueError(f"config: comparison.backbones: {untagged[0]!r} has no pretrained tag: name the weights as "
+                         "timm does, <model>.<tag> (e.g. swin_tiny_patch4_window7_224.ms_in1k); the URL and the data "
+                         "config come from it")
+    for names, what in ((EXPERIMENTS, "an experiment's name (the bench labels rows by both)"),
+                        (DOWNLOADS, "a download's name (results/weights/ holds both)")):
+        if set(BACKBONES) & set(names):
+            raise ValueError(f"config: comparison.backbones: {sorted(set(BACKBONES) & set(names))[0]!r} is also "
+                             f"{what}")
+    unknown = [name for name in COMPARISON["experiments"] if name not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"config: comparison.experiments: {unknown[0]!r} is not an experiment")
+
+
+if COMPARISON:
+    _check_comparison()
+TABLES = list(config["tables"]) + ([MASKING_TABLE] if MASKING else []) + ([COMPARISON_TABLE] if COMPARISON else [])
+for name, what in ((MASKING_TABLE, "the masking experiment's"), (COMPARISON_TABLE, "the comparison's")):
+    if name in config["tables"]:
+        raise ValueError(f"config: tables: {name!r} is {what} table; name yours otherwise")
+FIGURES = [fig for fig in FIGURES if (fig != MASKING_FIGURE or MASKING) and (fig != COMPARISON_FIGURE or COMPARISON)]
 
 
 def is_trained(name):
@@ -152,7 +175,10 @@ def init_weights(init):
 
 
 def download_file(name):
-    return f"{RESULTS}/weights/{name}.pth"
+    """Where the download rule puts a download's or a backbone's weights: a .safetensors URL keeps its format."""
+    url = DOWNLOADS.get(name) or BACKBONE_WEIGHTS[name]
+    ext = "safetensors" if urllib.parse.urlsplit(url).path.endswith(".safetensors") else "pth"
+    return f"{RESULTS}/weights/{name}.{ext}"
 
 
 def result_file(name):
@@ -253,4 +279,6 @@ def write_yaml(path, data):
 
 wildcard_constraints:
     exp="|".join(EXPERIMENTS),
-    name="|".join(map(re.escape, DOWNLOADS)) or "no download",
+    name="|".join(map(re.escape, [*DOWNLOADS, *BACKBONES])) or "no download",
+    ext="pth|safetensors",
+    backbone="|".join(map(re.escape, BACKBONES)) or "no backbone",

@@ -1,12 +1,13 @@
-# Published weights (e.g. the official DynamicViT-DeiT-S/0.7 checkpoint), fetched once here on the machine that
-# runs Snakemake, which is online where compute nodes often are not; the jobs read them from disk.
+# Published weights (the `downloads:`, e.g. the official DynamicViT-DeiT-S/0.7 checkpoint, and the comparison
+# backbones' timm weights), fetched once here on the machine that runs Snakemake, which is online where compute
+# nodes often are not; the jobs read them from disk. A .safetensors URL keeps its format (`download_file`).
 
 
 rule download:
     output:
-        RESULTS + "/weights/{name}.pth",
+        RESULTS + "/weights/{name}.{ext}",
     params:
-        url=lambda w: DOWNLOADS[w.name],
+        url=lambda w: DOWNLOADS.get(w.name) or BACKBONE_WEIGHTS[w.name],
     localrule: True
     run:
         import os

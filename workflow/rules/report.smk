@@ -5,10 +5,11 @@
 
 
 def report_table(table, ext):
-    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking
-    table's: masking.rst)."""
+    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking and
+    comparison tables': masking.rst, comparison.rst)."""
     view = {"html": "table", "csv": "csv (every column)"}[ext]
-    caption = "../report/masking.rst" if table == MASKING_TABLE else "../report/table.rst"
+    caption = {MASKING_TABLE: "../report/masking.rst", COMPARISON_TABLE: "../report/comparison.rst"}.get(
+        table, "../report/table.rst")
     return report(f"{RESULTS}/tables/{table}.{ext}", caption=caption, category="Tables",
                   labels={"table": table, "view": view})
 
@@ -28,6 +29,9 @@ def schedule_of(name):
     return {"schedule": {k: train[k] for k in keys}}
 
 
+DRAWN_FIGURES = [*REPORT_FIGURES, *([COMPARISON_FIGURE] if COMPARISON else [])]  # by `evit report`
+
+
 rule experiments_file:
     output:
         RESULTS + "/tables/experiments.yaml",
@@ -37,6 +41,9 @@ rule experiments_file:
             "tables": config["tables"],
             **({"masking": {"result": f"{RESULTS}/masking/masking.json", "experiment": MASKING["experiment"],
                             "paper": MASKING.get("paper") or {}}} if MASKING else {}),
+            **({"comparison": {"experiments": COMPARISON["experiments"], "backbones": [
+                {"name": name, "family": family, "result": f"{RESULTS}/comparison/{name}/eval.json"}
+                for name, family in BACKBONES.items()]}} if COMPARISON else {}),
             "experiments": [
                 {"name": name, "arch": e["arch"], "img_size": e["img_size"], "method": e["method"],
                  "params": method_params(RESOLVED[name]["model"]), "recipe": e["recipe"],
@@ -56,12 +63,13 @@ rule report:
         bench=RESULTS + "/bench/throughput.csv",
         results=[result_file(name) for name in EXPERIMENTS],
         masking=[RESULTS + "/masking/masking.json"] if MASKING else [],
+        backbones=expand(RESULTS + "/comparison/{backbone}/eval.json", backbone=BACKBONES),
         reference="results/reference/paper.csv",
     output:
         expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "tex")),
         [report_table(table, ext) for table in TABLES for ext in ("html", "csv")],
-        [report_figure(fig) for fig in REPORT_FIGURES],
-        expand(RESULTS + "/figures/{fig}.pdf", fig=REPORT_FIGURES),
+        [report_figure(fig) for fig in DRAWN_FIGURES],
+        expand(RESULTS + "/figures/{fig}.pdf", fig=DRAWN_FIGURES),
     localrule: True
     shell:
         "{EVIT} report --experiments {input.experiments} --bench {input.bench} "
