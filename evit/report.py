@@ -7,8 +7,10 @@ Writes `<out-dir>/tables/<table>.{md,csv,tex}` (one per table of the experiments
 `<out-dir>/figures/{accuracy_vs_throughput,keep_rate_sweep,frontier}.{png,pdf}`. Rows are labelled by method
 and parameters (`evit.config.METHODS`) and by how the weights were trained (their recipe). The frontier figure
 draws the rows of the table named `frontier` (top-1 against img/s, one line per method and training), or, if
-there is none, every run at the baseline's image size. Everything is built in memory first, so bad input writes
-nothing.
+there is none, every run at the baseline's image size. With a `comparison` section, the `comparison` table and
+figure (the paper's Figure 4: top-1 against img/s of experiments beside other backbones' timm pretrained weights)
+follow; without one (the demo: no pretrained weights offline), one line says they are skipped. Everything is built
+in memory first, so bad input writes nothing.
 
 The experiments file (YAML, written by the workflow's `experiments_file` rule):
 
@@ -31,6 +33,14 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
       result: results/masking/masking.json  # the masking job's result (evit/masking.py)
       experiment: deit_s              # whose weights were masked
       paper: {none: 79.8}             # the paper's top-1 per way (none, background, object, random), if given
+    comparison:                       # optional: the `comparison` table and figure, see `load_comparison`
+      experiments: [deit_s, evit_s_0.7, dynamicvit_s_0.7]  # names of experiments above, their rows first
+      backbones:                      # then one row each, in this order
+        - name: swin_tiny_patch4_window7_224.ms_in1k  # its timm name (and pretrained tag); its bench CSV `label`
+          family: Swin                # its colour and marker in the figure
+          result: results/comparison/swin_tiny_patch4_window7_224.ms_in1k/eval.json  # its timm pretrained
+                                      # weights evaluated off the shelf: top1, top5, img_size (the input size it
+                                      # was evaluated at; must equal the bench CSV's), params, dataset
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ import argparse
 import html
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -47,7 +58,7 @@ import yaml
 from matplotlib.figure import Figure  # no pyplot: figures render with the Agg canvas, no global state
 
 from evit.config import METHODS, describe_method
-from evit.layout import MASKING_TABLE
+from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, MASKING_TABLE
 from evit.layout import REPORT_FIGURES as FIGURES
 
 REQUIRED = ("name", "img_size", "method", "params", "recipe", "tables", "result")
@@ -101,13 +112,15 @@ def _check(bad, message: str) -> None:
         raise ReportError(f"{message}: {', '.join(map(str, bad))}")
 
 
-def _read_json(path: Path, experiment: str) -> dict:
+def _read_json(path: Path, whose: str, keys: tuple[str, ...] = ("top1",)) -> dict:
+    """A result file, which must have `keys`; ``whose`` names its owner in the error, e.g. "experiment 'deit_s'"."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ReportError(f"experiment {experiment!r}: cannot read result file {path}: {e}") from None
-    if not isinstance(metrics, dict) or metrics.get("top1") is None:
-        raise ReportError(f"experiment {experiment!r}: result file {path} has no 'top1'")
+        raise ReportError(f"{whose}: cannot read result file {path}: {e}") from None
+    lacking = [k for k in keys if not isinstance(metrics, dict) or metrics.get(k) is None]
+    if lacking:
+        raise ReportError(f"{whose}: result file {path} has no {', '.join(map(repr, lacking))}")
     return metrics
 
 
@@ -157,28 +170,12 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     paths = exps["result"].map(Path)
     bad = exps[~paths.map(Path.is_file)]
     _check(bad["name"] + ": " + bad["result"].astype(str), "missing result files")
-    metrics = pd.DataFrame([_read_json(p, n) for p, n in zip(paths, exps["name"])]).reindex(
-        columns=["top1", "top5", "dataset"])
+    metrics = pd.DataFrame([_read_json(p, f"experiment {n!r}") for p, n in zip(paths, exps["name"])]).reindex(
+        columns=["top1", "top5", "dataset", "params"])
 
-    bench_paths = [bench] if isinstance(bench, (str, Path)) else list(bench)
-    runs = pd.concat([pd.read_csv(p) for p in bench_paths], ignore_index=True)
-    _check(set(BENCH_COLUMNS) - set(runs.columns), f"bench CSV {', '.join(map(str, bench_paths))} lacks columns")
-    runs = runs.reindex(columns=[*BENCH_COLUMNS, "cuda_graphs", "isolation"]).rename(columns=BENCH_COLUMNS)
-    runs["cuda_graphs"] = runs["cuda_graphs"].astype(object).fillna(False).astype(bool)  # a CSV from before it
-    runs["isolation"] = runs["isolation"].astype(object).fillna("not recorded")
-    twice = runs[runs.duplicated(["experiment", "dtype"])]
-    _check(twice["experiment"] + " (" + twice["dtype"] + ")", "experiments measured twice in the bench CSVs")
-    precisions = list(dict.fromkeys(runs["dtype"]))  # the first is the figures' and the paper comparison's
-    measured = set(zip(runs["experiment"], runs["dtype"]))
-    _check([f"{n} ({p})" if len(precisions) > 1 else n for p in precisions for n in exps["name"]
-            if (n, p) not in measured], f"experiments missing from the bench CSV {', '.join(map(str, bench_paths))}")
-    at = {p: runs[runs["dtype"] == p].set_index("experiment")["img_s"] for p in precisions[1:]}
-    runs = runs[runs["dtype"] == precisions[0]].assign(**{f"img_s_{p}": runs["experiment"].map(s) for p, s in at.items()})
-    runs["bench_date"] = (pd.to_datetime(runs["bench_date"], utc=True, format="ISO8601")
-                          .dt.strftime("%Y-%m-%d %H:%M UTC"))
-
+    runs, precisions = _bench(bench, exps["name"], "experiments")
     df = (exps.rename(columns={"name": "experiment"})
-          .join(metrics[["top1", "top5"]])
+          .join(metrics[["top1", "top5"]]).assign(num_params=metrics["params"])
           .assign(dataset=spec.get("dataset") or ", ".join(metrics["dataset"].dropna().astype(str).unique()) or None)
           .merge(runs, on="experiment", how="left", validate="1:1")
           .merge(ref, left_on="paper", right_on="paper_ref", how="left", validate="m:1")
@@ -198,6 +195,31 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
     return df
 
 
+def _bench(bench: str | Path | list, names, what: str) -> tuple[pd.DataFrame, list[str]]:
+    """The bench CSVs' rows of `names` (their `label`; columns renamed by `BENCH_COLUMNS`): one per name at the first
+    precision (`dtype`) of the CSVs, with img_s_P for each other precision P; and the precisions. A name not measured at every precision
+    is a ReportError listing them as `what` (e.g. "experiments"); the CSVs' other rows are left out."""
+    bench_paths = [bench] if isinstance(bench, (str, Path)) else list(bench)
+    where = f"the bench CSV {', '.join(map(str, bench_paths))}"
+    runs = pd.concat([pd.read_csv(p) for p in bench_paths], ignore_index=True)
+    _check(set(BENCH_COLUMNS) - set(runs.columns), f"bench CSV {', '.join(map(str, bench_paths))} lacks columns")
+    runs = runs.reindex(columns=[*BENCH_COLUMNS, "cuda_graphs", "isolation"]).rename(columns=BENCH_COLUMNS)
+    runs["cuda_graphs"] = runs["cuda_graphs"].astype(object).fillna(False).astype(bool)  # a CSV from before it
+    runs["isolation"] = runs["isolation"].astype(object).fillna("not recorded")
+    twice = runs[runs.duplicated(["experiment", "dtype"])]
+    _check(twice["experiment"] + " (" + twice["dtype"] + ")", "experiments measured twice in the bench CSVs")
+    precisions = list(dict.fromkeys(runs["dtype"]))  # the first is the figures' and the paper comparison's
+    measured = set(zip(runs["experiment"], runs["dtype"]))
+    _check([f"{n} ({p})" if len(precisions) > 1 else n for p in precisions for n in names if (n, p) not in measured],
+           f"{what} missing from {where}")
+    runs = runs[runs["experiment"].isin(names)]
+    at = {p: runs[runs["dtype"] == p].set_index("experiment")["img_s"] for p in precisions[1:]}
+    runs = runs[runs["dtype"] == precisions[0]].assign(**{f"img_s_{p}": runs["experiment"].map(s) for p, s in at.items()})
+    runs["bench_date"] = (pd.to_datetime(runs["bench_date"], utc=True, format="ISO8601")
+                          .dt.strftime("%Y-%m-%d %H:%M UTC"))
+    return runs, precisions
+
+
 def training(recipe: str, schedule) -> str:
     """How the weights were trained, e.g. ``fine-tuned``, and the keep-rate schedule when it is not its recipe's
     (``schedule``: {shrink_start, shrink_epochs}, or missing)."""
@@ -210,8 +232,9 @@ def training(recipe: str, schedule) -> str:
 
 
 def _precisions(rows: pd.DataFrame) -> list[str]:
-    """The precisions the throughput was measured at: the first one's (`dtype`), then those of speedup_P."""
-    return [rows["dtype"].iloc[0], *(c.removeprefix("speedup_") for c in rows.columns if c.startswith("speedup_"))]
+    """The precisions the throughput was measured at: the first one's (`dtype`), then those of img_s_P."""
+    return [rows["dtype"].iloc[0], *(c.removeprefix("img_s_") for c in rows.columns
+                                     if c.startswith("img_s_") and c not in ("img_s_q1", "img_s_q3"))]
 
 
 def _hardware(r) -> str:
@@ -280,7 +303,7 @@ MASKING_WAYS = {"none": "nothing", "background": "background", "object": "object
 def masking_table(spec: dict, dataset: str | None) -> dict[str, str]:
     """The `masking` table (the paper's Table 1) from the masking job's result: top-1 per way masked, with the
     tokens dropped and with the pixels zeroed, beside the paper's (``spec["paper"]``: way -> top-1)."""
-    result = _read_json(Path(spec["result"]), spec["experiment"])
+    result = _read_json(Path(spec["result"]), f"experiment {spec['experiment']!r}")
     paper = spec.get("paper") or {}
     frame = pd.DataFrame({
         "masked": list(MASKING_WAYS.values()),
@@ -306,6 +329,81 @@ def masking_table(spec: dict, dataset: str | None) -> dict[str, str]:
     csv = frame.assign(experiment=spec["experiment"], num_images=result["num_images"]).to_csv(
         index=False, float_format="%.8g")
     return {**_render_table(shown, "l" + "r" * (shown.shape[1] - 1), caption, notes, "masking"), "csv": csv}
+
+
+BACKBONE_KEYS = ("name", "family", "result")
+COMPARISON_COLUMNS = {  # comparison frame column -> table header (.md/.tex/.html)
+    "family": "family", "model": "model", "weights": "weights", "parameters": "parameters", "img_size": "img size",
+    "top1": "top-1", "top5": "top-5", "params_m": "params (M)", "gmacs": "GMACs", "img_s": "img/s",
+}
+
+
+def load_comparison(spec: dict, results: pd.DataFrame, bench: str | Path | list) -> pd.DataFrame:
+    """The comparison frame from the experiments file's `comparison` section (``spec``): the rows of its
+    ``experiments`` (from the results frame), then one row per entry of its ``backbones`` ({name, family, result}):
+    its result file (top1, top5, img_size, params: its timm pretrained weights evaluated off the shelf) joined with
+    its bench rows (`label`: its name), which must be at the result's img_size. Columns: those of
+    `COMPARISON_COLUMNS`, img_s_P per other precision P, the provenance, ``kind`` (experiment or backbone) and an
+    experiment's ``method``, ``variant`` and ``main_size`` (`_runs`). A family is an experiment's method label; a
+    backbone's model is its timm name without its pretrained tag, which is its weights."""
+    where = "experiments file: comparison"
+    if not (isinstance(spec, dict) and isinstance(spec.get("experiments"), list)
+            and isinstance(spec.get("backbones"), list) and all(isinstance(b, dict) for b in spec["backbones"])):
+        raise ReportError(f"{where}: needs an `experiments` list and a `backbones` list of {{name, family, result}}")
+    runs = _runs(results).set_index("experiment", drop=False)
+    _check([n for n in spec["experiments"] if n not in runs.index], f"{where}: unknown experiments")
+    _check([n for i, n in enumerate(spec["experiments"]) if n in spec["experiments"][:i]],
+           f"{where}: experiments listed twice")
+    exps = runs.loc[spec["experiments"]].reset_index(drop=True)
+    exps = exps.assign(kind="experiment", family=exps["method"].map(lambda m: METHODS[m].label),
+                       model=exps["experiment"], weights=exps["training"])
+
+    backbones = pd.DataFrame(spec["backbones"]).reindex(columns=list(BACKBONE_KEYS))
+    names = backbones["name"].fillna(pd.Series([f"#{i + 1}" for i in backbones.index])).astype(str)
+    lacking = backbones.isna().set_axis(names).stack()
+    _check([f"{n} lacks {key!r}" for n, key in lacking[lacking].index], f"{where}: backbones")
+    _check(names[names.duplicated()], f"{where}: backbones listed twice")
+    found = pd.DataFrame([_read_json(Path(r), f"comparison backbone {n!r}", ("top1", "img_size"))
+                          for n, r in zip(names, backbones["result"])], index=backbones.index)
+    measured, _ = _bench(bench, names, "comparison backbones")
+    backbones = (backbones.join(found.reindex(columns=["top1", "top5", "img_size", "params"]))
+                 .merge(measured, left_on="name", right_on="experiment", how="left", validate="1:1"))
+    bad = backbones[backbones["img_size"] != backbones["bench_img_size"]]
+    _check(bad["name"] + " (result " + bad["img_size"].astype(str) + " px, bench "
+           + bad["bench_img_size"].astype(str) + " px)", "comparison backbones benched at another img_size than "
+           "their result's")
+    model, _, tag = backbones["name"].str.partition(".").T.to_numpy()
+    backbones = backbones.assign(kind="backbone", model=model, weights=pd.Series(tag).replace("", "timm default"),
+                                 parameters="", num_params=backbones["params"])
+    rows = pd.concat([exps.drop(columns="params"), backbones.drop(columns="params")], ignore_index=True)
+    rows["params_m"] = rows["num_params"] / 1e6
+    rows["dataset"] = _data_name(results)
+    speeds = [f"img_s_{p}" for p in _precisions(results)[1:]]
+    return rows[["kind", *COMPARISON_COLUMNS, *speeds, "method", "variant", "main_size", "dataset", *PROVENANCE,
+                 "isolation"]]
+
+
+def comparison_table(rows: pd.DataFrame) -> dict[str, str]:
+    """The `comparison` table of the comparison frame (`load_comparison`) as {"md", "csv", "tex", "html"}: the
+    experiments, then the backbones, with img/s at each precision, each labelled."""
+    first, *others = _precisions(rows)
+    columns = [*COMPARISON_COLUMNS, *(f"img_s_{p}" for p in others)]
+    headers = {**COMPARISON_COLUMNS, **({"img_s": f"img/s ({first})"} if others else {}),
+               **{f"img_s_{p}": f"img/s ({p})" for p in others}}
+    formats = {**FORMATS, "params_m": "{:.1f}".format, **{f"img_s_{p}": FORMATS["img_s"] for p in others}}
+    shown = rows[columns].apply(lambda col: col.map(formats.get(col.name, str), na_action="ignore")
+                                .astype("string").fillna(""))
+    shown = shown.rename(columns=headers)
+    align = "".join("l" if c in ("family", "model", "weights", "parameters") else "r" for c in columns)
+    dataset = rows["dataset"].iloc[0]
+    caption = f"EViT beside other backbones (the paper's Figure 4): top-1/top-5 on {dataset}."
+    notes = f"Throughput: {provenance(rows)}" + "".join(f"; also {p}, the same way" for p in others)
+    notes += (f"; the bench {ISOLATION[rows['isolation'].iloc[0]]}. The backbones: their "
+              "timm pretrained weights (weights: the pretrained tag) evaluated off the shelf with each one's own "
+              "pretrained data config (resize, crop, mean and std) at the input size it was benched at (img size); "
+              "the experiments: their own weights. GMACs: the bench's count per image.")
+    csv = rows[["kind", *columns, "dataset", *PROVENANCE, "isolation"]].to_csv(index=False, float_format="%.8g")
+    return {**_render_table(shown, align, caption, notes, COMPARISON_TABLE), "csv": csv}
 
 
 def _runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -485,6 +583,64 @@ def plot_frontier(results: pd.DataFrame) -> Figure:
     return fig
 
 
+BACKBONE_MARKERS = "osD^vP<>Xphd"  # one per family of the comparison figure's backbones, in turn (not the baseline's *)
+
+
+def short_name(model: str) -> str:
+    """A timm model name as the comparison figure labels it: without its patch and window sizes, nor a 224 px
+    input size (``swin_tiny_patch4_window7_224`` -> ``swin_tiny``; ``deit_base_patch16_384`` -> ``deit_base_384``)."""
+    return re.sub(r"_(patch|window)\d+|_224$", "", model)
+
+
+def plot_comparison(rows: pd.DataFrame) -> Figure:
+    """The paper's Figure 4: top-1 against median img/s (log scale, the first precision) of the comparison frame
+    (`load_comparison`): the backbones as points, a colour and marker per family; the experiments in their variant's
+    colour (`_colours`), those at the baseline's image size as a line (EViT's keep-rate sweep), those at another as
+    squares; the baseline a star. Every point is labelled (a backbone by `short_name`, an experiment by its
+    parameters, and its image size if not the baseline's) where no label hides another."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    exps, backbones = rows[rows["kind"] == "experiment"], rows[rows["kind"] == "backbone"]
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    ax = fig.subplots()
+    families = list(dict.fromkeys(backbones["family"]))
+    hues = sns.color_palette("husl", len(families))
+    for family, colour, marker in zip(families, hues[::2] + hues[1::2],  # neighbours in the legend: hues apart
+                                      BACKBONE_MARKERS * (len(families) // len(BACKBONE_MARKERS) + 1)):
+        points = backbones[backbones["family"] == family]
+        ax.scatter(points["img_s"], points["top1"], s=45, color=colour, marker=marker, zorder=3, label=family)
+    trained = exps[exps["method"] != "none"]
+    order, palette = _colours(trained["variant"])
+    for variant in order:
+        points = trained[trained["variant"] == variant].sort_values("img_s")
+        at_main = points["main_size"].astype(bool)
+        sweep, other = points[at_main], points[~at_main]
+        if len(sweep):
+            ax.plot(sweep["img_s"], sweep["top1"], color=palette[variant], marker="o", markersize=8, zorder=4,
+                    linewidth=2 if len(sweep) > 1 else 0, markeredgecolor="black", label=variant)
+        if len(other):
+            ax.scatter(other["img_s"], other["top1"], s=70, marker="s", color=palette[variant], edgecolors="black",
+                       zorder=4, label=f"{variant}, another input size")
+    base = exps[exps["method"] == "none"]
+    ax.scatter(base["img_s"], base["top1"], s=260, marker="*", color="black", zorder=5, label="baseline")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.08, y=0.08)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9)
+    ax.set(xlabel="throughput (img/s, median over rounds; log scale)", ylabel="top-1 accuracy (%)",
+           title=f"EViT beside other backbones (timm pretrained, off the shelf): {rows['dataset'].iloc[0]}\n"
+                 f"measured on {provenance(rows, full=False)}")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3, which="both")
+    place_labels(ax, [(r.img_s, r.top1, f"{r.model} (baseline)" if r.method == "none"
+                       else r.parameters if r.main_size else f"{r.parameters}, {r.img_size} px")
+                      for r in exps.itertuples()]
+                 + [(r.img_s, r.top1, short_name(r.model)) for r in backbones.itertuples()], fontsize=7)
+    return fig
+
+
 def _render(fig: Figure) -> dict[str, bytes]:
     out = {}
     for ext in ("png", "pdf"):
@@ -495,19 +651,31 @@ def _render(fig: Figure) -> dict[str, bytes]:
 
 
 def report(experiments, bench, reference="results/reference/paper.csv", out_dir="results", log=print) -> list[Path]:
-    """Build every table and figure in memory, then write them; returns the paths written."""
+    """Build every table and figure in memory, then write them; returns the paths written. Without backbones in
+    the experiments file's `comparison` section, its table and figure are skipped with one line to `log`."""
     results = load_results(experiments, bench, reference)
+    spec = yaml.safe_load(Path(experiments).read_text()) or {}
     out_dir = Path(out_dir)
     files = {out_dir / "tables" / f"{table}.{ext}": text
              for table in results["table"].dropna().unique() for ext, text in make_table(results, table).items()}
-    masking = (yaml.safe_load(Path(experiments).read_text()) or {}).get("masking")
-    if masking:
+    if spec.get("masking"):
         dataset = results["dataset"].dropna().iloc[0] if results["dataset"].notna().any() else None
         files |= {out_dir / "tables" / f"{MASKING_TABLE}.{ext}": text
-                  for ext, text in masking_table(masking, dataset).items()}
+                  for ext, text in masking_table(spec["masking"], dataset).items()}
+    comparison = spec.get("comparison")
+    skipped = not comparison or isinstance(comparison, dict) and not comparison.get("backbones")
+    rows = None if skipped else load_comparison(comparison, results, bench)
+    if rows is not None:
+        files |= {out_dir / "tables" / f"{COMPARISON_TABLE}.{ext}": text for ext, text in comparison_table(rows).items()}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
         for name, plot in zip(FIGURES, (plot_accuracy_vs_throughput, plot_keep_rate_sweep, plot_frontier)):
             files |= {out_dir / "figures" / f"{name}.{ext}": data for ext, data in _render(plot(results)).items()}
+        if rows is not None:
+            files |= {out_dir / "figures" / f"{COMPARISON_FIGURE}.{ext}": data
+                      for ext, data in _render(plot_comparison(rows)).items()}
+    if rows is None:
+        log(f"{COMPARISON_TABLE}: no backbones in the experiments file (the demo has no pretrained weights offline): "
+            "table and figure skipped")
     for path, content in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)

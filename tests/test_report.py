@@ -309,6 +309,8 @@ def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsy
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("comparison: no backbones")  # the demo's: skipped in one line, not an error
+    lines = lines[1:]
     assert len(lines) == 3 * 4 + 2 * len(R.FIGURES) and all(line.startswith("wrote ") for line in lines)
     assert f"wrote {inputs['out_dir'] / 'tables' / 'main.tex'}" in lines
     # no top-level dataset: taken from the metrics files
@@ -442,3 +444,197 @@ def test_a_precision_missing_for_an_experiment_is_named(tmp_path):
     pd.concat([bf16.assign(dtype="fp32"), bf16[bf16["label"] != "evit_s_0.8"]]).to_csv(inputs["bench"], index=False)
     with pytest.raises(R.ReportError, match=r"experiments missing from the bench CSV .*: evit_s_0\.8 \(bf16\)$"):
         run_report(inputs)
+
+
+# The comparison (the paper's Figure 4): paper.yaml's speed_test.py backbones, with their timm pretrained weights
+# evaluated off the shelf. name: (family, img_size, top1, top5, params, gmacs, img/s)
+BACKBONES = {
+    "swin_tiny_patch4_window7_224.ms_in1k": ("Swin", 224, 81.38, 95.54, 28288354, 4.51, 2450.0),
+    "swin_small_patch4_window7_224.ms_in1k": ("Swin", 224, 83.21, 96.24, 49606258, 8.77, 1520.0),
+    "tnt_s_patch16_224": ("TNT", 224, 81.52, 95.73, 23761064, 5.24, 1710.0),
+    "tnt_b_patch16_224": ("TNT", 224, 82.86, 96.28, 65410920, 14.1, 760.0),
+    "twins_pcpvt_small.in1k": ("Twins-PCPVT", 224, 81.09, 95.64, 24106216, 3.83, 2790.0),
+    "twins_pcpvt_base.in1k": ("Twins-PCPVT", 224, 82.71, 96.24, 43828456, 6.68, 1650.0),
+    "twins_svt_small.in1k": ("Twins-SVT", 224, 81.68, 95.96, 24060776, 2.94, 3080.0),
+    "twins_svt_base.in1k": ("Twins-SVT", 224, 83.14, 96.42, 56070952, 8.59, 1610.0),
+    "visformer_tiny.in1k": ("Visformer", 224, 78.16, 94.17, 10316264, 1.27, 9370.0),
+    "visformer_small.in1k": ("Visformer", 224, 82.11, 95.88, 40216136, 4.88, 3700.0),
+    "deit_small_patch16_224.fb_in1k": ("DeiT", 224, 79.86, 94.97, 22050664, 4.6, 8120.0),
+    "deit_base_patch16_224.fb_in1k": ("DeiT", 224, 81.80, 95.59, 86567656, 17.6, 2870.0),
+    "deit_base_patch16_384.fb_in1k": ("DeiT", 384, 83.11, 96.37, 86859496, 55.5, 780.0),
+    "cait_xxs24_224.fb_dist_in1k": ("CaiT", 224, 78.39, 94.31, 11956936, 2.53, 3840.0),
+    "cait_xxs24_384.fb_dist_in1k": ("CaiT", 384, 80.97, 95.64, 12033544, 9.63, 1050.0),
+    "cait_xxs36_224.fb_dist_in1k": ("CaiT", 224, 79.75, 94.87, 17299408, 3.77, 2590.0),
+    "cait_xxs36_384.fb_dist_in1k": ("CaiT", 384, 82.20, 96.15, 17371216, 14.4, 700.0),
+    "cait_s24_224.fb_dist_in1k": ("CaiT", 224, 83.46, 96.57, 46919040, 9.35, 1370.0),
+    "coat_tiny.in1k": ("CoaT", 224, 78.43, 94.04, 5501680, 4.35, 1290.0),
+    "coat_mini.in1k": ("CoaT", 224, 81.27, 95.38, 10338520, 6.82, 1010.0),
+    "coat_lite_tiny.in1k": ("CoaT-Lite", 224, 77.51, 93.92, 5715456, 1.6, 6010.0),
+    "coat_lite_mini.in1k": ("CoaT-Lite", 224, 79.09, 94.61, 11012256, 2.0, 5200.0),
+    "coat_lite_small.in1k": ("CoaT-Lite", 224, 81.91, 95.55, 19838264, 4.0, 2620.0),
+    "convit_small.fb_in1k": ("ConViT", 224, 81.42, 95.73, 27777648, 5.76, 2980.0),
+    "convit_base.fb_in1k": ("ConViT", 224, 82.28, 95.94, 86540040, 17.5, 1120.0),
+    "dm_nfnet_f0.dm_in1k": ("NFNet", 256, 83.38, 96.37, 71485128, 12.6, 1770.0),
+    "efficientnet_b0.ra_in1k": ("EfficientNet", 224, 77.69, 93.53, 5288548, 0.4, 8900.0),
+    "efficientnet_b1.ft_in1k": ("EfficientNet", 256, 78.79, 94.34, 7794184, 0.77, 5300.0),
+    "efficientnet_b2.ra_in1k": ("EfficientNet", 288, 80.61, 95.32, 9109994, 1.12, 3950.0),
+}
+DYNAMICVIT = {"dynamicvit_s_0.7": (224, ("dynamicvit", {"base_rate": 0.7, "pruning_loc": [3, 6, 9]}, "none"),
+                                   ["frontier"], None, 79.32, 94.68, 2.91, 11650.0)}
+COMPARED = ["deit_s", "evit_s_0.9", "evit_s_0.8", "evit_s_0.7", "evit_s_0.6", "evit_s_0.5", "evit_s_272_0.7",
+            "evit_s_288_0.6", "evit_s_304_0.5", "dynamicvit_s_0.7"]  # as paper.yaml
+
+
+def write_comparison(root: Path, backbones: dict = BACKBONES, precisions: tuple = ("bf16",)) -> dict:
+    """The paper grid with DynamicViT and a `comparison` section: each backbone's result file (the off-the-shelf
+    eval job's) and its bench rows, in the one bench CSV, at each precision (the later ones 2.5x faster)."""
+    tables = {**TABLES, "frontier": {"title": "Frontier", "baseline": "deit_s"}}
+    inputs = write_inputs(root, grid={**GRID, **DYNAMICVIT}, tables=tables)
+    bench, entries = pd.read_csv(inputs["bench"]), []
+    rows = []
+    for name, (family, img, top1, top5, params, gmacs, img_s) in backbones.items():
+        result = root / "comparison" / name / "eval.json"
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps({"top1": top1, "top5": top5, "img_size": img, "params": params,
+                                      "num_eval_images": 50000, "dataset": "imagenet", "timm": name}))
+        entries.append({"name": name, "family": family, "result": str(result)})
+        rows.append(dict(label=name, spec=name, img_size=img, gmacs=gmacs, speedup=None, img_s=img_s,
+                         img_s_q1=img_s * 0.99, img_s_q3=img_s * 1.01, img_s_min=img_s * 0.97,
+                         img_s_max=img_s * 1.02, **META))
+    bench = pd.concat([bench, pd.DataFrame(rows)], ignore_index=True)
+    speeds = ("img_s", "img_s_q1", "img_s_q3")
+    pd.concat([bench.assign(dtype=p, **{c: bench[c] * 2.5 ** i for c in speeds}) for i, p in enumerate(precisions)]
+              ).to_csv(inputs["bench"], index=False)
+    spec = yaml.safe_load(inputs["experiments"].read_text())
+    spec["comparison"] = {"experiments": COMPARED, "backbones": entries}
+    inputs["experiments"].write_text(yaml.safe_dump(spec, sort_keys=False))
+    return inputs
+
+
+def test_the_comparison_table_and_figure(tmp_path):
+    inputs = write_comparison(tmp_path)
+    lines = []
+    written = R.report(inputs["experiments"], inputs["bench"], REFERENCE, inputs["out_dir"], log=lines.append)
+    out = inputs["out_dir"]
+    assert {out / "tables" / f"comparison.{ext}" for ext in ("md", "csv", "tex", "html")} <= set(written)
+    assert {out / "figures" / f"comparison.{ext}" for ext in ("png", "pdf")} <= set(written)
+    assert all(line.startswith("wrote ") for line in lines)  # no skip line
+    table = read_table(out, "comparison")
+    assert list(table["model"]) == [*COMPARED, *(n.partition(".")[0] for n in BACKBONES)]
+    assert list(table["kind"]) == ["experiment"] * 10 + ["backbone"] * len(BACKBONES)
+    assert list(table["family"][:10]) == ["baseline", *["EViT"] * 8, "DynamicViT"]
+    assert list(table["family"][10:]) == [b[0] for b in BACKBONES.values()]
+    rows = table.set_index("model")
+    # top-1 from each one's result file, img/s and GMACs from the bench CSV, img size the benched one
+    for name, (family, img, top1, top5, params, gmacs, img_s) in BACKBONES.items():
+        row = rows.loc[name.partition(".")[0]]
+        assert row[["top1", "top5", "img_size", "gmacs", "img_s"]].tolist() == pytest.approx([top1, top5, img, gmacs,
+                                                                                            img_s])
+        assert row["params_m"] == pytest.approx(params / 1e6)
+    assert rows.loc["swin_tiny_patch4_window7_224", "weights"] == "ms_in1k"
+    assert rows.loc["tnt_s_patch16_224", "weights"] == "timm default"  # a name without a pretrained tag
+    assert rows.loc["evit_s_0.7", ["parameters", "weights", "top1", "img_s"]].tolist() == [
+        "keep 0.7, fused", "fine-tuned", 79.47, 11900.0]
+    assert rows.loc["dynamicvit_s_0.7", ["parameters", "weights", "top1"]].tolist() == ["rate 0.7", "off the shelf",
+                                                                                        79.32]
+    assert rows.loc["deit_s", "params_m"] == pytest.approx(22.050664)
+    md = (out / "tables" / "comparison.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| Swin "))
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "Swin", "swin_tiny_patch4_window7_224", "ms_in1k", "", "224", "81.38", "95.54", "28.3", "4.51", "2450.0"]
+    footer = md.strip().splitlines()[-1]
+    for fact in ("NVIDIA H100 80GB HBM3 (16 threads), bf16, batch 256", "2026-11-20 14:03 UTC", "off the shelf",
+                 "own pretrained data config", "at the input size it was benched at"):
+        assert fact in footer
+    assert md.startswith("**EViT beside other backbones (the paper's Figure 4): top-1/top-5 on ImageNet-1k.**")
+    assert not re.search(r"\bnan\b", md + (out / "tables" / "comparison.tex").read_text(), re.I)
+
+    # the figure: each family a colour and marker in the legend, EViT's sweep one line, every point labelled once
+    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    frame = R.load_comparison(yaml.safe_load(inputs["experiments"].read_text())["comparison"], results,
+                              inputs["bench"])
+    with R.sns.axes_style("whitegrid"), R.sns.plotting_context("notebook"):
+        ax = R.plot_comparison(frame).axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [*dict.fromkeys(b[0] for b in BACKBONES.values()), "EViT fused",
+                      "EViT fused, another input size", "DynamicViT", "baseline"]
+    sweep = next(line for line in ax.get_lines() if line.get_label() == "EViT fused")  # at 224 px only
+    assert list(sweep.get_xdata()) == [9050.0, 10300.0, 11900.0, 13500.0, 15200.0]
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == sorted(["deit_s (baseline)", *(f"keep {k}, fused" for k in (0.9, 0.8, 0.7, 0.6, 0.5)),
+                            "keep 0.7, fused, 272 px", "keep 0.6, fused, 288 px", "keep 0.5, fused, 304 px",
+                            "rate 0.7", *(R.short_name(n.partition(".")[0]) for n in BACKBONES)])
+    assert {"swin_tiny", "deit_base_384", "cait_xxs24"} <= set(texts)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(ax.figure)  # drawn as saved: no two labels overlap, nor a label a point
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    points = ax.transData.transform(frame[["img_s", "top1"]].to_numpy())
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not [(box, p) for box in boxes for p in points if box.contains(*p)]
+    frame_box = ax.get_window_extent(renderer)
+    assert all(frame_box.x0 <= b.x0 and b.x1 <= frame_box.x1 and frame_box.y0 <= b.y0 and b.y1 <= frame_box.y1
+               for b in boxes)
+    assert ax.get_xscale() == "log" and "ImageNet-1k" in ax.get_title()
+
+
+def test_the_comparison_at_two_precisions_labels_each(tmp_path):
+    inputs = write_comparison(tmp_path, backbones=dict(list(BACKBONES.items())[:3]), precisions=("fp32", "bf16"))
+    run_report(inputs)
+    md = (inputs["out_dir"] / "tables" / "comparison.md").read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| family"))
+    assert [c.strip() for c in header.strip("|").split("|")][-2:] == ["img/s (fp32)", "img/s (bf16)"]
+    row = next(line for line in md.splitlines() if line.startswith("| TNT "))
+    assert [c.strip() for c in row.strip("|").split("|")][-2:] == ["1710.0", "4275.0"]
+    assert "; also bf16, the same way" in md
+
+
+def _comparison_breakage(edit):
+    def apply(inputs):
+        spec = yaml.safe_load(inputs["experiments"].read_text())
+        edit(spec["comparison"], inputs)
+        inputs["experiments"].write_text(yaml.safe_dump(spec))
+    return apply
+
+
+def _unbench(comparison, inputs):
+    bench = pd.read_csv(inputs["bench"])
+    bench[bench["label"] != "coat_mini.in1k"].to_csv(inputs["bench"], index=False)
+
+
+def _evaluated_at(comparison, inputs):
+    result = Path(comparison["backbones"][1]["result"])
+    result.write_text(json.dumps({**json.loads(result.read_text()), "img_size": 256}))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (_comparison_breakage(_unbench),
+     r"comparison backbones missing from the bench CSV .*throughput\.csv: coat_mini\.in1k$"),
+    (_comparison_breakage(_evaluated_at), r"comparison backbones benched at another img_size than their result's: "
+                                          r"swin_small_patch4_window7_224\.ms_in1k \(result 256 px, bench 224 px\)$"),
+    (_comparison_breakage(lambda c, i: c["experiments"].append("evit_s_0.4")),
+     r"experiments file: comparison: unknown experiments: evit_s_0\.4$"),
+    (_comparison_breakage(lambda c, i: Path(c["backbones"][2]["result"]).unlink()),
+     r"comparison backbone 'tnt_s_patch16_224': cannot read result file .*tnt_s_patch16_224/eval\.json"),
+    (_comparison_breakage(lambda c, i: c["backbones"][0].pop("family")),
+     r"experiments file: comparison: backbones: swin_tiny_patch4_window7_224\.ms_in1k lacks 'family'$"),
+], ids=["missing-bench", "img-size", "unknown-experiment", "missing-result", "no-family"])
+def test_bad_comparison_input_is_one_clear_error_and_writes_nothing(tmp_path, breakage, message):
+    inputs = write_comparison(tmp_path, backbones={k: BACKBONES[k] for k in list(BACKBONES)[:3] + ["coat_mini.in1k"]})
+    breakage(inputs)
+    with pytest.raises(R.ReportError, match=message):
+        run_report(inputs)
+    assert not inputs["out_dir"].exists()
+
+
+def test_without_comparison_backbones_one_line_says_it_is_skipped(tmp_path):
+    inputs = write_inputs(tmp_path, grid={k: GRID[k] for k in ("deit_s", "evit_s_0.7")})
+    lines = []
+    written = R.report(inputs["experiments"], inputs["bench"], REFERENCE, inputs["out_dir"], log=lines.append)
+    assert [line for line in lines if not line.startswith("wrote ")] == [
+        "comparison: no backbones in the experiments file (the demo has no pretrained weights offline): "
+        "table and figure skipped"]
+    assert not [p for p in written if p.stem == "comparison"]
+    assert not list(inputs["out_dir"].rglob("comparison.*"))
