@@ -49,7 +49,8 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
-    """`arch[:key=value,...]` -> (arch, kwargs); values are parsed as YAML (numbers, booleans, lists)."""
+    """`arch[:key=value,...]` -> (arch, kwargs); arch may carry a pretrained tag (`name.tag`); values are parsed as
+    YAML (numbers, booleans, lists)."""
     register_models()  # every method's timm models
     arch, _, rest = spec.partition(":")
     kwargs = {}
@@ -58,7 +59,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         if not sep or not key.strip():
             raise ValueError(f"bad model spec {spec!r}: expected key=value, got {item!r}")
         kwargs[key.strip()] = yaml.safe_load(value)
-    if arch not in timm.list_models():
+    if not timm.is_model(arch):  # a pretrained tag (name.tag) included
         raise ValueError(f"bad model spec {spec!r}: unknown timm model {arch!r}")
     return arch, kwargs
 

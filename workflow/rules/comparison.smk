@@ -4,11 +4,12 @@
 
 
 def backbone_config(name):
-    """A backbone's eval config: the runs' data and device, timm's model `name`, the torch loader (the backbone's
-    own transform), in one process on a node it may share (the bench's launcher, not exclusive)."""
+    """A backbone's eval config: the runs' data and device, timm's model `name`, the torch loader with the backbone's
+    own transform (so not the demo's canvas), in one process on a node it may share (the bench's launcher, not
+    exclusive)."""
     return deep_merge(config["run_defaults"], {
         "model": {"arch": name},
-        "data": {"loader": "torch"},
+        "data": {"loader": "torch", "canvas": None},
         "launcher": {**bench_launcher(), "exclusive": False},
         "meta": {"backbone": name, "family": BACKBONES[name]},
     })
