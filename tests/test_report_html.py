@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from pandas import read_csv
 
 from evit.layout import FIGURES
 from test_workflow import ROOT, snakemake, tiny_config, write_config
@@ -42,8 +43,21 @@ def md_rows(md: str) -> list[list[str]]:
     return rows[:1] + rows[2:]
 
 
+def publish_backbones(hub: Path, names: list[str]) -> None:
+    """Weights of timm's tiny test models (10-class heads, for Fashion-MNIST) laid out as on the hub:
+    hub/<name>/model.safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    for name in names:
+        (hub / name).mkdir(parents=True)
+        save_file(timm.create_model(name, num_classes=10).state_dict(), hub / name / "model.safetensors")
+
+
 @pytest.mark.slow
 def test_the_report_holds_every_table_and_figure_with_its_caption(tmp_path):
+    """The whole tiny workflow, its comparison included (two of timm's test models as backbones, their weights
+    fetched by the download rule from a file:// hub, evaluated off the shelf, benched), then the HTML report."""
     results = tmp_path / "results"
     experiments = [
         {"name": "deit", "method": "none", "recipe": "demo", "init": None, "tables": ["main", "fusion"]},
@@ -53,6 +67,10 @@ def test_the_report_holds_every_table_and_figure_with_its_caption(tmp_path):
     cfg = tiny_config(results, experiments, backend="inline")
     cfg["tables"] = {"main": {"title": "Keep-rate sweep, in miniature", "baseline": "deit"},
                      "fusion": {"title": "Fused or not, in miniature", "baseline": "deit"}}
+    backbones = {"test_vit.r160_in1k": "ViT (test)", "test_efficientnet.r160_in1k": "EfficientNet (test)"}
+    publish_backbones(tmp_path / "hub", list(backbones))
+    cfg["comparison"] = {"weights": f"file://{tmp_path}/hub/{{name}}/model.safetensors", "backbones": backbones,
+                         "experiments": ["deit", "evit_0.5"]}
     config_file = write_config(tmp_path / "c.yaml", cfg)
     snakemake("all", "--cores", "2", "--configfile", str(config_file))
     snakemake("--report", str(tmp_path / "report.html"), "--configfile", str(config_file))
@@ -82,6 +100,14 @@ def test_the_report_holds_every_table_and_figure_with_its_caption(tmp_path):
         "patches masked", "nothing", "background", "object", "random"]
     assert rows[0][2:4] == ["top-1, tokens dropped", "top-1, pixels zeroed"]
     assert "<strong>The masking experiment" in entries["masking.html"]["caption"]
+    comparison = read_csv(results / "tables/comparison.csv")  # the backbones' own jobs, beside two experiments
+    for name in backbones:
+        row = comparison[comparison["model"] == name.split(".")[0]].iloc[0]
+        evaluated = json.loads((results / f"comparison/{name}/eval.json").read_text())
+        assert (row["family"], row["top1"], row["img_size"]) == (backbones[name], evaluated["top1"], 160)
+        assert evaluated["num_eval_images"] == cfg["run_defaults"]["data"]["val_subset"] and row["img_s"] > 0
+    assert list(comparison["model"])[:2] == ["deit", "evit_0.5"] and len(comparison) == 4  # experiments first
+    assert "<strong>EViT beside other backbones" in entries["comparison.html"]["caption"]
     for fig in FIGURES:
         assert f"{fig}.png" in entries, f"figure {fig} is not in the report"
         entry = entries[f"{fig}.png"]
