@@ -69,7 +69,7 @@ def evaluate_backbone(checkpoint: str | Path, config: dict, out: str | Path | No
     if not timm.is_model(name):
         raise ConfigError(f"model.arch: timm has no model {name!r} (a comparison backbone)")
     state = state_dict_of(read_checkpoint(checkpoint), checkpoint)
-    data_cfg = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    data_cfg = resolve_data_config({}, pretrained_cfg=timm.get_pretrained_cfg(name).to_dict())
     transform = torchvision.transforms.Compose([functools.partial(Image.Image.convert, mode="RGB"),
                                                 create_transform(**data_cfg)])
 
@@ -95,7 +95,7 @@ def _evaluate(cfg: dict, checkpoint: Path, model_for, transform, described: dict
     device = resolve_device(cfg["train"]["device"], info.local_rank)
     info = init_distributed(device, info)
     try:
-        loader, n, raw_val = D.build_eval_loader(cfg, info.rank, info.world_size, device, transform)
+        loader, _, raw_val = D.build_eval_loader(cfg, info.rank, info.world_size, device, transform)
         model = model_for(D.num_classes_of(cfg, raw_val)).to(device)
         amp_dtype = E.amp_dtype_for(cfg["train"]["amp"], device)
         t0 = time.perf_counter()
