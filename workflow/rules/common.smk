@@ -146,6 +146,7 @@ def _check_comparison():
 
 if COMPARISON:
     _check_comparison()
+WEIGHT_URLS = {**DOWNLOADS, **BACKBONE_WEIGHTS}  # what the download rule fetches: name -> URL
 TABLES = list(config["tables"]) + ([MASKING_TABLE] if MASKING else []) + ([COMPARISON_TABLE] if COMPARISON else [])
 for name, what in ((MASKING_TABLE, "the masking experiment's"), (COMPARISON_TABLE, "the comparison's")):
     if name in config["tables"]:
@@ -176,8 +177,7 @@ def init_weights(init):
 
 def download_file(name):
     """Where the download rule puts a download's or a backbone's weights: a .safetensors URL keeps its format."""
-    url = DOWNLOADS.get(name) or BACKBONE_WEIGHTS[name]
-    ext = "safetensors" if urllib.parse.urlsplit(url).path.endswith(".safetensors") else "pth"
+    ext = "safetensors" if urllib.parse.urlsplit(WEIGHT_URLS[name]).path.endswith(".safetensors") else "pth"
     return f"{RESULTS}/weights/{name}.{ext}"
 
 
@@ -217,6 +217,12 @@ def bench_launcher():
             "backend": config["backend"]}
 
 
+def shared_one_process_launcher():
+    """The launcher of a one-process evaluation (the masking job, a comparison backbone's): the bench's, but on a
+    node it may share: it counts top-1s, it does not time anything."""
+    return {**bench_launcher(), "exclusive": False}
+
+
 def _resolve_run_configs():
     """Every run's config, resolved now (defaults filled in), so that a bad key or value fails the dry run,
     naming the experiment; the bench launcher is checked too."""
@@ -241,7 +247,7 @@ def masking_config():
     (`evit.config.MASK_DEFAULTS`) that writes the figure."""
     keys = ("share", "boxes", "boxes_format", "seed", "figure_images")
     cfg = deep_merge(run_config(MASKING["experiment"]), {
-        "launcher": {**bench_launcher(), "exclusive": False},  # it counts top-1s: a node of its own is not needed
+        "launcher": shared_one_process_launcher(),
         "meta": {"experiment": MASKING["experiment"]},
         "mask": {**{k: MASKING[k] for k in keys if k in MASKING}, "figure": f"{RESULTS}/figures/{MASKING_FIGURE}"},
     })
@@ -256,9 +262,10 @@ def _check_masking():
     if name not in EXPERIMENTS or EXPERIMENTS[name]["method"] != "none":
         raise ValueError(f"config: masking.experiment {name!r} is not a method-none experiment (the baseline "
                          "whose patches are masked)")
+    cfg = masking_config()
     try:
-        resolve_config(masking_config())
-        check_mask(masking_config()["mask"])
+        resolve_config(cfg)
+        check_mask(cfg["mask"])
     except ConfigError as e:
         raise ValueError(f"config: masking: {e}") from None
 
@@ -279,6 +286,6 @@ def write_yaml(path, data):
 
 wildcard_constraints:
     exp="|".join(EXPERIMENTS),
-    name="|".join(map(re.escape, [*DOWNLOADS, *BACKBONES])) or "no download",
+    name="|".join(map(re.escape, WEIGHT_URLS)) or "no download",
     ext="pth|safetensors",
     backbone="|".join(map(re.escape, BACKBONES)) or "no backbone",

@@ -5,12 +5,11 @@
 
 def backbone_config(name):
     """A backbone's eval config: the runs' data and device, timm's model `name`, the torch loader with the backbone's
-    own transform (so not the demo's canvas), in one process on a node it may share (the bench's launcher, not
-    exclusive)."""
+    own transform (so not the demo's canvas), in one process on a node it may share."""
     return deep_merge(config["run_defaults"], {
         "model": {"arch": name},
         "data": {"loader": "torch", "canvas": None},
-        "launcher": {**bench_launcher(), "exclusive": False},
+        "launcher": shared_one_process_launcher(),
         "meta": {"backbone": name, "family": BACKBONES[name]},
     })
 

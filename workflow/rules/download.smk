@@ -7,7 +7,7 @@ rule download:
     output:
         RESULTS + "/weights/{name}.{ext}",
     params:
-        url=lambda w: DOWNLOADS.get(w.name) or BACKBONE_WEIGHTS[w.name],
+        url=lambda w: WEIGHT_URLS[w.name],
     localrule: True
     run:
         import os
