@@ -282,9 +282,9 @@ def bench_from_config(config: dict, out_dir: str | Path) -> dict:
     if not amps or len(set(amps)) < len(amps):
         raise ValueError(f"bench config amp: expected a precision or a list of distinct ones, got {config['amp']!r}")
     options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config and k != "amp"}
-    df = pd.concat([benchmark([m.get("timm") or m["model"] for m in config["models"]], labels=[m["label"] for m in config["models"]],
-                              amp=amp, log=lambda m: print(m, flush=True), **options) for amp in amps],
-                   ignore_index=True)
+    models, labels = [m.get("timm") or m["model"] for m in config["models"]], [m["label"] for m in config["models"]]
+    df = pd.concat([benchmark(models, labels=labels, amp=amp, log=lambda m: print(m, flush=True), **options)
+                    for amp in amps], ignore_index=True)
     df["isolation"] = isolation(config)
     out = Path(out_dir) / "throughput.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_macs)
 
     p = sub.add_parser("bench", help="inference throughput, all models interleaved in one process")
-    p.add_argument("models", nargs="*", help=spec_help + " (default: DeiT-S, EViT-S 0.7 and 0.5); the first is the baseline")
+    p.add_argument("models", nargs="*",
+                   help=spec_help + " (default: DeiT-S, EViT-S 0.7 and 0.5); the first is the baseline")
     p.add_argument("--labels", nargs="+", help="one name per model for the output (default: the specs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

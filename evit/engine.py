@@ -32,7 +32,8 @@ class NonFiniteLossError(RuntimeError):
 
 def bucketed(fn: Callable[[int], float], lo: float, hi: float, levels: int) -> Callable[[int], float]:
     """``fn`` (step -> a value in [lo, hi]) rounded up to the nearest of ``levels + 1`` evenly spaced values from lo
-    to hi (both exact). A compiled model makes one graph per value of the per-pass parameter it sees; this bounds their number."""
+    to hi (both exact). A compiled model makes one graph per value of the per-pass parameter it sees; this bounds
+    their number."""
     grid = [lo + (hi - lo) * j / levels for j in range(levels)] + [hi]
 
     def at(step: int) -> float:

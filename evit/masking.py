@@ -15,6 +15,7 @@ the patches are. Two ways to mask, both computed:
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -127,8 +128,6 @@ def patch_pixels(model, mask: torch.Tensor, shape) -> torch.Tensor:
 def mask_experiment(checkpoint: str | Path, config: dict, out: str | Path | None = None) -> dict:
     """Top-1 of ``checkpoint`` (a plain ViT/DeiT) unmasked and masked each way in each mode; writes ``out`` (JSON)
     and, with ``mask.figure``, the figure."""
-    import json
-
     cfg, opts = resolve_config(config), resolve_mask(config.get("mask"))
     if cfg["model"]["method"] != "none":
         raise ConfigError(f"mask: masks the baseline's patches; model.method is {cfg['model']['method']!r}, not none")

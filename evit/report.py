@@ -197,8 +197,9 @@ def load_results(experiments: str | Path, bench: str | Path | list, reference: s
 
 def _bench(bench: str | Path | list, names, what: str) -> tuple[pd.DataFrame, list[str]]:
     """The bench CSVs' rows of `names` (their `label`; columns renamed by `BENCH_COLUMNS`): one per name at the first
-    precision (`dtype`) of the CSVs, with img_s_P for each other precision P; and the precisions. A name not measured at every precision
-    is a ReportError listing them as `what` (e.g. "experiments"); the CSVs' other rows are left out."""
+    precision (`dtype`) of the CSVs, with img_s_P for each other precision P; and the precisions. A name not
+    measured at every precision is a ReportError listing them as `what` (e.g. "experiments"); the CSVs' other rows
+    are left out."""
     bench_paths = [bench] if isinstance(bench, (str, Path)) else list(bench)
     where = f"the bench CSV {', '.join(map(str, bench_paths))}"
     runs = pd.concat([pd.read_csv(p) for p in bench_paths], ignore_index=True)
@@ -214,7 +215,8 @@ def _bench(bench: str | Path | list, names, what: str) -> tuple[pd.DataFrame, li
            f"{what} missing from {where}")
     runs = runs[runs["experiment"].isin(names)]
     at = {p: runs[runs["dtype"] == p].set_index("experiment")["img_s"] for p in precisions[1:]}
-    runs = runs[runs["dtype"] == precisions[0]].assign(**{f"img_s_{p}": runs["experiment"].map(s) for p, s in at.items()})
+    runs = runs[runs["dtype"] == precisions[0]]
+    runs = runs.assign(**{f"img_s_{p}": runs["experiment"].map(s) for p, s in at.items()})
     runs["bench_date"] = (pd.to_datetime(runs["bench_date"], utc=True, format="ISO8601")
                           .dt.strftime("%Y-%m-%d %H:%M UTC"))
     return runs, precisions
@@ -440,8 +442,8 @@ LABEL_OFFSETS = [(round(r * dx), round(r * dy)) for r in (7, 16, 28, 42)
 
 def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 8) -> list:
     """Annotate each (x, y, text) point where its label overlaps no other label and no point, inside the axes: the
-    first clear place of `LABEL_OFFSETS` (a crowded point keeps the farthest one, with a line to it). Call it last: it settles
-    the figure's layout and limits first, since constrained layout moves the axes."""
+    first clear place of `LABEL_OFFSETS` (a crowded point keeps the farthest one, with a line to it). Call it last:
+    it settles the figure's layout and limits first, since constrained layout moves the axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.transforms import Bbox
 
@@ -666,7 +668,8 @@ def report(experiments, bench, reference="results/reference/paper.csv", out_dir=
     skipped = not comparison or isinstance(comparison, dict) and not comparison.get("backbones")
     rows = None if skipped else load_comparison(comparison, results, bench)
     if rows is not None:
-        files |= {out_dir / "tables" / f"{COMPARISON_TABLE}.{ext}": text for ext, text in comparison_table(rows).items()}
+        files |= {out_dir / "tables" / f"{COMPARISON_TABLE}.{ext}": text
+                  for ext, text in comparison_table(rows).items()}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
         for name, plot in zip(FIGURES, (plot_accuracy_vs_throughput, plot_keep_rate_sweep, plot_frontier)):
             files |= {out_dir / "figures" / f"{name}.{ext}": data for ext, data in _render(plot(results)).items()}

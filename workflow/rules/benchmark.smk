@@ -1,5 +1,6 @@
-# Throughput of every experiment's model and of the `comparison:` backbones (by timm name), all in ONE job, interleaved (weights do not matter); each model is
-# built from its run config's model section by the same factory as training and evaluation. The job runs alone:
+# Throughput of every experiment's model and of the `comparison:` backbones (by timm name), all in ONE job,
+# interleaved (weights do not matter); each experiment's model is built from its run config's model section by the
+# same factory as training and evaluation. The job runs alone:
 # on SLURM on a node of its own (the bench launcher's `exclusive`), otherwise after every run, which would share
 # its machine (`after_runs`, recorded in the tables' note).
 
