@@ -50,7 +50,7 @@ from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from evit.config import ConfigError
-from evit.data import ImageError, ShardSampler
+from evit.data import ImageError, ShardSampler, eval_geometry
 
 NUM_MAGNITUDE_BINS = 1001                           # magnitudes 0, 0.01, ..., 10 (timm's range)
 MAGNITUDE_STEP = 10.0 / (NUM_MAGNITUDE_BINS - 1)
@@ -410,17 +410,6 @@ class TrainSource(_Reader):
             for col, v in zip(cols[2:], ((x, y), (w, h), flip, ops, bins, signs)):
                 col.append(np.asarray(v, dtype=np.int32))
         return cols
-
-
-def eval_geometry(width: int, height: int, img_size: int, crop_pct: float) -> tuple[tuple, tuple]:
-    """timm's evaluation resize + centre crop for an image: the resized (height, width), as torchvision's
-    ``Resize(floor(img_size / crop_pct))`` computes it, and the crop's top-left (x, y), as ``CenterCrop``."""
-    short = math.floor(img_size / crop_pct)
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    return (new_h, new_w), (int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0)))
 
 
 class EvalSource(_Reader):

@@ -359,6 +359,18 @@ def eval_transform(cfg: dict) -> Callable:
                            crop_pct=cfg["eval"]["crop_pct"], canvas=d["canvas"], canvas_step=d["canvas_step"])
 
 
+def eval_geometry(width: int, height: int, img_size: int, crop_pct: float) -> tuple[tuple, tuple]:
+    """timm's evaluation resize + centre crop for a ``width`` x ``height`` image: the resized (height, width), as
+    torchvision's ``Resize(floor(img_size / crop_pct))`` computes it, and the crop's top-left (x, y), as
+    ``CenterCrop``."""
+    short = math.floor(img_size / crop_pct)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    return (new_h, new_w), (int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0)))
+
+
 # --------------------------------------------------------------------------------------------- device stage
 
 

@@ -16,7 +16,6 @@ the patches are. Two ways to mask, both computed:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,11 +57,9 @@ def choose_masks(obj: torch.Tensor, share: float, seed: int) -> torch.Tensor:
 
 
 def eval_frame(boxes, width: int, height: int, img_size: int, crop_pct: float):
-    """Boxes of a ``width`` x ``height`` image mapped through timm's evaluation transform: the shorter side resized
-    to ``floor(img_size / crop_pct)`` (the other to ``int`` of its share), then an ``img_size`` centre crop."""
-    scale = math.floor(img_size / crop_pct)
-    new_w, new_h = ((scale, int(scale * height / width)) if width <= height else (int(scale * width / height), scale))
-    left, top = int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0))
+    """Boxes of a ``width`` x ``height`` image mapped through timm's evaluation transform (`evit.data.eval_geometry`:
+    the shorter side resized to ``floor(img_size / crop_pct)``, then an ``img_size`` centre crop)."""
+    (new_h, new_w), (left, top) = D.eval_geometry(width, height, img_size, crop_pct)
     sx, sy = new_w / width, new_h / height
     return [(x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top) for x0, y0, x1, y1 in boxes]
 
