@@ -64,7 +64,11 @@ def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: i
     """The three rates (median over ``rounds`` of ``steps`` batches each, after ``warmup`` batches per round)."""
     if dist_env().distributed:
         raise ValueError("evit bench-input runs in one process, not under torchrun / srun")
-    trainer = Trainer(raw_config, tempfile.mkdtemp(prefix="evit-bench-input-"))
+    with tempfile.TemporaryDirectory(prefix="evit-bench-input-") as run_dir:
+        return _bench_input(Trainer(raw_config, run_dir), steps, warmup, rounds, log)
+
+
+def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) -> dict:
     with trainer.session() as rt:
         ctx, stage, loader, batch, device = rt.ctx, rt.ctx.batch_stage, rt.train_loader, rt.world_batch, rt.device
         m = trainer.config["model"]
