@@ -27,10 +27,11 @@ from typing import Iterator
 import torch
 
 from evit import engine as E
-from evit.config import METHODS, apply_overrides, describe_method, load_config, method_params
+from evit.methods import METHODS, describe_method, method_params
+from evit.config.io import apply_overrides, load_config
 from evit.distributed import dist_env
 from evit.provenance import device_name
-from evit.trainer import Trainer, command_errors
+from evit.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -157,8 +158,7 @@ def _cmd_bench_input(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench-input", help="input pipeline vs training step vs the training loop, for a run config",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser("bench-input", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (YAML-parsed); repeatable")
@@ -166,4 +166,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first, in every round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--out", help="also write the result as JSON here")
-    p.set_defaults(func=command_errors(_cmd_bench_input))
+    p.set_defaults(func=_cmd_bench_input)

@@ -26,7 +26,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from evit.config import METHODS, ConfigError, resolve_bench_launcher
+from evit.methods import METHODS
+from evit.config.launcher import resolve_bench_launcher
+from evit.errors import ConfigError
 from evit.models.base import extra_macs, token_counts
 from evit.models.factory import build_model, register_models
 from evit.provenance import environment
@@ -330,12 +332,12 @@ def _write_table(df: pd.DataFrame, out: str) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     spec_help = "model specs ARCH[:key=value,...], e.g. evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true"
-    p = sub.add_parser("macs", help="GMACs per model, attention matmuls included")
+    p = sub.add_parser("macs")
     p.add_argument("models", nargs="*", help=spec_help + " (default: the paper's DeiT-S/B and EViT grid)")
     p.add_argument("--out", help="also write the table to this .csv or .json file")
     p.set_defaults(func=_cmd_macs)
 
-    p = sub.add_parser("bench", help="inference throughput, all models interleaved in one process")
+    p = sub.add_parser("bench")
     p.add_argument("models", nargs="*",
                    help=spec_help + " (default: DeiT-S, EViT-S 0.7 and 0.5); the first is the baseline")
     p.add_argument("--labels", nargs="+", help="one name per model for the output (default: the specs)")

@@ -10,7 +10,8 @@ import csv
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from evit.config import ConfigError, resolve_mask
+from evit.config.masking import resolve_mask
+from evit.errors import ConfigError
 Box = tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in the original image's pixels
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from evit.errors import CheckpointError, CheckpointMismatchError
+
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same directory, fsync, then rename over `path`.
@@ -34,15 +36,6 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: unreadable (truncated, corrupt, or needing arbitrary code),
-    holding something else than expected, or (`CheckpointMismatchError`) not fitting the model."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A checkpoint whose tensors do not fit the model's architecture."""
 
 
 TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "state", "config")  # what `evit.trainer` resumes from

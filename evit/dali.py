@@ -49,8 +49,9 @@ from nvidia.dali.auto_aug.core import _Augmentation, augmentation, select, signe
 from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from evit.config import ConfigError
-from evit.data import ImageError, ShardSampler, eval_geometry
+from evit.errors import ConfigError
+from evit.data import ShardSampler, eval_geometry
+from evit.errors import ImageError
 
 NUM_MAGNITUDE_BINS = 1001                           # magnitudes 0, 0.01, ..., 10 (timm's range)
 MAGNITUDE_STEP = 10.0 / (NUM_MAGNITUDE_BINS - 1)

@@ -45,8 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from evit.config import (AUGMENTS, DATASETS, DEFAULT_CROP_PCT, FASHION_CLASSES, FASHION_MEAN, FASHION_STD,  # noqa: F401
-                         IMAGENET_MEAN, IMAGENET_STD, ConfigError, default_mean_std)
+from evit.errors import DatasetError, ImageError
+from evit.config.schema import (
+    AUGMENTS, DATASETS, DEFAULT_CROP_PCT, FASHION_CLASSES, FASHION_MEAN, FASHION_STD, IMAGENET_MEAN, IMAGENET_STD,
+    default_mean_std,
+)
+from evit.errors import ConfigError
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {
@@ -54,22 +58,6 @@ FASHION_FILES = {
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetError(FileNotFoundError):
-    """A dataset is missing or not laid out as expected. The message names the path and the layout."""
-
-
-class ImageError(RuntimeError):
-    """An image that cannot be decoded or augmented; the message names its file (or item) and index, and the cause.
-
-    Raised in a DataLoader worker, it reaches the training process as torch re-raises it (its message then
-    quotes the worker's traceback): it keeps only its own message, the traceback's last line."""
-
-    def __init__(self, message: str):
-        if message.startswith(f"Caught {type(self).__name__}"):
-            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        super().__init__(message)
 
 
 # --------------------------------------------------------------------------------------------- datasets

@@ -15,16 +15,7 @@ import torch.distributed as dist
 
 from evit.data import mix_seed, seed_all
 from evit.distributed import all_reduce_sum
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite. No update was applied from that step on: the model and
-    optimizer hold the weights before it, and the `TrainState` counts the steps before it."""
-
-    def __init__(self, epoch: int, step: int, loss: float):
-        self.epoch, self.step, self.loss = epoch, step, loss
-        super().__init__(f"non-finite training loss {loss} at epoch {epoch}, step {step} (global step, before "
-                         "the update); the run is stopped and the last checkpoint is left as it was")
+from evit.errors import NonFiniteLossError
 
 
 # --------------------------------------------------------------------------------------------- schedule

@@ -14,14 +14,15 @@ from PIL import Image
 
 from evit import data as D
 from evit import engine as E
-from evit.checkpoint import CheckpointMismatchError, load_pretrained, read_checkpoint, state_dict_of
-from evit.config import (
-    METHODS, ConfigError, apply_overrides, config_hash, load_config, method_params, resolve_config,
-)
+from evit.checkpoint import load_pretrained, read_checkpoint, state_dict_of
+from evit.errors import CheckpointMismatchError
+from evit.methods import METHODS, method_params
+from evit.config.io import apply_overrides, config_hash, load_config
+from evit.config.schema import resolve_config
+from evit.errors import ConfigError
 from evit.distributed import cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import provenance
-from evit.trainer import command_errors
 
 
 def evaluate_checkpoint(checkpoint: str | Path, config: dict | None = None, overrides: list[str] | None = None,
@@ -154,8 +155,7 @@ def _cmd_eval(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on the val split",
-                       description="Evaluate our, DeiT or official EViT checkpoints, as any method; or a timm "
+    p = sub.add_parser("eval", description="Evaluate our, DeiT or official EViT checkpoints, as any method; or a timm "
                                    "backbone's published weights off the shelf (--backbone).")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", help="run config YAML for model/data (default: the checkpoint's own)")
@@ -181,4 +181,4 @@ def add_commands(sub) -> None:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", help="write the result JSON here (e.g. eval.json)")
-    p.set_defaults(func=command_errors(_cmd_eval))
+    p.set_defaults(func=_cmd_eval)

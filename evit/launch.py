@@ -25,7 +25,7 @@ config (with the torch-free `evit.config`; this waiting process never imports to
 A job has nodes x tasks_per_node processes (DDP ranks); the launcher returns rank 0's result, and a failure
 names each failed task with its logs. The job is a submitit `Checkpointable`: on USR2 (timeout or preemption)
 rank 0 saves the step the training has reached, and the job is requeued; every rank resumes from
-`checkpoint.pth` in the run dir. A failure a resubmission would repeat (`NotRetryableError`) is reported at
+`checkpoint.pth` in the run dir. A failure a resubmission would repeat (an `evit.errors.DeterministicError`) is reported at
 once; other failures are resubmitted up to `max_failures` times. The launcher records the job in
 `DIR/job.json`; invoked again for the same run while that SLURM job is pending or running, it waits on it
 instead of submitting another.
@@ -36,31 +36,22 @@ import argparse
 import datetime as dt
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import submitit
-import yaml
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from evit.boxes import check_mask
-from evit.config import BACKENDS, ConfigError, resolve_bench_launcher, resolve_config, resolve_launcher
+from evit.config.launcher import BACKENDS, resolve_bench_launcher, resolve_launcher
+from evit.config.io import load_config
+from evit.config.schema import resolve_config
+from evit.errors import ConfigError, DeterministicError, LaunchError
 
 COMMANDS = ("train", "eval", "eval-backbone", "bench", "mask")
 EVALUATIONS = ("eval", "eval-backbone", "mask")  # commands that read the weights of --checkpoint
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN")
-
-
-class LaunchError(RuntimeError):
-    """A run could not be brought to completion; the message says why and where the logs are."""
-
-
-class NotRetryableError(RuntimeError):
-    """Raised in a job for a failure that a resubmission would repeat: a bad config, missing data, a checkpoint of
-    the wrong architecture or an unreadable one, an image that cannot be decoded or augmented, a non-finite loss.
-    The launcher reports it at once."""
 
 
 class RunTask(submitit.helpers.Checkpointable):
@@ -73,16 +64,17 @@ class RunTask(submitit.helpers.Checkpointable):
 
     def __init__(self, command: str, config: dict, run_dir: str | os.PathLike, checkpoint: str | None = None):
         if command not in COMMANDS:
-            raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
+            raise ConfigError(f"command must be one of {COMMANDS}, got {command!r}")
         self.command, self.config, self.run_dir, self.eval_checkpoint = command, config, str(run_dir), checkpoint
 
     def __call__(self) -> dict:
-        from evit.trainer import RUN_ERRORS  # the engine is imported here, in the job, never by the launcher
-
         try:
             result = self._run()
-        except RUN_ERRORS as e:
-            raise NotRetryableError(str(e)) from e
+        except DeterministicError as e:  # recorded by type, so that the launcher does not resubmit the job
+            if "SUBMITIT_FOLDER" in os.environ:  # in a submitted job, not inline
+                _write_record(error_record(submitit.JobEnvironment().paths),
+                              {"type": type(e).__name__, "message": str(e)})
+            raise
         # plain JSON types only: the waiting launcher unpickles the result, and must not need torch for it
         return json.loads(json.dumps(result))
 
@@ -172,6 +164,17 @@ def _write_record(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def error_record(paths) -> Path:
+    """Where a job's task records the `DeterministicError` it failed with (``paths``: the task's submitit paths)."""
+    return Path(paths.folder) / f"{paths.job_id}_{paths.task_id}_error.json"
+
+
+def _deterministic_error(task) -> str | None:
+    """The message of the `DeterministicError` that ``task`` recorded, or None when it failed otherwise."""
+    path = error_record(task.paths)
+    return json.loads(path.read_text())["message"] if path.is_file() else None
+
+
 def _log_hint(job) -> str:
     return f"logs: {job.paths.stdout} and {job.paths.stderr}"
 
@@ -184,7 +187,8 @@ def _tasks(job) -> list:
 def _wait(job, log, poll_s: float) -> dict:
     """Wait for `job`, printing its state changes and rank 0's output; returns rank 0's result.
 
-    Raises `LaunchError` for a failure a resubmission would repeat, and submitit's errors for the others; the
+    Raises `LaunchError` for a task that failed with a `DeterministicError` (which a resubmission would repeat),
+    and submitit's errors for the others; the
     message names every task that failed, with its logs.
     """
     rank0 = job.task(0)
@@ -201,7 +205,7 @@ def _wait(job, log, poll_s: float) -> dict:
     errors = [(task, e) for task, e in errors if e is not None]
     if not errors:
         return rank0.result()
-    not_retryable = [message for _, e in errors if (message := _not_retryable_message(e))]
+    not_retryable = [message for task, _ in errors if (message := _deterministic_error(task))]
     if not_retryable:
         where = "\n".join(f"  task {task.task_id} {_log_hint(task)}" for task, _ in errors)
         raise LaunchError(f"job {job.job_id} failed: {not_retryable[0]}\n{where}")
@@ -300,15 +304,6 @@ def _job_error(error: Exception) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
-def _not_retryable_message(error: Exception) -> str | None:
-    """The message of a `NotRetryableError` raised in the job (from the remote traceback), or None."""
-    marker = f"{NotRetryableError.__module__}.{NotRetryableError.__qualname__}: "
-    text = str(error)
-    if marker not in text:
-        return None
-    return text.rsplit(marker, 1)[1].split("\n" + "-" * 22)[0].strip()
-
-
 def _pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -318,22 +313,14 @@ def _pid_alive(pid) -> bool:
 
 
 def _cmd_launch(args) -> int:
-    config_path = Path(args.config)
-    if not config_path.is_file():
-        raise SystemExit(f"evit launch: config {config_path} does not exist")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    try:
-        metrics = launch(config, args.run_dir, command=args.command, backend=args.backend,
-                         checkpoint=args.checkpoint, log=lambda msg: print(msg, flush=True))
-    except (LaunchError, NotRetryableError, ValueError) as e:
-        print(f"evit launch: {e}", file=sys.stderr)
-        return 1
+    metrics = launch(load_config(args.config), args.run_dir, command=args.command, backend=args.backend,
+                     checkpoint=args.checkpoint, log=lambda msg: print(msg, flush=True))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="run `evit train`/`evit eval` of one run on SLURM, locally or inline")
+    p = sub.add_parser("launch")
     p.add_argument("--config", required=True, help="the run's resolved config (YAML) with a launcher: section")
     p.add_argument("--run-dir", required=True, help="the run directory (checkpoint, logs, metrics, job.json)")
     p.add_argument("--command", choices=COMMANDS, default="train")

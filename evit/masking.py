@@ -24,7 +24,10 @@ import torch
 from evit import data as D
 from evit.boxes import read_boxes
 from evit.checkpoint import load_pretrained
-from evit.config import ConfigError, config_hash, resolve_config, resolve_mask
+from evit.config.io import config_hash
+from evit.config.schema import resolve_config
+from evit.config.masking import resolve_mask
+from evit.errors import ConfigError
 from evit.distributed import resolve_device
 from evit.models.factory import build_model
 from evit.provenance import provenance

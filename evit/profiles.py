@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from evit.errors import ConfigError
+
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "workflow" / "profiles"
 
 
@@ -25,13 +27,13 @@ def install_profile(name: str = "slurm", force: bool = False) -> Path:
     source = PROFILES_DIR / name
     if not (source / "config.yaml").is_file():
         known = sorted(p.name for p in PROFILES_DIR.iterdir()) if PROFILES_DIR.is_dir() else []
-        raise FileNotFoundError(f"no profile {name!r} in {PROFILES_DIR} (known: {known}); "
-                                "install-profile needs the repository checkout (pip install -e .)")
+        raise ConfigError(f"no profile {name!r} in {PROFILES_DIR} (known: {known}); "
+                          "install-profile needs the repository checkout (pip install -e .)")
     target = profile_home() / name
     if target.exists() and not force:
         same = filecmp.dircmp(source, target)
         if same.left_only or same.right_only or same.diff_files:
-            raise FileExistsError(f"{target} exists and differs from {source}; pass --force to replace it")
+            raise ConfigError(f"{target} exists and differs from {source}; pass --force to replace it")
         return target
     if target.exists():
         shutil.rmtree(target)
@@ -40,17 +42,13 @@ def install_profile(name: str = "slurm", force: bool = False) -> Path:
 
 
 def _cmd_install_profile(args) -> int:
-    try:
-        target = install_profile(args.name, force=args.force)
-    except (FileNotFoundError, FileExistsError) as e:
-        print(f"evit install-profile: {e}")
-        return 1
+    target = install_profile(args.name, force=args.force)
     print(f"installed Snakemake profile {args.name!r} at {target}: `snakemake --profile {args.name} all` now works")
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("install-profile", help="install the Snakemake profile (default: slurm) for --profile NAME")
+    p = sub.add_parser("install-profile")
     p.add_argument("name", nargs="?", default="slurm", help="profile in workflow/profiles/ (slurm or local)")
     p.add_argument("--force", action="store_true", help="replace an existing, different profile")
     p.set_defaults(func=_cmd_install_profile)

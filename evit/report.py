@@ -57,7 +57,8 @@ import seaborn as sns
 import yaml
 from matplotlib.figure import Figure  # no pyplot: figures render with the Agg canvas, no global state
 
-from evit.config import METHODS, describe_method
+from evit.methods import METHODS, describe_method
+from evit.errors import ReportError
 from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, MASKING_TABLE
 from evit.layout import REPORT_FIGURES as FIGURES
 
@@ -99,10 +100,6 @@ _HTML_STYLE = [
 ]
 _LATEX = str.maketrans({c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\^{}",
                                                           "\\": r"\textbackslash{}"})
-
-
-class ReportError(ValueError):
-    """Bad input to the report: names the file, experiment, table or reference at fault."""
 
 
 def _check(bad, message: str) -> None:
@@ -696,7 +693,7 @@ def _cmd_report(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="the paper's tables (.md/.csv/.tex) and figures (.png/.pdf) from results")
+    p = sub.add_parser("report")
     p.add_argument("--experiments", required=True, help="experiments file (YAML) written by the workflow")
     p.add_argument("--bench", required=True, nargs="+",
                    help="bench CSV(s) from `evit bench`; their labels are the experiment names")

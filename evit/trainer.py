@@ -11,7 +11,6 @@ Mixup draws are functions of (seed, epoch, step, rank, sample position), never o
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import random
 import sys
@@ -26,11 +25,11 @@ import yaml
 
 from evit import data as D
 from evit import engine as E
-from evit.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from evit.config import (
-    METHODS, ConfigError, apply_overrides, check_trainable, config_hash, load_config, method_params, resolve_config,
-    resume_mismatch,
-)
+from evit.checkpoint import load_checkpoint, save_atomic
+from evit.methods import METHODS, check_trainable, method_params
+from evit.config.io import apply_overrides, config_hash, load_config, resume_mismatch
+from evit.config.schema import resolve_config
+from evit.errors import ConfigError, DatasetError
 from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import device_name, provenance
@@ -246,7 +245,7 @@ class Trainer:
         rt.eval_loader, rt.num_eval, raw_val = D.build_eval_loader(cfg, rt.info.rank, rt.info.world_size, rt.device)
         rt.num_classes = D.num_classes_of(cfg, raw_train)
         if getattr(raw_train, "classes", None) != getattr(raw_val, "classes", None):
-            raise D.DatasetError(f"{d['dataset']} dataset at {d['root']}: the train/ and val/ class folders differ "
+            raise DatasetError(f"{d['dataset']} dataset at {d['root']}: the train/ and val/ class folders differ "
                                  f"({len(raw_train.classes)} vs {len(raw_val.classes)}); both need the same classes")
         rt.num_train = len(train_ds)
         rt.sampler = D.TrainSampler(len(train_ds), seed=t["seed"], world_size=rt.info.world_size,
@@ -482,24 +481,6 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 
-# Failures of a run that the user must fix (a retry repeats them): one line in `evit train/eval`, no resubmission
-# by the launcher.
-RUN_ERRORS = (ConfigError, D.DatasetError, D.ImageError, CheckpointError, E.NonFiniteLossError)
-
-
-def command_errors(fn):
-    """Run a command; `RUN_ERRORS` and a missing file become one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(args) -> int:
-        try:
-            return fn(args)
-        except (*RUN_ERRORS, FileNotFoundError) as e:
-            print(f"evit {args.command}: error: {e}", file=sys.stderr, flush=True)
-            return 2
-    return wrapper
-
-
 def _cmd_train(args) -> int:
     raw = apply_overrides(load_config(args.config), args.set)
     metrics = Trainer(raw, args.run_dir).run(max_steps=args.max_steps)
@@ -510,12 +491,11 @@ def _cmd_train(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("train", help="train one run (resumes from RUN_DIR/checkpoint.pth)",
-                       description="Train one run described by a run config (see `evit.config`'s docstring).")
+    p = sub.add_parser("train", description="Train one run described by a run config (see `evit.config`'s docstring).")
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--run-dir", required=True, help="output directory (checkpoint.pth, log.jsonl, metrics.json)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (YAML-parsed); repeatable")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps (checkpointed)")
-    p.set_defaults(func=command_errors(_cmd_train))
+    p.set_defaults(func=_cmd_train)
 

@@ -80,7 +80,9 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
     """Draw the kept patches of ``checkpoint`` under the run config at ``config_path``; ``name`` (the
     experiment's) titles the figure, else the arch."""
     from evit import data as D
-    from evit.config import METHODS, describe_method, load_config, method_params, resolve_config
+    from evit.methods import METHODS, describe_method, method_params
+    from evit.config.io import load_config
+    from evit.config.schema import resolve_config
     from evit.models.factory import build_model
 
     cfg = resolve_config(load_config(config_path))
@@ -107,7 +109,7 @@ def _cmd_visualize(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("visualize", help="figure of the patches kept per reorganizing block (paper Fig. 3)")
+    p = sub.add_parser("visualize")
     p.add_argument("--config", required=True, help="the run's config (model and data sections)")
     p.add_argument("--checkpoint", required=True, help="weights to visualize")
     p.add_argument("--num-images", type=int, default=6)

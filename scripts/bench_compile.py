@@ -18,7 +18,8 @@ import time
 import torch
 
 from evit import engine as E
-from evit.config import METHODS, apply_overrides, load_config
+from evit.methods import METHODS
+from evit.config.io import apply_overrides, load_config
 from evit.trainer import Trainer
 
 

@@ -30,7 +30,7 @@ from evit import engine as E
 from evit import trainer as T
 from evit.provenance import device_name
 from evit.benchmark import quartiles
-from evit.config import keep_rate_at
+from evit.methods import keep_rate_at
 
 
 def build(args) -> torch.nn.Module:

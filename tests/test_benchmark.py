@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from evit import benchmark as B
 from evit.benchmark import PAPER_MACS_SPECS, benchmark, count_macs, create_model, macs_table, parse_model_spec
 from evit.cli import main
-from evit.config import ConfigError
+from evit.errors import ConfigError
 
 PAPER_GMACS = [4.6, 4.0, 3.5, 3.0, 2.6, 2.3]  # DeiT-S, then EViT-S fused at 0.9 ... 0.5
 
@@ -140,7 +140,7 @@ def test_cli_names_a_bad_spec_or_option_without_a_traceback(capsys):
 
 
 def test_the_bench_job_measures_each_precision_and_records_whether_it_ran_alone(tmp_path):
-    from evit.config import resolve_config
+    from evit.config.schema import resolve_config
 
     section = resolve_config({"model": {"arch": "deit_tiny_patch16_224", "img_size": 28, "patch_size": 4,
                                         "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}},

@@ -7,8 +7,8 @@ import timm
 import torch
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit.checkpoint import (CheckpointError, CheckpointMismatchError, load_checkpoint, load_pretrained,
-                             read_state_dict, save_atomic)
+from evit.checkpoint import load_checkpoint, load_pretrained, read_state_dict, save_atomic
+from evit.errors import CheckpointError, CheckpointMismatchError
 
 
 @pytest.fixture(scope="module")

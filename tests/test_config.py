@@ -9,24 +9,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-import evit.config as C
+from evit.config.fields import Field
+from evit.config.reference import REFERENCE_PATH, config_reference
+from evit.config.schema import SCHEMA, SECTION_HELP, resolve_config
+from evit.errors import ConfigError
+from evit.methods import METHODS, describe_method, method_param_keys, method_params
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = {"dataset": "fashion_mnist"}
 
 
 def model_of(**model) -> dict:
-    return C.resolve_config({"model": model, "data": FASHION})["model"]
+    return resolve_config({"model": model, "data": FASHION})["model"]
 
 
 def test_the_resolved_model_section_holds_its_methods_parameters_only():
-    assert set(model_of()) == set(C.SCHEMA["model"]) and model_of()["method"] == "none"
+    assert set(model_of()) == set(SCHEMA["model"]) and model_of()["method"] == "none"
     evit = model_of(method="evit", keep_rate=0.7)
-    assert C.method_params(evit) == {"keep_rate": 0.7, "fuse_token": True, "drop_loc": [3, 6, 9]}
-    assert set(evit) == set(C.SCHEMA["model"]) | {"keep_rate", "fuse_token", "drop_loc"}
+    assert method_params(evit) == {"keep_rate": 0.7, "fuse_token": True, "drop_loc": [3, 6, 9]}
+    assert set(evit) == set(SCHEMA["model"]) | {"keep_rate", "fuse_token", "drop_loc"}
     tome = model_of(method="tome", r=8)
-    assert C.method_params(tome) == {"r": 8} and set(tome) == set(C.SCHEMA["model"]) | {"r"}
-    assert C.method_params(model_of(method="tome")) == {"r": 0}
+    assert method_params(tome) == {"r": 8} and set(tome) == set(SCHEMA["model"]) | {"r"}
+    assert method_params(model_of(method="tome")) == {"r": 0}
 
 
 @pytest.mark.parametrize("model, message", [
@@ -41,14 +45,14 @@ def test_the_resolved_model_section_holds_its_methods_parameters_only():
      "and `method: tome`"),
 ])
 def test_a_parameter_of_another_method_or_a_bad_value_is_named(model, message):
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         model_of(**model)
     assert str(e.value).startswith(message)
 
 
 def test_tome_refuses_gradient_checkpointing():
-    with pytest.raises(C.ConfigError, match="train.grad_checkpointing: method tome does not support it"):
-        C.resolve_config({"model": {"method": "tome"}, "data": FASHION, "train": {"grad_checkpointing": True}})
+    with pytest.raises(ConfigError, match="train.grad_checkpointing: method tome does not support it"):
+        resolve_config({"model": {"method": "tome"}, "data": FASHION, "train": {"grad_checkpointing": True}})
 
 
 @pytest.mark.parametrize("model, params, message", [
@@ -57,49 +61,49 @@ def test_tome_refuses_gradient_checkpointing():
     ({}, {"r": 2}, "eval.params.r: method none overrides nothing"),
 ])
 def test_eval_params_are_the_methods_per_pass_parameter(model, params, message):
-    with pytest.raises(C.ConfigError, match=message):
-        C.resolve_config({"model": model, "data": FASHION, "eval": {"params": params}})
-    cfg = C.resolve_config({"model": {"method": "tome"}, "data": FASHION, "eval": {"params": {"r": 3}}})
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"model": model, "data": FASHION, "eval": {"params": params}})
+    cfg = resolve_config({"model": {"method": "tome"}, "data": FASHION, "eval": {"params": {"r": 3}}})
     assert cfg["eval"]["params"] == {"r": 3}
 
 
 def test_the_canvas_is_the_demo_augments_and_holds_the_image():
-    with pytest.raises(C.ConfigError, match="data.canvas: only the demo augment places images on a canvas, not 'de"):
-        C.resolve_config({"data": {**FASHION, "canvas": 42}})
-    with pytest.raises(C.ConfigError, match="data.canvas: 20 px is smaller than Fashion-MNIST's 28 px images"):
-        C.resolve_config({"data": {**FASHION, "canvas": 20}, "train": {"augment": "demo"}})
-    assert C.resolve_config({"data": {**FASHION, "canvas": 42}, "train": {"augment": "demo"}})["data"]["canvas"] == 42
+    with pytest.raises(ConfigError, match="data.canvas: only the demo augment places images on a canvas, not 'de"):
+        resolve_config({"data": {**FASHION, "canvas": 42}})
+    with pytest.raises(ConfigError, match="data.canvas: 20 px is smaller than Fashion-MNIST's 28 px images"):
+        resolve_config({"data": {**FASHION, "canvas": 20}, "train": {"augment": "demo"}})
+    assert resolve_config({"data": {**FASHION, "canvas": 42}, "train": {"augment": "demo"}})["data"]["canvas"] == 42
 
 
 def test_describe_labels_rows_by_method_and_parameters():
-    assert [C.METHODS[m].label for m in C.METHODS] == ["baseline", "EViT", "ToMe", "DynamicViT"]
-    assert C.describe_method("evit", C.method_params(model_of(method="evit", keep_rate=0.7))) == "keep 0.7, fused"
-    assert C.describe_method("evit", {"keep_rate": 0.5, "fuse_token": False, "drop_loc": [3, 6, 9]}) == (
+    assert [METHODS[m].label for m in METHODS] == ["baseline", "EViT", "ToMe", "DynamicViT"]
+    assert describe_method("evit", method_params(model_of(method="evit", keep_rate=0.7))) == "keep 0.7, fused"
+    assert describe_method("evit", {"keep_rate": 0.5, "fuse_token": False, "drop_loc": [3, 6, 9]}) == (
         "keep 0.5, not fused")
     # every parameter that differs from its default is shown: a drop-location ablation's rows differ
-    assert C.describe_method("evit", {"keep_rate": 0.5, "fuse_token": True, "drop_loc": [2, 5]}) == (
+    assert describe_method("evit", {"keep_rate": 0.5, "fuse_token": True, "drop_loc": [2, 5]}) == (
         "keep 0.5, fused, drop_loc [2, 5]")
-    assert C.describe_method("tome", {"r": 8}) == "r 8" and C.describe_method("none", {}) == ""
-    assert C.describe_method("dynamicvit", {"base_rate": 0.7, "pruning_loc": [3, 6, 9]}) == "rate 0.7"
-    assert [C.METHODS[m].variant_names() for m in C.METHODS] == [["baseline"], ["EViT fused", "EViT not fused"],
+    assert describe_method("tome", {"r": 8}) == "r 8" and describe_method("none", {}) == ""
+    assert describe_method("dynamicvit", {"base_rate": 0.7, "pruning_loc": [3, 6, 9]}) == "rate 0.7"
+    assert [METHODS[m].variant_names() for m in METHODS] == [["baseline"], ["EViT fused", "EViT not fused"],
                                                                  ["ToMe"], ["DynamicViT"]]
 
 
 def test_the_workflow_schema_leaves_methods_and_their_parameters_to_the_registry():
     fields = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["experiment_fields"]
     assert fields["properties"]["method"] == {"type": "string", "description": fields["properties"]["method"]["description"]}
-    assert not set(C.method_param_keys()) & set(fields["properties"]) and fields["additionalProperties"] is not False
+    assert not set(method_param_keys()) & set(fields["properties"]) and fields["additionalProperties"] is not False
 
 
-def documented_fields() -> dict[str, dict[str, C.Field]]:
+def documented_fields() -> dict[str, dict[str, Field]]:
     """SCHEMA's sections, the model section with every method's parameters."""
-    params = {k: f for m in C.METHODS.values() for k, f in m.params.items()}
-    return {sec: {**fields, **params} if sec == "model" else fields for sec, fields in C.SCHEMA.items()}
+    params = {k: f for m in METHODS.values() for k, f in m.params.items()}
+    return {sec: {**fields, **params} if sec == "model" else fields for sec, fields in SCHEMA.items()}
 
 
 def test_every_key_has_help():
-    assert set(C.SECTION_HELP) == set(C.SCHEMA)
-    for sec, text in C.SECTION_HELP.items():
+    assert set(SECTION_HELP) == set(SCHEMA)
+    for sec, text in SECTION_HELP.items():
         assert text.strip() and "\n" not in text, f"SECTION_HELP[{sec!r}] must be one non-empty line"
     for sec, fields in documented_fields().items():
         for key, f in fields.items():
@@ -107,9 +111,9 @@ def test_every_key_has_help():
 
 
 def test_reference_mentions_every_section_and_key():
-    ref = C.config_reference()
+    ref = config_reference()
     for sec, fields in documented_fields().items():
-        assert f"## `{sec}`" in ref and C.SECTION_HELP[sec] in ref
+        assert f"## `{sec}`" in ref and SECTION_HELP[sec] in ref
         for key, f in fields.items():
             row = next((ln for ln in ref.splitlines() if ln.startswith(f"| `{sec}.{key}` |")), None)
             assert row is not None, f"{sec}.{key} is missing from the reference"
@@ -117,7 +121,7 @@ def test_reference_mentions_every_section_and_key():
 
 
 def test_reference_shows_recipe_defaults_and_bounds():
-    ref = C.config_reference()
+    ref = config_reference()
     row = next(ln for ln in ref.splitlines() if ln.startswith("| `train.epochs` |"))
     assert "scratch `300` / finetune `30` / demo `4` / none `100`" in row
     assert "`adamw` (every recipe)" in next(ln for ln in ref.splitlines() if ln.startswith("| `train.opt` |"))
@@ -126,15 +130,15 @@ def test_reference_shows_recipe_defaults_and_bounds():
 
 
 def test_committed_reference_is_current():
-    path = ROOT / C.REFERENCE_PATH
+    path = ROOT / REFERENCE_PATH
     committed = path.read_text() if path.is_file() else ""
-    assert committed == C.config_reference(), (
-        f"{C.REFERENCE_PATH} is out of date with SCHEMA in evit/config.py; "
-        f"run `python -m evit.config > {C.REFERENCE_PATH}`")
+    assert committed == config_reference(), (
+        f"{REFERENCE_PATH} is out of date with SCHEMA in evit/config.py; "
+        f"run `python -m evit.config > {REFERENCE_PATH}`")
 
 
 def test_main_prints_reference_without_torch():
     code = ("import runpy, sys; runpy.run_module('evit.config', run_name='__main__'); "
             "assert 'torch' not in sys.modules, 'evit.config imported torch'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout == C.config_reference()
+    assert out.stdout == config_reference()

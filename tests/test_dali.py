@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import evit.config as C
+from evit.config.schema import resolve_config
+from evit.errors import ConfigError
 import evit.trainer as T
 from evit import dali as DL
 from evit import data as D
+from evit.errors import ImageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,9 +92,9 @@ class Batches:
 
 
 def test_dali_config_errors_are_named_at_resolution(jpeg_root, monkeypatch):
-    cfg = C.resolve_config(dali_config(jpeg_root))
+    cfg = resolve_config(dali_config(jpeg_root))
     assert cfg["data"]["loader"] == "dali"
-    assert C.resolve_config({"data": {"dataset": "fashion_mnist"}})["data"]["loader"] == "torch"
+    assert resolve_config({"data": {"dataset": "fashion_mnist"}})["data"]["loader"] == "torch"
     for section, values, msg in [
         ("data", {"dataset": "fashion_mnist", "root": None}, "data.loader: dali reads the imagenet and folder"),
         ("train", {"recipe": "demo"}, "data.loader: dali implements the deit augment, not train.augment 'demo'"),
@@ -104,14 +106,14 @@ def test_dali_config_errors_are_named_at_resolution(jpeg_root, monkeypatch):
     ]:
         raw = dali_config(jpeg_root)
         raw[section].update(values)
-        with pytest.raises(C.ConfigError, match=msg.replace("(", r"\(").replace("'", "'")):
-            C.resolve_config(raw)
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace("'", "'")):
+            resolve_config(raw)
     evaluation_only = dali_config(jpeg_root, recipe="none")     # augment none: DALI evaluates, does not train
-    with pytest.raises(C.ConfigError, match="train.augment: data.loader dali trains with the deit augment"):
+    with pytest.raises(ConfigError, match="train.augment: data.loader dali trains with the deit augment"):
         train_loader(evaluation_only, seed=0)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)      # as when DALI is not installed
-    with pytest.raises(C.ConfigError, match=r"needs NVIDIA DALI, which is not installed: `pip install \.\[dali\]`"):
-        C.resolve_config(dali_config(jpeg_root))
+    with pytest.raises(ConfigError, match=r"needs NVIDIA DALI, which is not installed: `pip install \.\[dali\]`"):
+        resolve_config(dali_config(jpeg_root))
 
 
 # --------------------------------------------------------------------------------------------- RandAugment
@@ -255,7 +257,7 @@ def test_eval_transform_matches_timm(jpeg_root):
     Measured on these 21 images: 99.98 % of the values within 1/255 (mean 0.14/255), none more than 4/255 off
     (at 224 px: 99.998 %, 6/255): DALI's antialiased cubic filter does not round and clip between its two
     passes as PIL does, which shows at high-contrast edges, and treats the image's edge differently."""
-    cfg = C.resolve_config(dali_config(jpeg_root))
+    cfg = resolve_config(dali_config(jpeg_root))
     loader, n, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     assert isinstance(loader, DL.DaliEvalLoader) and n == len(raw) > 16
     for path, _ in raw.folder.samples:          # the JPEG header walk reads the sizes PIL reads
@@ -283,7 +285,7 @@ def test_eval_transform_matches_timm(jpeg_root):
 
 
 def train_loader(cfg: dict, seed: int, world_size: int = 1, rank: int = 0):
-    cfg = C.resolve_config(cfg)
+    cfg = resolve_config(cfg)
     ds = D.SeededDataset(D.build_dataset("folder", cfg["data"]["root"], "train"), None)
     sampler = D.TrainSampler(len(ds), seed=seed, world_size=world_size, rank=rank)
     return DL.DaliTrainLoader(cfg, ds, torch.utils.data.BatchSampler(sampler, 8, drop_last=True),
@@ -335,10 +337,10 @@ def test_an_unreadable_image_is_named(jpeg_root, tmp_path, content):
             (bad / f.relative_to(jpeg_root)).parent.mkdir(parents=True, exist_ok=True)
             (bad / f.relative_to(jpeg_root)).symlink_to(f)
     (bad / "val" / "c1" / "broken.jpg").write_bytes(content(jpeg_root))
-    cfg = C.resolve_config(dali_config(bad))
+    cfg = resolve_config(dali_config(bad))
     loader, _, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     index = [Path(p).name for p, _ in raw.folder.samples].index("broken.jpg")
-    with pytest.raises(D.ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
+    with pytest.raises(ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
         list(loader)
 
 

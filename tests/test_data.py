@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from evit import data as D
+from evit.errors import DatasetError, ImageError
 
 FASHION = Path(D.DEFAULT_FASHION_DIR)
 
@@ -43,7 +44,7 @@ def test_fashion_mnist_pil_items_are_rgb(fashion_val):
 
 
 def test_missing_fashion_mnist_error_says_how_to_get_it(tmp_path):
-    with pytest.raises(D.DatasetError) as e:
+    with pytest.raises(DatasetError) as e:
         D.FashionMNIST(tmp_path / "nowhere", "train")
     msg = str(e.value)
     assert str(tmp_path / "nowhere") in msg and "train-images-idx3-ubyte.gz" in msg
@@ -57,11 +58,11 @@ def test_corrupt_idx_is_a_clear_error(tmp_path):
     data = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(D.DatasetError, match="truncated"):
+    with pytest.raises(DatasetError, match="truncated"):
         D.FashionMNIST(tmp_path, "val")
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
         f.write(b"\x12\x34" + data[2:100])
-    with pytest.raises(D.DatasetError, match="magic"):
+    with pytest.raises(DatasetError, match="magic"):
         D.FashionMNIST(tmp_path, "val")
 
 
@@ -82,23 +83,23 @@ def test_imagenet_layout_and_errors(tmp_path, fashion_val):
     img, label = ds[0]
     assert img.mode == "RGB" and label == 0
 
-    with pytest.raises(D.DatasetError, match="does not exist") as e:
+    with pytest.raises(DatasetError, match="does not exist") as e:
         D.build_dataset("imagenet", str(tmp_path / "absent"), "train")
     assert "train/<wnid>/*.JPEG" in str(e.value)
 
     flat = tmp_path / "flat"
     _write_images(flat / "train" / "n01440764", fashion_val.images[:2])
     _write_images(flat / "val", fashion_val.images[:2])     # ImageNet val as downloaded: no class folders
-    with pytest.raises(D.DatasetError, match="valprep") as e:
+    with pytest.raises(DatasetError, match="valprep") as e:
         D.build_dataset("imagenet", str(flat), "val")
     assert str(flat / "val") in str(e.value)
 
     odd = tmp_path / "odd"
     _write_images(odd / "val" / "cats", fashion_val.images[:2])
-    with pytest.raises(D.DatasetError, match="not wnids"):
+    with pytest.raises(DatasetError, match="not wnids"):
         D.build_dataset("imagenet", str(odd), "val")
     assert D.build_dataset("folder", str(odd), "val").classes == ["cats"]   # any names for `folder`
-    with pytest.raises(D.DatasetError, match="no train/ directory"):
+    with pytest.raises(DatasetError, match="no train/ directory"):
         D.build_dataset("folder", str(odd), "train")
 
 
@@ -372,7 +373,7 @@ def test_a_bad_image_is_one_error_naming_its_file_and_index(tmp_path, fashion_va
     for index, name, cause in ((1, "bags/img1.png", "OSError"), (5, "shirts/img2.png", "UnidentifiedImageError")):
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [0, index]), batch_size=2,
                                              num_workers=workers)
-        with pytest.raises(D.ImageError) as e:
+        with pytest.raises(ImageError) as e:
             next(iter(loader))
         message = str(e.value)
         assert message.startswith(f"cannot decode or augment the image {root / 'train' / name} (index {index}): "

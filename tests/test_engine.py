@@ -14,8 +14,9 @@ import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
 from evit import distributed as dist
 from evit import engine as E
-from evit.config import keep_rate_at
+from evit.methods import keep_rate_at
 from evit.provenance import provenance
+from evit.errors import NonFiniteLossError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,7 +203,7 @@ def test_non_finite_loss_stops_before_the_update():
     state = E.TrainState(epoch=3, step=17)
     ctx = E.StepContext(criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), iters_per_epoch=1,
                         seed=0)
-    with pytest.raises(E.NonFiniteLossError) as e:
+    with pytest.raises(NonFiniteLossError) as e:
         E.train_one_epoch(model, bad, opt, state, ctx)
     assert (e.value.epoch, e.value.step) == (3, 17) and math.isnan(e.value.loss)
     assert "epoch 3, step 17" in str(e.value)
@@ -229,7 +230,7 @@ def test_a_nan_mid_epoch_stops_with_the_last_good_weights_without_a_sync_per_ste
         return model, opt, state, ctx
 
     model, opt, state, ctx = run(poisoned)
-    with pytest.raises(E.NonFiniteLossError) as e:
+    with pytest.raises(NonFiniteLossError) as e:
         E.train_one_epoch(model, poisoned, opt, state, ctx)
     assert (e.value.epoch, e.value.step) == (2, 45) and math.isnan(e.value.loss)
     assert reads == [44, 48]                   # read at steps 4 and 8 only, not per step

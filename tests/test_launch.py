@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from evit.benchmark import isolation
-from evit.config import ConfigError, resolve_bench_launcher, resolve_launcher
-from evit.launch import LaunchError, RunTask, launch, make_executor
+from evit.config.launcher import resolve_bench_launcher, resolve_launcher
+from evit.errors import ConfigError
+from evit.launch import RunTask, launch, make_executor
+from evit.errors import LaunchError
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIT = [sys.executable, "-m", "evit.cli"]
@@ -246,7 +248,7 @@ def test_a_truncated_checkpoint_is_one_clear_error_and_is_left_as_it_was(tmp_pat
     (run_dir / "metrics.json").unlink()
     proc = subprocess.run([*EVIT, "launch", "--config", str(write_yaml(tmp_path / "c.yaml", tiny_run(1, "local"))),
                            "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     error = proc.stderr.strip()
     assert str(checkpoint) in error and "Traceback" not in error, error
     assert proc.stdout.count("submitted train") == 1

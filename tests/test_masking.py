@@ -9,7 +9,9 @@ from PIL import Image, ImageDraw
 
 from evit import data as D
 from evit.boxes import check_mask, read_boxes
-from evit.config import ConfigError, resolve_config, resolve_mask
+from evit.config.schema import resolve_config
+from evit.config.masking import resolve_mask
+from evit.errors import ConfigError
 from evit.masking import WAYS, MaskedVal, choose_masks, eval_frame, masked_inputs, object_patches
 
 

@@ -13,7 +13,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch.utils.flop_counter import FlopCounterMode
 
-import evit.config as C
+from evit.config.fields import Field
+from evit.config.schema import resolve_config
+from evit.errors import ConfigError
+from evit.methods import METHODS, Method, method_params, register_method
 from evit import cli
 from evit import report as R
 from evit.benchmark import benchmark, count_macs
@@ -78,11 +81,11 @@ def trim_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> Trim:
                                 pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-TRIM = C.Method(
+TRIM = Method(
     "Trim", "trim_", __name__, {
-        "cut": C.Field("int", 0, lo=0, help="Trim: patch tokens dropped."),
-        "at": C.Field("int", 0, lo=0, help="Trim: the block that drops them."),
-        "sort": C.Field("bool", True, help="Trim: order the kept tokens by score (else by position)."),
+        "cut": Field("int", 0, lo=0, help="Trim: patch tokens dropped."),
+        "at": Field("int", 0, lo=0, help="Trim: the block that drops them."),
+        "sort": Field("bool", True, help="Trim: order the kept tokens by score (else by position)."),
     },
     override="cut", shown=("cut",), variant=("sort",), brief={"sort": lambda v: "sorted" if v else "in place"},
     schedule=lambda m, t, ipe: lambda step: min(m["cut"], step),  # one more token each step, up to `cut`
@@ -100,36 +103,36 @@ TRAIN = {"recipe": "demo", "epochs": 1, "batch_size": 8, "device": "cpu", "eval_
 @pytest.fixture(scope="module")
 def trim():
     """The toy method, registered for this module's tests only (the docs and schema tests see the real ones)."""
-    C.register_method("trim", TRIM)
+    register_method("trim", TRIM)
     yield TRIM
-    del C.METHODS["trim"]
+    del METHODS["trim"]
 
 
 def resolve(**model) -> dict:
-    return C.resolve_config({"model": {**TINY, "method": "trim", **model}, "data": DATA, "train": TRAIN})
+    return resolve_config({"model": {**TINY, "method": "trim", **model}, "data": DATA, "train": TRAIN})
 
 
 def test_the_registry_refuses_a_method_that_is_not_new(trim):
     with pytest.raises(ValueError, match="method 'trim2': its name, its prefix 'evit_' and its parameters"):
-        C.register_method("trim2", C.Method("Trim2", "evit_", None, {}))
+        register_method("trim2", Method("Trim2", "evit_", None, {}))
     with pytest.raises(ValueError, match=r"parameters \['keep_rate'\] must be new"):
-        C.register_method("trim2", C.Method("Trim2", "trim2_", None, {"keep_rate": C.Field("float", 1.0)}))
-    assert "trim2" not in C.METHODS
+        register_method("trim2", Method("Trim2", "trim2_", None, {"keep_rate": Field("float", 1.0)}))
+    assert "trim2" not in METHODS
 
 
 def test_a_toy_method_runs_through_the_whole_pipeline(trim, tmp_path, one_thread):
     # config: its parameters with their defaults, checked; what it does not support is named
     cfg = resolve(cut=3, at=1)
-    assert C.method_params(cfg["model"]) == {"cut": 3, "at": 1, "sort": True}
-    with pytest.raises(C.ConfigError, match="model.cut: expected a value >= 0, got -1"):
+    assert method_params(cfg["model"]) == {"cut": 3, "at": 1, "sort": True}
+    with pytest.raises(ConfigError, match="model.cut: expected a value >= 0, got -1"):
         resolve(cut=-1)
-    with pytest.raises(C.ConfigError, match="model.keep_rate: a parameter of method evit, not of trim"):
+    with pytest.raises(ConfigError, match="model.keep_rate: a parameter of method evit, not of trim"):
         resolve(keep_rate=0.5)
-    with pytest.raises(C.ConfigError, match="train.grad_checkpointing: method trim does not support it"):
-        C.resolve_config({"model": {**TINY, "method": "trim"}, "data": DATA, "train": {"grad_checkpointing": True}})
-    assert C.resolve_config({"model": {"method": "trim"}, "data": DATA, "eval": {"params": {"cut": 2}}})
-    with pytest.raises(C.ConfigError, match="train.compile: method trim does not support torch.compile"):
-        C.resolve_config({"model": {"method": "trim"}, "data": DATA, "train": {"compile": True}})
+    with pytest.raises(ConfigError, match="train.grad_checkpointing: method trim does not support it"):
+        resolve_config({"model": {**TINY, "method": "trim"}, "data": DATA, "train": {"grad_checkpointing": True}})
+    assert resolve_config({"model": {"method": "trim"}, "data": DATA, "eval": {"params": {"cut": 2}}})
+    with pytest.raises(ConfigError, match="train.compile: method trim does not support torch.compile"):
+        resolve_config({"model": {"method": "trim"}, "data": DATA, "train": {"compile": True}})
 
     # build_model: timm's trim_<arch>, and its MACs by the analytic count equal torch's flop counter's
     model = build_model(cfg["model"], 10).eval()
@@ -155,13 +158,13 @@ def test_a_toy_method_runs_through_the_whole_pipeline(trim, tmp_path, one_thread
     assert res["cut0"]["cut"] == 0 and res["cut0"]["val_loss"] != res["cut3"]["val_loss"]
 
     # the bench: the model built from its section, its MACs; compile is refused as the method says
-    base = C.resolve_config({"model": TINY, "data": DATA})["model"]
+    base = resolve_config({"model": TINY, "data": DATA})["model"]
     sections = {"deit": base, "trim_3": cfg["model"], "trim_0": resolve(cut=0, sort=False)["model"]}
     bench = benchmark(list(sections.values()), labels=list(sections), batch_size=2, warmup=0, rounds=1,
                       log=lambda m: None)
     assert bench["gmacs"].tolist() == [count_macs(build_model(s, 10)) / 1e9 for s in sections.values()]
     assert bench["spec"].iloc[1].startswith("trim_deit_tiny_patch16_224:img_size=28,patch_size=4,cut=3,at=1,")
-    with pytest.raises(C.ConfigError, match="compile: method trim does not support torch.compile"):
+    with pytest.raises(ConfigError, match="compile: method trim does not support torch.compile"):
         benchmark([cfg["model"]], compile=True, log=lambda m: None)
 
     # a report row, labelled by every parameter off its default, and the figures (the toy in a colour of its own)
@@ -171,9 +174,9 @@ def test_a_toy_method_runs_through_the_whole_pipeline(trim, tmp_path, one_thread
     experiments = {"tables": {"main": {"title": "toy", "baseline": "deit"}}, "experiments": [
         {"name": "deit", "img_size": 28, "method": "none", "params": {}, "recipe": "demo", "tables": ["main"],
          "result": str(tmp_path / "deit.json")},
-        {"name": "trim_3", "img_size": 28, "method": "trim", "params": C.method_params(cfg["model"]),
+        {"name": "trim_3", "img_size": 28, "method": "trim", "params": method_params(cfg["model"]),
          "recipe": "demo", "tables": ["main"], "result": str(out["cut3"])},
-        {"name": "trim_0", "img_size": 28, "method": "trim", "params": C.method_params(sections["trim_0"]),
+        {"name": "trim_0", "img_size": 28, "method": "trim", "params": method_params(sections["trim_0"]),
          "recipe": "none", "tables": ["main"], "result": str(out["cut0"])},
     ]}
     (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(experiments))

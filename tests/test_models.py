@@ -250,7 +250,8 @@ def test_every_variant_is_a_registered_module_function():
 def test_the_factory_builds_each_method_of_one_backbone_with_the_same_weights():
     """`build_model`: the method's timm model of the backbone, with its parameters; the plain ViT's, EViT's and
     ToMe's state dicts match key for key, so one (method none) checkpoint loads into every method's model."""
-    from evit.config import ConfigError, resolve_config
+    from evit.config.schema import resolve_config
+    from evit.errors import ConfigError
     from evit.models import ToMe
     from evit.models.factory import build_model
 

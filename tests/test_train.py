@@ -13,11 +13,15 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-import evit.config as C
+from evit.config.io import apply_overrides, config_hash, resume_mismatch
+from evit.config.schema import resolve_config
+from evit.errors import ConfigError
+from evit.methods import keep_rate_at
 import evit.trainer as T
 from evit import cli
 from evit import data as D
 from evit import engine as E
+from evit.errors import NonFiniteLossError
 
 
 def tiny_config(**sections) -> dict:
@@ -68,27 +72,27 @@ def straight_run(tmp_path_factory):
 
 
 def test_config_defaults_and_recipes():
-    cfg = C.resolve_config({"data": {"dataset": "imagenet", "root": "/data/imagenet"}})
+    cfg = resolve_config({"data": {"dataset": "imagenet", "root": "/data/imagenet"}})
     t = cfg["train"]
     assert t["recipe"] == "scratch" and t["epochs"] == 300 and t["blr"] == 5e-4 and t["warmup_epochs"] == 5
     assert (t["mixup"], t["cutmix"], t["smoothing"], t["reprob"], t["repeated_aug"]) == (0.8, 1.0, 0.1, 0.25, 3)
     assert t["aa"] == "rand-m9-mstd0.5-inc1" and (t["shrink_start"], t["shrink_epochs"]) == (10, 100)
     assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["crop_pct"] == 0.875
     assert cfg["data"]["mean"] == list(D.IMAGENET_MEAN)
-    ft = C.resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
+    ft = resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
                            "train": {"recipe": "finetune", "init_checkpoint": "deit_s.pth", "epochs": 5}})["train"]
     assert (ft["blr"], ft["min_lr"], ft["weight_decay"], ft["warmup_epochs"]) == (2e-5, 2e-6, 1e-6, 0)
     assert (ft["shrink_start"], ft["shrink_epochs"], ft["hold_eval"], ft["epochs"]) == (0, 0, True, 5)
-    demo = C.resolve_config(tiny_config())
+    demo = resolve_config(tiny_config())
     assert demo["eval"]["crop_pct"] == 1.0 and demo["model"]["num_classes"] == 10
     assert demo["data"]["root"] is None and demo["data"]["mean"] == list(D.FASHION_MEAN)
     # resolving is idempotent, and the launcher / meta sections pass through without entering the hash
-    assert C.resolve_config(demo) == demo
-    with_launcher = C.resolve_config(dict(tiny_config(), launcher={"partition": "gpu"}, meta={"exp": "x"}))
+    assert resolve_config(demo) == demo
+    with_launcher = resolve_config(dict(tiny_config(), launcher={"partition": "gpu"}, meta={"exp": "x"}))
     assert with_launcher["launcher"] == {"partition": "gpu"}
-    assert C.config_hash(with_launcher) == C.config_hash(demo)
+    assert config_hash(with_launcher) == config_hash(demo)
     # YAML 1.1 reads 1e-3 as a string: accepted as a number
-    assert C.resolve_config(tiny_config(train={"blr": "1e-3"}))["train"]["blr"] == 1e-3
+    assert resolve_config(tiny_config(train={"blr": "1e-3"}))["train"]["blr"] == 1e-3
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -117,16 +121,16 @@ def test_config_errors_name_the_key(raw, key):
     base = tiny_config()
     for sec, values in raw.items():
         base[sec] = dict(base.get(sec, {}), **values)
-    with pytest.raises(C.ConfigError) as e:
-        C.resolve_config(base)
+    with pytest.raises(ConfigError) as e:
+        resolve_config(base)
     assert key in str(e.value)
 
 
 def test_overrides():
-    raw = C.apply_overrides({"train": {"epochs": 3}}, ["train.epochs=5", "model.drop_loc=[1, 2]", "meta.exp=a"])
+    raw = apply_overrides({"train": {"epochs": 3}}, ["train.epochs=5", "model.drop_loc=[1, 2]", "meta.exp=a"])
     assert raw == {"train": {"epochs": 5}, "model": {"drop_loc": [1, 2]}, "meta": {"exp": "a"}}
-    with pytest.raises(C.ConfigError, match="section.key=value"):
-        C.apply_overrides({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.epochs"])
 
 
 # --------------------------------------------------------------------------------------------- training runs
@@ -140,20 +144,20 @@ def test_run_outputs(straight_run):
         for k in ("train_loss", "lr", "keep_rate", "top1", "top5", "img_per_s", "epoch_time_s", "train_time_s"):
             assert isinstance(r[k], float), k
     # the keep rate follows the schedule: start 0.5 epochs, cosine over 1 epoch, per iteration
-    assert log[0]["keep_rate"] == pytest.approx(C.keep_rate_at(7, 8, 0.7, 0.5, 1)) and log[2]["keep_rate"] == 0.7
+    assert log[0]["keep_rate"] == pytest.approx(keep_rate_at(7, 8, 0.7, 0.5, 1)) and log[2]["keep_rate"] == 0.7
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert metrics["num_eval_images"] == 101 and metrics["top1"] == log[-1]["top1"] > 10   # it learned a bit
     assert metrics["params"] == sum(v.numel() for k, v in final_weights(run_dir).items())
     prov = metrics["provenance"]
-    assert prov["config_hash"] == C.config_hash(C.resolve_config(tiny_config()))
+    assert prov["config_hash"] == config_hash(resolve_config(tiny_config()))
     assert prov["world_size"] == 1 and prov["torch"] == torch.__version__ and prov["timm"] == timm.__version__
     assert {"git_commit", "python", "device"} <= prov.keys()
     ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)   # weights_only-safe
     assert (ckpt["epoch"], ckpt["step"]) == (3, 24)
     assert {"optimizer", "scheduler", "scaler", "rng", "sampler", "config"} <= ckpt.keys()
     assert {"python", "numpy", "torch", "cuda"} == ckpt["rng"].keys()
-    assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) == C.resolve_config(tiny_config())
+    assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text()) == resolve_config(tiny_config())
 
 
 def test_resume_after_an_epoch_is_exact(straight_run, tmp_path):
@@ -271,15 +275,15 @@ def test_trainer_pickles_and_finished_runs_return_metrics(straight_run, tmp_path
 
 def test_resume_refuses_another_config(straight_run):
     ref_dir, _ = straight_run
-    with pytest.raises(C.ConfigError, match=r"train\.blr: checkpoint 0\.004 vs config 0\.002"):
+    with pytest.raises(ConfigError, match=r"train\.blr: checkpoint 0\.004 vs config 0\.002"):
         T.Trainer(tiny_config(train={"blr": 2e-3}), ref_dir)()
     # keys that do not change the maths may differ
-    assert C.resume_mismatch(C.resolve_config(tiny_config()),
-                             C.resolve_config(tiny_config(data={"num_workers": 3}, eval={"batch_size": 7}))) == []
+    assert resume_mismatch(resolve_config(tiny_config()),
+                             resolve_config(tiny_config(data={"num_workers": 3}, eval={"batch_size": 7}))) == []
 
 
 def test_nan_loss_stops_without_writing_a_checkpoint(tmp_path):
-    with pytest.raises(E.NonFiniteLossError) as e:
+    with pytest.raises(NonFiniteLossError) as e:
         T.Trainer(tiny_config(train={"blr": 1e30, "warmup_epochs": 0, "mixup": 0, "cutmix": 0}), tmp_path)()
     assert e.value.epoch == 0 and e.value.step < 8
     assert not (tmp_path / "checkpoint.pth").exists() and not (tmp_path / "metrics.json").exists()
@@ -300,7 +304,7 @@ def test_poisoned_batch_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(D.TrainSampler, "set_epoch", set_epoch)
     monkeypatch.setattr(D.SeededDataset, "__getitem__", getitem)
     trainer = T.Trainer(tiny_config(), tmp_path)
-    with pytest.raises(E.NonFiniteLossError) as e:
+    with pytest.raises(NonFiniteLossError) as e:
         trainer()
     assert (e.value.epoch, e.value.step) == (1, 8)
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
@@ -320,7 +324,7 @@ def test_finetune_recipe_loads_init_and_matches_eval(straight_run, tmp_path):
                       model={"keep_rate": 0.5, "fuse_token": True})
     for key in ("shrink_start", "shrink_epochs", "warmup_epochs", "mixup", "cutmix"):
         del cfg["train"][key]                                          # the finetune recipe's values
-    resolved = C.resolve_config(cfg)
+    resolved = resolve_config(cfg)
     assert resolved["train"]["hold_eval"] and resolved["train"]["shrink_epochs"] == 0
     metrics = T.Trainer(cfg, tmp_path / "ft")()
     assert_same_weights(final_weights(ref_dir), final_weights(tmp_path / "ft"))

@@ -11,7 +11,7 @@ import yaml
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit.benchmark import count_macs
-from evit.config import resolve_config
+from evit.config.schema import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

@@ -5,7 +5,8 @@ import importlib
 
 import torch
 
-from evit.config import METHODS, ConfigError, method_params
+from evit.methods import METHODS, method_params
+from evit.errors import ConfigError
 
 
 def register_models() -> None:

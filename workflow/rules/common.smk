@@ -11,10 +11,11 @@ import yaml
 from snakemake.utils import validate
 
 from evit.boxes import check_mask
-from evit.config import (
-    METHODS, SCHEMA, ConfigError, check_method_param, check_trainable, method_param_keys, method_params,
-    param_method, recipe_defaults, resolve_bench_launcher, resolve_config,
-)
+from evit.methods import METHODS, check_method_param, check_trainable, method_param_keys, method_params, param_method
+from evit.config.schema import SCHEMA, resolve_config
+from evit.config.recipes import recipe_defaults
+from evit.config.launcher import resolve_bench_launcher
+from evit.errors import ConfigError
 from evit.layout import (
     COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES,
 )
