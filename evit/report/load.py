@@ -62,7 +62,7 @@ class ReportError(ValueError):
 
 
 def _reject(bad, message: str) -> None:
-    """Raise `message` followed by the bad items, if there are any."""
+    """Reject the input if there are bad items: a ReportError, `message` followed by each bad item once."""
     bad = list(dict.fromkeys(bad))
     if bad:
         raise ReportError(f"{message}: {', '.join(map(str, bad))}")
