@@ -20,8 +20,10 @@ from evit.methods import METHODS, Method, method_params, register_method
 from evit import cli
 from evit import report as R
 from evit.benchmark import benchmark, count_macs
+from evit.layout import REPORT_FIGURES
 from evit.models.base import BlockTokens, TokenReducer, deit_cfg
 from evit.models.factory import build_model
+from evit.report.figures import _colours
 from evit.trainer import Trainer
 
 # ----------------------------------------------------------------------------------------- the toy method: Trim
@@ -182,11 +184,11 @@ def test_a_toy_method_runs_through_the_whole_pipeline(trim, tmp_path, one_thread
     (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(experiments))
     reference = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper.csv"
     written = R.report(tmp_path / "experiments.yaml", bench_csv, reference, tmp_path / "out", log=lambda m: None)
-    assert len(written) == 4 + 2 * len(R.FIGURES)
+    assert len(written) == 4 + 2 * len(REPORT_FIGURES)
     table = (tmp_path / "out" / "tables" / "main.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| trim_3 "))
     assert [c.strip() for c in row.split("|")[2:5]] == ["Trim", "cut 3, at 1", "from scratch"]
     row = next(line for line in table.splitlines() if line.startswith("| trim_0 "))
     assert [c.strip() for c in row.split("|")[2:5]] == ["Trim", "cut 0, in place", "off the shelf"]
-    order, palette = R._colours(["baseline", "Trim sorted", "Trim in place", "EViT fused"])
+    order, palette = _colours(["baseline", "Trim sorted", "Trim in place", "EViT fused"])
     assert order == ["baseline", "EViT fused", "Trim sorted", "Trim in place"] and len(set(palette.values())) == 4

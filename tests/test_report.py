@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import seaborn as sns
 import yaml
 
 from evit import report as R
+from evit.layout import COMPARISON_FIGURE, REPORT_FIGURES
+from evit.report.figures import PLOTS, plot_comparison, plot_frontier, plot_keep_rate_sweep, short_name
+from evit.errors import ReportError
+from evit.report.load import load_comparison, load_results, training
+from evit.report.tables import TABLE_COLUMNS
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper.csv"
 
@@ -122,16 +128,24 @@ def test_writes_every_table_and_figure(paper_run):
     inputs, written = paper_run
     out = inputs["out_dir"]
     expected = {out / "tables" / f"{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex", "html")}
-    expected |= {out / "figures" / f"{f}.{ext}" for f in R.FIGURES for ext in ("png", "pdf")}
+    expected |= {out / "figures" / f"{f}.{ext}" for f in REPORT_FIGURES for ext in ("png", "pdf")}
     assert set(written) == expected
     page = (out / "tables" / "main.html").read_text()
     headers = re.findall(r'class="col_heading level0 (col\d+)" >(.*?)</th>', page)
     left = set(re.findall(r"\.(col\d+) \{\s*text-align: left;", page))
     assert [h for c, h in headers if c in left] == ["experiment", "method", "parameters", "training"]  # numbers: right
-    for name in R.FIGURES:
+    for name in REPORT_FIGURES:
         png, pdf = (out / "figures" / f"{name}.{ext}" for ext in ("png", "pdf"))
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
         assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5_000
+
+
+def test_the_figure_registry_holds_the_workflows_report_figures():
+    """One plot function per figure the workflow expects of `evit report` (evit.layout.REPORT_FIGURES), in its order;
+    the comparison figure is drawn from the comparison frame, by plot_comparison."""
+    assert tuple(PLOTS) == REPORT_FIGURES
+    assert PLOTS["frontier"] is plot_frontier and PLOTS["keep_rate_sweep"] is plot_keep_rate_sweep
+    assert COMPARISON_FIGURE not in PLOTS and plot_comparison not in PLOTS.values()
 
 
 def test_table_rows_columns_and_values(paper_run):
@@ -139,7 +153,7 @@ def test_table_rows_columns_and_values(paper_run):
     main = read_table(inputs["out_dir"], "main")
     assert list(main["experiment"]) == ["deit_s", "evit_s_0.9", "evit_s_0.8", "evit_s_0.7", "evit_s_0.6",
                                         "evit_s_0.5"]
-    assert list(main.columns[:len(R.TABLE_COLUMNS)]) == list(R.TABLE_COLUMNS)
+    assert list(main.columns[:len(TABLE_COLUMNS)]) == list(TABLE_COLUMNS)
     assert {"device", "threads", "dtype", "batch_size", "bench_date", "torch", "timm"} <= set(main.columns)
     row = main.set_index("experiment").loc["evit_s_0.7"]
     assert row["top1"] == pytest.approx(79.47) and row["gmacs"] == pytest.approx(3.030)
@@ -167,7 +181,7 @@ def test_markdown_values_and_provenance(paper_run):
     assert md.startswith("**EViT-DeiT-S keep-rate sweep (fused); top-1/top-5 on ImageNet-1k.**")
     header = next(line for line in md.splitlines() if line.startswith("| experiment"))
     # no paper speedup columns: the reference has no DeiT-S img/s, so no row has one
-    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:-2]
+    assert [c.strip() for c in header.strip("|").split("|")] == list(TABLE_COLUMNS.values())[:-2]
     row = next(line for line in md.splitlines() if line.startswith("| evit_s_0.7 "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:11] == ["evit_s_0.7", "EViT", "keep 0.7, fused", "fine-tuned", "224", "79.47", "94.77", "3.03",
@@ -213,7 +227,7 @@ def test_paper_speedup_where_the_paper_gives_both(tmp_path):
     ref.loc[ref["ref"] == "deit_small", "img_s"] = 2923
     ref.to_csv(reference, index=False)
     inputs = write_inputs(tmp_path)
-    results = R.load_results(inputs["experiments"], inputs["bench"], reference)
+    results = load_results(inputs["experiments"], inputs["bench"], reference)
     row = results[(results["table"] == "main") & (results["experiment"] == "evit_s_0.7")].iloc[0]
     assert row["paper_speedup"] == pytest.approx(4385 / 2923)
     assert row["delta_speedup"] == pytest.approx(11900 / 8120 - 4385 / 2923)
@@ -223,7 +237,7 @@ def test_paper_speedup_where_the_paper_gives_both(tmp_path):
 def test_speedup_is_over_each_tables_own_baseline(tmp_path):
     tables = {**TABLES, "fusion": {"title": "Fusion ablation", "baseline": "evit_s_0.7"}}
     inputs = write_inputs(tmp_path, tables=tables)
-    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    results = load_results(inputs["experiments"], inputs["bench"], REFERENCE)
     speedup = results.set_index(["table", "experiment"])["speedup"]
     assert speedup["fusion", "evit_s_0.7"] == pytest.approx(1.0)
     assert speedup["fusion", "deit_s"] == pytest.approx(8120 / 11900)
@@ -291,7 +305,7 @@ def _edit_experiments(edit):
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, breakage, message):
     inputs = write_inputs(tmp_path)
     breakage(inputs)
-    with pytest.raises(R.ReportError, match=message):
+    with pytest.raises(ReportError, match=message):
         run_report(inputs)
     assert not inputs["out_dir"].exists()
 
@@ -311,7 +325,7 @@ def test_cli_prints_a_line_per_file_and_errors_without_traceback(tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("comparison: no backbones")  # the demo's: skipped in one line, not an error
     lines = lines[1:]
-    assert len(lines) == 3 * 4 + 2 * len(R.FIGURES) and all(line.startswith("wrote ") for line in lines)
+    assert len(lines) == 3 * 4 + 2 * len(REPORT_FIGURES) and all(line.startswith("wrote ") for line in lines)
     assert f"wrote {inputs['out_dir'] / 'tables' / 'main.tex'}" in lines
     # no top-level dataset: taken from the metrics files
     assert "top-1/top-5 on imagenet." in (inputs["out_dir"] / "tables" / "main.md").read_text()
@@ -329,7 +343,7 @@ def test_a_table_without_paper_values_has_no_paper_columns(tmp_path):
     run_report(inputs)
     md = (inputs["out_dir"] / "tables" / "main.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| experiment"))
-    assert [c.strip() for c in header.strip("|").split("|")] == list(R.TABLE_COLUMNS.values())[:10]
+    assert [c.strip() for c in header.strip("|").split("|")] == list(TABLE_COLUMNS.values())[:10]
     assert "Δ" not in md and "Paper:" not in md
     assert "paper_top1" in read_table(inputs["out_dir"], "main").columns  # the csv keeps every column
 
@@ -351,8 +365,8 @@ def test_the_frontier_table_and_figure(tmp_path):
     assert "| tome_s_r11 " in md and "ToMe" in md and "r 11" in md and "fine-tuned" in md
 
     # one line per method and training, through its runs in order of throughput; the baseline a point of its own
-    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
-    ax = R.plot_frontier(results).axes[0]
+    results = load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    ax = plot_frontier(results).axes[0]
     lines = sorted(tuple(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()))
     assert lines == sorted([(9000.0, 11800.0, 15100.0), (9100.0, 11500.0, 14200.0), (11900.0, 15200.0),
                             (11500.0, 14200.0)])
@@ -375,8 +389,8 @@ def test_the_frontier_table_and_figure(tmp_path):
 def test_without_a_frontier_table_the_figure_draws_every_run_at_the_baselines_size(paper_run):
     inputs, written = paper_run
     assert inputs["out_dir"] / "figures" / "frontier.png" in written
-    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
-    ax = R.plot_frontier(results).axes[0]
+    results = load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    ax = plot_frontier(results).axes[0]
     lines = [line.get_xdata() for line in ax.get_lines() if len(line.get_xdata())]
     assert sorted(map(len, lines)) == [5, 5]  # EViT fused and not fused, fine-tuned; no 272-304 px runs
     assert "no `frontier` table" in ax.get_title()
@@ -395,9 +409,9 @@ def test_ablation_rows_say_their_schedule_and_stay_out_of_the_keep_rate_sweep(tm
     ablation = read_table(inputs["out_dir"], "ablation")
     assert ablation.set_index("experiment")["training"].to_dict() == {
         "evit_s_0.7_warmup": "fine-tuned, keep rate 1 for 0 ep, cosine over 1.5 ep", "evit_s_0.7_loc258": "fine-tuned"}
-    assert R.training("scratch", {"shrink_start": 0, "shrink_epochs": 0}) == "from scratch, no keep-rate warmup"
-    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
-    top1_axes = R.plot_keep_rate_sweep(results).axes[0]
+    assert training("scratch", "evit", {"shrink_start": 0, "shrink_epochs": 0}) == "from scratch, no keep-rate warmup"
+    results = load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    top1_axes = plot_keep_rate_sweep(results).axes[0]
     points = {(float(x), float(y)) for line in top1_axes.lines for x, y in zip(*line.get_data())}
     assert (0.7, 79.47) in points and not {y for _, y in points} & {78.1, 78.2}  # the sweep's own 0.7 run only
 
@@ -412,7 +426,8 @@ def test_a_bench_at_two_precisions_gives_img_s_and_speedup_at_each_labelled(tmp_
     pd.concat([fp32, bf16]).to_csv(inputs["bench"], index=False)
     run_report(inputs)
     md = (inputs["out_dir"] / "tables" / "main.md").read_text()
-    header = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| experiment")).strip("|").split("|")]
+    header_line = next(ln for ln in md.splitlines() if ln.startswith("| experiment"))
+    header = [c.strip() for c in header_line.strip("|").split("|")]
     assert header[7:12] == ["GMACs", "img/s (fp32)", "speedup (fp32)", "img/s (bf16)", "speedup (bf16)"]
     row = next(line for line in md.splitlines() if line.startswith("| evit_s_0.7 "))
     assert [c.strip() for c in row.strip("|").split("|")][8:12] == ["3966.7", "1.95", "11900.0", "1.47"]
@@ -442,7 +457,7 @@ def test_a_precision_missing_for_an_experiment_is_named(tmp_path):
     inputs = write_inputs(tmp_path)
     bf16 = pd.read_csv(inputs["bench"])
     pd.concat([bf16.assign(dtype="fp32"), bf16[bf16["label"] != "evit_s_0.8"]]).to_csv(inputs["bench"], index=False)
-    with pytest.raises(R.ReportError, match=r"experiments missing from the bench CSV .*: evit_s_0\.8 \(bf16\)$"):
+    with pytest.raises(ReportError, match=r"experiments missing from the bench CSV .*: evit_s_0\.8 \(bf16\)$"):
         run_report(inputs)
 
 
@@ -518,6 +533,8 @@ def test_the_comparison_table_and_figure(tmp_path):
     out = inputs["out_dir"]
     assert {out / "tables" / f"comparison.{ext}" for ext in ("md", "csv", "tex", "html")} <= set(written)
     assert {out / "figures" / f"comparison.{ext}" for ext in ("png", "pdf")} <= set(written)
+    assert [p.name for p in written if p.parent.name == "figures"] == [
+        f"{f}.{ext}" for f in (*REPORT_FIGURES, COMPARISON_FIGURE) for ext in ("png", "pdf")]
     assert all(line.startswith("wrote ") for line in lines)  # no skip line
     table = read_table(out, "comparison")
     assert list(table["model"]) == [*COMPARED, *(n.partition(".")[0] for n in BACKBONES)]
@@ -550,11 +567,11 @@ def test_the_comparison_table_and_figure(tmp_path):
     assert not re.search(r"\bnan\b", md + (out / "tables" / "comparison.tex").read_text(), re.I)
 
     # the figure: each family a colour and marker in the legend, EViT's sweep one line, every point labelled once
-    results = R.load_results(inputs["experiments"], inputs["bench"], REFERENCE)
-    frame = R.load_comparison(yaml.safe_load(inputs["experiments"].read_text())["comparison"], results,
+    results = load_results(inputs["experiments"], inputs["bench"], REFERENCE)
+    frame = load_comparison(yaml.safe_load(inputs["experiments"].read_text())["comparison"], results,
                               inputs["bench"])
-    with R.sns.axes_style("whitegrid"), R.sns.plotting_context("notebook"):
-        ax = R.plot_comparison(frame).axes[0]
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+        ax = plot_comparison(frame).axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == [*dict.fromkeys(b[0] for b in BACKBONES.values()), "EViT fused",
                       "EViT fused, another input size", "DynamicViT", "baseline"]
@@ -563,7 +580,7 @@ def test_the_comparison_table_and_figure(tmp_path):
     texts = sorted(t.get_text() for t in ax.texts)
     assert texts == sorted(["deit_s (baseline)", *(f"keep {k}, fused" for k in (0.9, 0.8, 0.7, 0.6, 0.5)),
                             "keep 0.7, fused, 272 px", "keep 0.6, fused, 288 px", "keep 0.5, fused, 304 px",
-                            "rate 0.7", *(R.short_name(n.partition(".")[0]) for n in BACKBONES)])
+                            "rate 0.7", *(short_name(n.partition(".")[0]) for n in BACKBONES)])
     assert {"swin_tiny", "deit_base_384", "cait_xxs24"} <= set(texts)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -624,7 +641,7 @@ def _evaluated_at(comparison, inputs):
 def test_bad_comparison_input_is_one_clear_error_and_writes_nothing(tmp_path, breakage, message):
     inputs = write_comparison(tmp_path, backbones={k: BACKBONES[k] for k in list(BACKBONES)[:3] + ["coat_mini.in1k"]})
     breakage(inputs)
-    with pytest.raises(R.ReportError, match=message):
+    with pytest.raises(ReportError, match=message):
         run_report(inputs)
     assert not inputs["out_dir"].exists()
 

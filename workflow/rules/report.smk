@@ -21,12 +21,11 @@ def report_figure(fig):
 
 
 def schedule_of(name):
-    """{"schedule": the run's keep-rate schedule} when it is not its recipe's (an ablation's row says so), else {}."""
-    train = RESOLVED[name]["train"]
-    keys = ("shrink_start", "shrink_epochs")
-    if all(train[k] == recipe_defaults(train["recipe"])[k] for k in keys):
-        return {}
-    return {"schedule": {k: train[k] for k in keys}}
+    """{"schedule": the training keys of the run's method} when they are not its recipe's (an ablation's row says
+    so), else {}."""
+    resolved = RESOLVED[name]
+    changes = METHODS[resolved["model"]["method"]].schedule_changes(resolved["train"])
+    return {"schedule": changes} if changes else {}
 
 
 DRAWN_FIGURES = [*REPORT_FIGURES, *([COMPARISON_FIGURE] if COMPARISON else [])]  # by `evit report`
