@@ -30,7 +30,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `command` alone (importing only its module), or the list of commands when it is None/unknown
     (importing none)."""
     parser = argparse.ArgumentParser(prog="evit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).add_commands(sub)
         for name, subparser in sub.choices.items():
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (EvitError, FileNotFoundError) as e:
-        print(f"evit {args.command}: error: {e}", file=sys.stderr, flush=True)
+        print(f"evit {args.subcommand}: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 
