@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from evit.errors import ConfigError
 from evit import engine as E
 from evit.methods import METHODS, describe_method, method_params
 from evit.config.io import apply_overrides, load_config
@@ -64,7 +65,7 @@ def cpu_cores(loader) -> int | None:
 def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: int = 3, log=print) -> dict:
     """The three rates (median over ``rounds`` of ``steps`` batches each, after ``warmup`` batches per round)."""
     if dist_env().distributed:
-        raise ValueError("evit bench-input runs in one process, not under torchrun / srun")
+        raise ConfigError("evit bench-input runs in one process, not under torchrun / srun")
     with tempfile.TemporaryDirectory(prefix="evit-bench-input-") as run_dir:
         return _bench_input(Trainer(raw_config, run_dir), steps, warmup, rounds, log)
 

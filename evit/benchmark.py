@@ -59,10 +59,10 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"bad model spec {spec!r}: expected key=value, got {item!r}")
+            raise ConfigError(f"bad model spec {spec!r}: expected key=value, got {item!r}")
         kwargs[key.strip()] = yaml.safe_load(value)
     if not timm.is_model(arch):  # a pretrained tag (name.tag) included
-        raise ValueError(f"bad model spec {spec!r}: unknown timm model {arch!r}")
+        raise ConfigError(f"bad model spec {spec!r}: unknown timm model {arch!r}")
     return arch, kwargs
 
 
@@ -174,16 +174,16 @@ def benchmark(
         raise ConfigError(f"compile: method {not_compiled[0]} does not support torch.compile")
     labels = labels or specs
     if len(labels) != len(specs):
-        raise ValueError(f"got {len(labels)} labels for {len(specs)} models")
+        raise ConfigError(f"got {len(labels)} labels for {len(specs)} models")
     if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+        raise ConfigError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
     dev = torch.device(device)
     if cuda_graphs and dev.type != "cuda":
-        raise ValueError(f"cuda_graphs needs a CUDA device (CUDA graphs replay GPU kernels), got device {device!r}")
+        raise ConfigError(f"cuda_graphs needs a CUDA device (CUDA graphs replay GPU kernels), got device {device!r}")
     if cuda_graphs and warmup < 2:
-        raise ValueError(f"cuda_graphs needs warmup >= 2 (a compiling pass, then a recording one), got {warmup}")
+        raise ConfigError(f"cuda_graphs needs warmup >= 2 (a compiling pass, then a recording one), got {warmup}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
     autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
     gen = torch.Generator().manual_seed(0)
     entries = []
@@ -271,10 +271,10 @@ def bench_from_config(config: dict, out_dir: str | Path) -> dict:
     records it."""
     unknown = sorted(set(config) - {"models", "launcher", "after_runs", *BENCH_CONFIG_KEYS})
     if unknown:
-        raise ValueError(f"unknown bench config key(s) {unknown}; known: models, after_runs, "
+        raise ConfigError(f"unknown bench config key(s) {unknown}; known: models, after_runs, "
                          f"{', '.join(BENCH_CONFIG_KEYS)}")
     if not config.get("models"):
-        raise ValueError("bench config has no `models` to measure")
+        raise ConfigError("bench config has no `models` to measure")
     register_models()
     unknown = [m["timm"] for m in config["models"] if "timm" in m and not timm.is_model(m["timm"])]
     if unknown:  # before any model is built; a ConfigError: the launcher does not retry it
@@ -282,7 +282,7 @@ def bench_from_config(config: dict, out_dir: str | Path) -> dict:
     amps = config.get("amp", "fp32")
     amps = [amps] if isinstance(amps, str) else list(amps)
     if not amps or len(set(amps)) < len(amps):
-        raise ValueError(f"bench config amp: expected a precision or a list of distinct ones, got {config['amp']!r}")
+        raise ConfigError(f"bench config amp: expected a precision or a list of distinct ones, got {config['amp']!r}")
     options = {k: config[k] for k in BENCH_CONFIG_KEYS if k in config and k != "amp"}
     models, labels = [m.get("timm") or m["model"] for m in config["models"]], [m["label"] for m in config["models"]]
     df = pd.concat([benchmark(models, labels=labels, amp=amp, log=lambda m: print(m, flush=True), **options)
@@ -327,7 +327,7 @@ def _write_table(df: pd.DataFrame, out: str) -> None:
     elif path.suffix == ".csv":
         df.to_csv(path, index=False)
     else:
-        raise ValueError(f"--out {out}: expected a .csv or .json file")
+        raise ConfigError(f"--out {out}: expected a .csv or .json file")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from evit.errors import ConfigError
+
 
 
 @dataclass
@@ -59,7 +61,7 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 

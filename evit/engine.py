@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from evit.data import mix_seed, seed_all
 from evit.distributed import all_reduce_sum
-from evit.errors import NonFiniteLossError
+from evit.errors import ConfigError, NonFiniteLossError
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -59,10 +59,10 @@ def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
     then needs a ``torch.amp.GradScaler(device.type)``). A device type torch cannot autocast raises.
     """
     if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        raise ConfigError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     dtype = AMP_DTYPES[amp]
     if dtype is not None and not torch.amp.is_autocast_available(device.type):
-        raise ValueError(f"amp={amp}: torch cannot autocast on {device.type}; use amp none")
+        raise ConfigError(f"amp={amp}: torch cannot autocast on {device.type}; use amp none")
     return dtype
 
 

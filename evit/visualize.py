@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from evit.errors import ConfigError
 from evit.checkpoint import load_pretrained
 
 
@@ -88,7 +89,7 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
     cfg = resolve_config(load_config(config_path))
     m, d = cfg["model"], cfg["data"]
     if not METHODS[m["method"]].kept_patches:
-        raise ValueError(f"visualize needs a method whose model names the patches it keeps (`Method.kept_patches`: "
+        raise ConfigError(f"visualize needs a method whose model names the patches it keeps (`Method.kept_patches`: "
                          f"EViT); {config_path} has method {m['method']!r}")
     tf = D.eval_transform(cfg)
     val = D.raw_dataset(cfg, "val", tf)

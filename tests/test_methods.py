@@ -117,7 +117,7 @@ def resolve(**model) -> dict:
 def test_the_registry_refuses_a_method_that_is_not_new(trim):
     with pytest.raises(ValueError, match="method 'trim2': its name, its prefix 'evit_' and its keys"):
         register_method("trim2", Method("Trim2", "evit_", None, {}))
-    with pytest.raises(ValueError, match=r"parameters \['keep_rate'\] must be new"):
+    with pytest.raises(ValueError, match=r"keys \['keep_rate'\] must be new"):
         register_method("trim2", Method("Trim2", "trim2_", None, {"keep_rate": Field("float", 1.0)}))
     assert "trim2" not in METHODS
 
