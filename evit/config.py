@@ -37,22 +37,10 @@ from typing import Any, Callable
 
 import yaml
 
-# --------------------------------------------------------------------------------------------- datasets
-
-DATASETS = ("imagenet", "folder", "fashion_mnist")
-AUGMENTS = ("deit", "demo", "none")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Fashion-MNIST training-set pixel statistics (grey, repeated over the three channels).
-FASHION_MEAN = (0.2860, 0.2860, 0.2860)
-FASHION_STD = (0.3530, 0.3530, 0.3530)
-DEFAULT_CROP_PCT = 0.875          # DeiT's evaluation: resize to img_size / 0.875, centre crop
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
-
-def default_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (IMAGENET_MEAN, IMAGENET_STD)
+from evit.data.catalog import (  # noqa: F401 - some re-exported: the dataset facts live in evit.data.catalog
+    AUGMENTS, DATASETS, DEFAULT_CROP_PCT, FASHION_CLASSES, FASHION_MEAN, FASHION_STD, IMAGENET_MEAN, IMAGENET_STD,
+    default_mean_std,
+)
 
 
 class ConfigError(ValueError):
