@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Per-core rate of a DataLoader worker's work for the DeiT recipe: before (normalize and erase in the worker,
-float32 out) and after (uint8 out; `evit.data.BatchStage` does the rest on the training device), on real JPEGs.
+float32 out) and after (uint8 out; `evit.data.stage.BatchStage` does the rest on the training device), on real
+JPEGs.
 
 One process, one thread, rounds interleaved A B A B: read + decode a JPEG (PIL, as torchvision's ImageFolder),
 the training transform, and the collate into a batch (what a worker then hands over through shared memory).

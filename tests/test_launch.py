@@ -176,7 +176,7 @@ def test_a_bad_image_fails_at_once_naming_the_file_without_resubmission(tmp_path
     """An image that a DataLoader worker cannot decode is reported once, by name, and the run is not resubmitted."""
     from PIL import Image
 
-    from evit.data import FashionMNIST
+    from evit.data.datasets import FashionMNIST
 
     images = FashionMNIST(None, "val").images
     root = tmp_path / "garments"
