@@ -232,5 +232,3 @@ def rand_augment_ops(names: Sequence[str], img_size: int, fill: Sequence[int]) -
         "TranslateYRel": affine("TranslateYRel", lambda p: (1, 0, 0, 0, 1, p * S)),
     }
     return [ops[n] for n in names] + [A.identity]
-
-

@@ -112,4 +112,3 @@ def shutdown_workers(loader) -> None:
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
         loader._iterator = None
-

@@ -102,4 +102,3 @@ class SeededDataset(Dataset):
         what = describe(raw) if describe else f"item {raw} of {type(self.base).__name__}"
         cause = " ".join(f"{type(e).__name__}: {e}".split())
         return ImageError(f"cannot decode or augment the image {what}: {cause}")
-

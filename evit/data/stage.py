@@ -64,4 +64,3 @@ def batch_stage(cfg: dict, device: torch.device, num_classes: int) -> BatchStage
                    num_classes=num_classes) if t["mixup"] > 0 or t["cutmix"] > 0 else None)
     reprob = t["reprob"] if t["augment"] == "deit" else 0.0
     return BatchStage(device, d["mean"], d["std"], reprob=reprob, mixup=mixup)
-

@@ -195,4 +195,3 @@ def eval_geometry(width: int, height: int, img_size: int, crop_pct: float) -> tu
     else:
         new_w, new_h = int(short * width / height), short
     return (new_h, new_w), (int(round((new_w - img_size) / 2.0)), int(round((new_h - img_size) / 2.0)))
-
