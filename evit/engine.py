@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from evit.data import mix_seed, seed_all
+from evit.data.seeding import mix_seed, seed_all
 from evit.distributed import all_reduce_sum
 from evit.errors import ConfigError, NonFiniteLossError
 
@@ -148,7 +148,7 @@ class StepContext:
     rank: int = 0
     scheduler: object | None = None            # timm scheduler, stepped per iteration via step_update(step)
     override_fn: Callable[[int], dict] | None = None    # step -> the method's scheduled override, or None
-    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.BatchStage`);
+    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.stage`);
                                                # None: batches are ready, only moved to the device
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
@@ -247,8 +247,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, 
              override: dict | None = None) -> dict:
     """Top-1 / top-5 / mean cross-entropy over this rank's share of ``loader``, summed over all ranks.
 
-    With `evit.data.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets the
-    model's per-pass parameter (e.g. ``{"keep_rate": 0.5}``; None: the model's own)."""
+    With `evit.data.samplers.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets
+    the model's per-pass parameter (e.g. ``{"keep_rate": 0.5}``; None: the model's own)."""
     model.eval()
     non_blocking = device.type == "cuda"
     sums = torch.zeros(4, dtype=torch.float64, device=device)    # correct@1, correct@5, loss sum, count

@@ -12,14 +12,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from evit import data as D
 from evit import engine as E
 from evit.checkpoint import load_pretrained, read_checkpoint, state_dict_of
-from evit.errors import CheckpointMismatchError
+from evit.errors import CheckpointMismatchError, ConfigError
 from evit.methods import METHODS, method_params
 from evit.config.io import apply_overrides, config_hash, load_config
 from evit.config.schema import resolve_config
-from evit.errors import ConfigError
+from evit.data.catalog import DATASETS
+from evit.data.loaders import build_eval_loader, num_classes_of, shutdown_workers
 from evit.distributed import cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import provenance
@@ -96,14 +96,14 @@ def _evaluate(cfg: dict, checkpoint: Path, model_for, transform, described: dict
     device = resolve_device(cfg["train"]["device"], info.local_rank)
     info = init_distributed(device, info)
     try:
-        loader, _, raw_val = D.build_eval_loader(cfg, info.rank, info.world_size, device, transform)
-        model = model_for(D.num_classes_of(cfg, raw_val)).to(device)
+        loader, _, raw_val = build_eval_loader(cfg, info.rank, info.world_size, device, transform)
+        model = model_for(num_classes_of(cfg, raw_val)).to(device)
         amp_dtype = E.amp_dtype_for(cfg["train"]["amp"], device)
         t0 = time.perf_counter()
         try:
             res = E.evaluate(model, loader, device, amp_dtype=amp_dtype)
         finally:
-            D.shutdown_workers(loader)
+            shutdown_workers(loader)
         dt = time.perf_counter() - t0
         result = {
             "checkpoint": str(checkpoint), "top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"],
@@ -171,7 +171,7 @@ def add_commands(sub) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the method (model.KEY; VALUE as YAML), e.g. keep_rate=0.5, "
                         "drop_loc=[3,6,9], r=8; repeatable")
-    p.add_argument("--dataset", choices=D.DATASETS)
+    p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--val-subset", type=int)
     p.add_argument("--batch-size", type=int)

@@ -2,7 +2,7 @@
 
 `evit launch --config run.yaml --run-dir DIR [--command eval|eval-backbone|mask --checkpoint X]` checks the run
 config (with the torch-free `evit.config`; this waiting process never imports torch), then submits it as its
-`launcher:` section says (defaults in `evit.config.LAUNCHER_DEFAULTS`):
+`launcher:` section says (defaults in `evit.config.launcher.LAUNCHER_DEFAULTS`):
 
     launcher:
       backend: slurm          # slurm | local | inline  (always explicit: never auto-detected)

@@ -21,13 +21,16 @@ from types import SimpleNamespace
 
 import torch
 
-from evit import data as D
 from evit.boxes import read_boxes
 from evit.checkpoint import load_pretrained
+from evit.errors import ConfigError
 from evit.config.io import config_hash
 from evit.config.schema import resolve_config
 from evit.config.masking import resolve_mask
-from evit.errors import ConfigError
+from evit.data.loaders import num_classes_of, raw_dataset
+from evit.data.samplers import subset_indices
+from evit.data.seeding import mix_seed
+from evit.data.transforms import central_offset, eval_geometry, eval_transform
 from evit.distributed import resolve_device
 from evit.models.factory import build_model
 from evit.provenance import provenance
@@ -60,9 +63,9 @@ def choose_masks(obj: torch.Tensor, share: float, seed: int) -> torch.Tensor:
 
 
 def eval_frame(boxes, width: int, height: int, img_size: int, crop_pct: float):
-    """Boxes of a ``width`` x ``height`` image mapped through timm's evaluation transform (`evit.data.eval_geometry`:
-    the shorter side resized to ``floor(img_size / crop_pct)``, then an ``img_size`` centre crop)."""
-    (new_h, new_w), (left, top) = D.eval_geometry(width, height, img_size, crop_pct)
+    """Boxes of a ``width`` x ``height`` image mapped through timm's evaluation transform (`eval_geometry`: the
+    shorter side resized to ``floor(img_size / crop_pct)``, then an ``img_size`` centre crop)."""
+    (new_h, new_w), (left, top) = eval_geometry(width, height, img_size, crop_pct)
     sx, sy = new_w / width, new_h / height
     return [(x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top) for x0, y0, x1, y1 in boxes]
 
@@ -72,9 +75,9 @@ class MaskedVal(torch.utils.data.Dataset):
 
     def __init__(self, cfg: dict, opts: dict):
         self.cfg, self.opts = cfg, opts
-        self.transform = D.eval_transform(cfg)
-        self.raw = D.raw_dataset(cfg, "val", self.transform)
-        self.indices = D.subset_indices(len(self.raw), cfg["data"]["val_subset"]) or range(len(self.raw))
+        self.transform = eval_transform(cfg)
+        self.raw = raw_dataset(cfg, "val", self.transform)
+        self.indices = subset_indices(len(self.raw), cfg["data"]["val_subset"]) or range(len(self.raw))
         m, d = cfg["model"], cfg["data"]
         self.img_size, self.patch = m["img_size"], m["patch_size"] or 16
         if opts["boxes"] is None:
@@ -94,10 +97,10 @@ class MaskedVal(torch.utils.data.Dataset):
         """Image ``i``'s boxes in the evaluation frame."""
         if self.boxes is None:  # the demo canvas: the image's exact square, then the resize to img_size
             canvas, (h, w) = self.cfg["data"]["canvas"], img.shape[-2:]
-            top, left = D.central_offset(canvas, h, w, self.cfg["data"]["canvas_step"])
+            top, left = central_offset(canvas, h, w, self.cfg["data"]["canvas_step"])
             s = self.img_size / canvas
             return [(left * s, top * s, (left + w) * s, (top + h) * s)]
-        stem = Path(self.raw.folder.samples[i][0]).stem
+        stem = Path(self.raw.samples[i][0]).stem
         if stem not in self.boxes:
             raise ConfigError(f"mask.boxes: {self.opts['boxes']} has no box for {stem}")
         return eval_frame(self.boxes[stem], *img.size, self.img_size, self.cfg["eval"]["crop_pct"])
@@ -106,7 +109,7 @@ class MaskedVal(torch.utils.data.Dataset):
         i = self.indices[j]
         img, target = self.raw[i]
         obj = object_patches(self.image_boxes(i, img), self.img_size, self.patch)
-        return self.transform(img), target, choose_masks(obj, self.opts["share"], D.mix_seed(self.opts["seed"], i))
+        return self.transform(img), target, choose_masks(obj, self.opts["share"], mix_seed(self.opts["seed"], i))
 
 
 def masked_inputs(model, images: torch.Tensor, mask: torch.Tensor, mode: str) -> dict:
@@ -133,7 +136,7 @@ def mask_experiment(checkpoint: str | Path, config: dict, out: str | Path | None
         raise ConfigError(f"mask: masks the baseline's patches; model.method is {cfg['model']['method']!r}, not none")
     device = resolve_device(cfg["train"]["device"], 0)
     val = MaskedVal(cfg, opts)
-    model = build_model(cfg["model"], D.num_classes_of(cfg, val.raw))
+    model = build_model(cfg["model"], num_classes_of(cfg, val.raw))
     if getattr(model, "global_pool", "token") != "token":
         raise ConfigError("mask: the drop mode needs a model that classifies from its CLS token (global_pool token)")
     load_pretrained(model, checkpoint)

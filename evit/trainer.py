@@ -23,13 +23,16 @@ import numpy as np
 import torch
 import yaml
 
-from evit import data as D
 from evit import engine as E
 from evit.checkpoint import load_checkpoint, save_atomic
 from evit.methods import METHODS, check_trainable, method_params
+from evit.errors import ConfigError
 from evit.config.io import apply_overrides, config_hash, load_config, resume_mismatch
 from evit.config.schema import resolve_config
-from evit.errors import ConfigError, DatasetError
+from evit.data.loaders import build_train_data, shutdown_workers
+from evit.data.samplers import TrainSampler
+from evit.data.seeding import mix_seed
+from evit.data.stage import batch_stage
 from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import device_name, provenance
@@ -89,7 +92,7 @@ class Runtime:
     device: torch.device
     state: E.TrainState
     # data
-    sampler: D.TrainSampler | None = None
+    sampler: TrainSampler | None = None
     train_loader: torch.utils.data.DataLoader | None = None
     eval_loader: torch.utils.data.DataLoader | None = None
     num_train: int = 0
@@ -196,14 +199,14 @@ class Trainer:
         if rt.ctx is not None:
             rt.ctx.on_step = None
         for loader in (rt.train_loader, rt.eval_loader):
-            D.shutdown_workers(loader)
+            shutdown_workers(loader)
 
     # ------------------------------------------------------------------ setup
 
     def _setup(self, info: DistInfo, device: torch.device) -> None:
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        E.seed_all(D.mix_seed(self.config["train"]["seed"], 0xB11D))  # model init: same on every rank
+        E.seed_all(mix_seed(self.config["train"]["seed"], 0xB11D))  # model init: same on every rank
         ckpt = self._resume_checkpoint()
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,36 +240,13 @@ class Trainer:
         return ckpt
 
     def _build_data(self, rt: Runtime) -> None:
-        cfg = self.config
-        d, t = cfg["data"], cfg["train"]
-        train_tf = D.train_transform(cfg)
-        raw_train = D.raw_dataset(cfg, "train", train_tf)
-        train_ds = D.SeededDataset(raw_train, train_tf, D.subset_indices(len(raw_train), d["train_subset"]))
-        rt.eval_loader, rt.num_eval, raw_val = D.build_eval_loader(cfg, rt.info.rank, rt.info.world_size, rt.device)
-        rt.num_classes = D.num_classes_of(cfg, raw_train)
-        if getattr(raw_train, "classes", None) != getattr(raw_val, "classes", None):
-            raise DatasetError(f"{d['dataset']} dataset at {d['root']}: the train/ and val/ class folders differ "
-                                 f"({len(raw_train.classes)} vs {len(raw_val.classes)}); both need the same classes")
-        rt.num_train = len(train_ds)
-        rt.sampler = D.TrainSampler(len(train_ds), seed=t["seed"], world_size=rt.info.world_size,
-                                    rank=rt.info.rank, repeats=t["repeated_aug"])
-        rt.batch, rt.world_batch = t["batch_size"], t["batch_size"] * rt.info.world_size
-        rt.ipe = len(rt.sampler) // rt.batch
-        if rt.ipe < 1:
-            raise ConfigError(f"train.batch_size: {rt.batch} is more than the {len(rt.sampler)} training images "
-                              "per process")
-        batch_sampler = torch.utils.data.BatchSampler(rt.sampler, rt.batch, drop_last=True)
-        if d["loader"] == "dali":
-            from evit.dali import DaliTrainLoader
-
-            rt.train_loader = DaliTrainLoader(cfg, train_ds, batch_sampler, rt.device)
-            if rt.info.is_main and rt.device.type != "cuda":
-                _log(f"data.loader dali: no GPU, so DALI decodes and augments in its CPU mode "
-                     f"({rt.train_loader.num_threads} thread(s))")
-        else:
-            rt.train_loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=batch_sampler, num_workers=d["num_workers"],
-                pin_memory=rt.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+        data = build_train_data(self.config, rt.info.rank, rt.info.world_size, rt.device)
+        rt.train_loader, rt.sampler, rt.eval_loader = data.loader, data.sampler, data.eval_loader
+        rt.num_train, rt.num_eval, rt.num_classes = data.num_train, data.num_eval, data.num_classes
+        rt.batch = self.config["train"]["batch_size"]
+        rt.world_batch, rt.ipe = rt.batch * rt.info.world_size, data.steps_per_epoch
+        if data.notice and rt.info.is_main:
+            _log(data.notice)
 
     def _build_model(self, rt: Runtime, init: bool) -> None:
         """The model (from ``train.init_checkpoint`` when ``init``), its DDP wrapper and its keep-rate schedule."""
@@ -316,7 +296,7 @@ class Trainer:
             warmup_epochs=t["warmup_epochs"], step_on_epochs=False, updates_per_epoch=rt.ipe)
         rt.amp_dtype = E.amp_dtype_for(t["amp"], rt.device)
         rt.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-        stage = D.batch_stage(self.config, rt.device, rt.num_classes)
+        stage = batch_stage(self.config, rt.device, rt.num_classes)
         if stage.mixup is not None:
             criterion = SoftTargetCrossEntropy()
         elif t["smoothing"] > 0:

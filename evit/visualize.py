@@ -80,10 +80,11 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
               name: str | None = None) -> Path:
     """Draw the kept patches of ``checkpoint`` under the run config at ``config_path``; ``name`` (the
     experiment's) titles the figure, else the arch."""
-    from evit import data as D
     from evit.methods import METHODS, describe_method, method_params
     from evit.config.io import load_config
     from evit.config.schema import resolve_config
+    from evit.data.loaders import num_classes_of, raw_dataset
+    from evit.data.transforms import eval_transform
     from evit.models.factory import build_model
 
     cfg = resolve_config(load_config(config_path))
@@ -91,10 +92,10 @@ def visualize(config_path: str | Path, checkpoint: str | Path, out: str | Path, 
     if not METHODS[m["method"]].kept_patches:
         raise ConfigError(f"visualize needs a method whose model names the patches it keeps (`Method.kept_patches`: "
                          f"EViT); {config_path} has method {m['method']!r}")
-    tf = D.eval_transform(cfg)
-    val = D.raw_dataset(cfg, "val", tf)
+    tf = eval_transform(cfg)
+    val = raw_dataset(cfg, "val", tf)
     images = torch.stack([tf(val[i][0]) for i in pick_images(val, num_images)])
-    model = build_model(m, D.num_classes_of(cfg, val))
+    model = build_model(m, num_classes_of(cfg, val))
     load_pretrained(model, checkpoint)
     masks = kept_patch_masks(model, images)
     title = (f"{name or m['arch']} at {m['img_size']} px, {describe_method(m['method'], method_params(m))}: patches "

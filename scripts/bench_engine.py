@@ -25,12 +25,15 @@ import timm
 import torch
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit import data as D
-from evit import engine as E
-from evit import trainer as T
-from evit.provenance import device_name
+from evit import engine as E, trainer as T
 from evit.benchmark import quartiles
 from evit.methods import keep_rate_at
+from evit.data.catalog import FASHION_MEAN, FASHION_STD
+from evit.data.datasets import FashionMNIST
+from evit.data.samplers import TrainSampler, subset_indices
+from evit.data.seeding import SeededDataset
+from evit.data.transforms import build_transform
+from evit.provenance import device_name
 
 
 def build(args) -> torch.nn.Module:
@@ -111,8 +114,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    val = D.FashionMNIST(None, "train")
-    tf = D.build_transform("demo", False, 28, D.FASHION_MEAN, D.FASHION_STD)
+    val = FashionMNIST(None, "train")
+    tf = build_transform("demo", False, 28, FASHION_MEAN, FASHION_STD)
     n = args.steps * args.batch_size
     xs = torch.stack([tf(val[i][0]) for i in range(n)])
     ys = val.targets[:n].clone()
@@ -166,11 +169,11 @@ def main(argv=None) -> dict:
 
 def bench_loaders(args, val, criterion) -> dict:
     """Whole input pipeline + step: our seeded sampler/dataset + engine vs a plain DataLoader + bare loop."""
-    tf = D.build_transform("demo", True, 28, D.FASHION_MEAN, D.FASHION_STD)
+    tf = build_transform("demo", True, 28, FASHION_MEAN, FASHION_STD)
     n = args.steps * args.batch_size
-    sub = D.subset_indices(len(val), n)
-    ours_ds = D.SeededDataset(val, tf, sub)
-    sampler = D.TrainSampler(n, seed=0)
+    sub = subset_indices(len(val), n)
+    ours_ds = SeededDataset(val, tf, sub)
+    sampler = TrainSampler(n, seed=0)
     ours = torch.utils.data.DataLoader(ours_ds, batch_sampler=torch.utils.data.BatchSampler(
         sampler, args.batch_size, drop_last=True))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Per-core rate of a DataLoader worker's work for the DeiT recipe: before (normalize and erase in the worker,
-float32 out) and after (uint8 out; `evit.data.BatchStage` does the rest on the training device), on real JPEGs.
+float32 out) and after (uint8 out; `evit.data.stage.BatchStage` does the rest on the training device), on real
+JPEGs.
 
 One process, one thread, rounds interleaved A B A B: read + decode a JPEG (PIL, as torchvision's ImageFolder),
 the training transform, and the collate into a batch (what a worker then hands over through shared memory).
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from evit import data as D
 from evit.benchmark import quartiles
+from evit.data.catalog import IMAGENET_MEAN, IMAGENET_STD
+from evit.data.seeding import seed_all
+from evit.data.transforms import build_transform
 
 
 def load(path: Path, draft: bool = False) -> Image.Image:
@@ -41,14 +44,14 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     paths = sorted(args.images.rglob("*.JPEG"))[: args.n]
     kw = dict(aa="rand-m9-mstd0.5-inc1", reprob=0.25, interpolation="bicubic")
-    before = D.build_transform("deit", True, args.img_size, D.IMAGENET_MEAN, D.IMAGENET_STD, **kw)
-    after = D.build_transform("deit", True, args.img_size, D.IMAGENET_MEAN, D.IMAGENET_STD, device_stage=True, **kw)
+    before = build_transform("deit", True, args.img_size, IMAGENET_MEAN, IMAGENET_STD, **kw)
+    after = build_transform("deit", True, args.img_size, IMAGENET_MEAN, IMAGENET_STD, device_stage=True, **kw)
 
     def worker(tf):
         def run():
             out = []
             for i, path in enumerate(paths):
-                D.seed_all(i)
+                seed_all(i)
                 out.append(tf(load(path)))
             return torch.stack(out)
         return run
@@ -75,7 +78,7 @@ def main(argv=None) -> dict:
     draws = 2000
     ok = 0
     for k in range(draws):
-        D.seed_all(k)
+        seed_all(k)
         img = Image.new("RGB", sizes[k % len(sizes)])
         _, _, h, w = rrc.get_params(img, rrc.scale, rrc.ratio)
         ok += min(h, w) >= 2 * args.img_size

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evit import data as D
+from evit.data.catalog import FASHION_CLASSES
+from evit.data.datasets import FashionMNIST
 
 SIZE = (500, 375)
 
@@ -37,9 +38,9 @@ def garment_photo(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def write_split(root: Path, split: str, n: int, seed: int) -> list[Path]:
-    ds = D.FashionMNIST(None, split)
+    ds = FashionMNIST(None, split)
     rng = np.random.default_rng(seed)
-    names = [f"{i}_{c.replace('/', '_')}" for i, c in enumerate(D.FASHION_CLASSES)]
+    names = [f"{i}_{c.replace('/', '_')}" for i, c in enumerate(FASHION_CLASSES)]
     paths = []
     for i in range(n):
         label = int(ds.targets[i])

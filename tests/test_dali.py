@@ -1,5 +1,6 @@
-"""The DALI input pipeline (evit/dali.py) in DALI's CPU mode, against timm's PIL transforms on real JPEGs:
-Fashion-MNIST garments tinted on a gradient (64-96 px), and the colour photo matplotlib ships."""
+"""The DALI input pipeline (evit/data/dali.py, evit/data/dali_augment.py) in DALI's CPU mode, against timm's PIL
+transforms on real JPEGs: Fashion-MNIST garments tinted on a gradient (64-96 px), and the colour photo matplotlib
+ships."""
 from __future__ import annotations
 
 import io
@@ -15,11 +16,14 @@ import torch
 from PIL import Image
 
 from evit.config.schema import resolve_config
-from evit.errors import ConfigError
+from evit.errors import ConfigError, ImageError
 import evit.trainer as T
-from evit import dali as DL
-from evit import data as D
-from evit.errors import ImageError
+from evit.data import dali as DL, dali_augment as DA
+from evit.data.datasets import FashionMNIST, build_dataset
+from evit.data.loaders import build_eval_loader
+from evit.data.samplers import TrainSampler
+from evit.data.seeding import SeededDataset
+from evit.data.transforms import eval_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +53,7 @@ def jpeg_root(tmp_path_factory):
     """A `folder` dataset: 48 training and 20 validation garments of the 10 classes, plus the photo in val."""
     root = tmp_path_factory.mktemp("jpegs")
     for split, fm_split, n in (("train", "train", 48), ("val", "val", 20)):
-        ds = D.FashionMNIST(None, fm_split)
+        ds = FashionMNIST(None, fm_split)
         for k in range(n):
             garment_jpeg(ds.images[k].numpy(), k, root / split / f"c{int(ds.targets[k])}" / f"{k:03d}.jpg")
     for c in range(10):
@@ -134,13 +138,13 @@ def test_each_rand_augment_op_matches_timm(monkeypatch):
     buf = io.BytesIO()
     photo().resize((S, S), Image.BICUBIC).save(buf, format="JPEG", quality=95)
     image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    names = DL.RandAugmentSpec("rand-m9-mstd0.5-inc1").names
-    assert names == list(DL.OP_TABLE) and len(names) == 15
+    names = DA.RandAugmentSpec("rand-m9-mstd0.5-inc1").names
+    assert names == list(DA.OP_TABLE) and len(names) == 15
     cases = [(k, name, m, sign) for k, name in enumerate(names) for m in (9.0, 10.0)
-             for sign in ((0, 1) if DL.OP_TABLE[name][1] else (0,))]
+             for sign in ((0, 1) if DA.OP_TABLE[name][1] else (0,))]
     pipe = DL.train_pipeline(
         source=Batches(np.frombuffer(buf.getvalue(), dtype=np.uint8), S,
-                       [(k, round(m / DL.MAGNITUDE_STEP), sign) for k, _, m, sign in cases]),
+                       [(k, round(m / DA.MAGNITUDE_STEP), sign) for k, _, m, sign in cases]),
         img_size=S, interpolation="bicubic", names=names, fill=fill, num_layers=1, gpu=False,
         batch_size=len(cases), num_threads=1, device_id=None)
     pipe.build()
@@ -170,19 +174,19 @@ def test_each_rand_augment_op_matches_timm(monkeypatch):
 def test_rand_augment_draws_follow_timm():
     """The host draws: 2 ops with replacement, each applied with probability 0.5, magnitude 9 + N(0, 0.5)
     clipped to [0, 10] (in 0.01 bins), a random sign only for the ops timm negates."""
-    spec = DL.RandAugmentSpec("rand-m9-mstd0.5-inc1")
+    spec = DA.RandAugmentSpec("rand-m9-mstd0.5-inc1")
     assert (spec.num_layers, spec.prob, spec.magnitude, spec.magnitude_std) == (2, 0.5, 9, 0.5)
     rng = random.Random(0)
     draws = [spec.draw(rng) for _ in range(4000)]
     ops = np.array([d[0] for d in draws]).ravel()
-    mags = np.array([d[1] for d in draws]).ravel()[ops != spec.skip] * DL.MAGNITUDE_STEP
+    mags = np.array([d[1] for d in draws]).ravel()[ops != spec.skip] * DA.MAGNITUDE_STEP
     signs = np.array([d[2] for d in draws]).ravel()[ops != spec.skip]
     applied_ops = ops[ops != spec.skip]
     assert abs((ops == spec.skip).mean() - 0.5) < 0.02
     assert set(np.unique(applied_ops)) == set(range(15))
     assert abs(mags.mean() - 8.96) < 0.05 and mags.max() <= 10.0 and mags.min() >= 7.0
     assert abs((mags == 10.0).mean() - 0.0228) < 0.008            # P(N(9, 0.5) >= 10), clipped to 10
-    negating = np.array([DL.OP_TABLE[spec.names[o]][1] for o in applied_ops])
+    negating = np.array([DA.OP_TABLE[spec.names[o]][1] for o in applied_ops])
     assert signs[~negating].sum() == 0 and abs(signs[negating].mean() - 0.5) < 0.03
 
 
@@ -206,10 +210,10 @@ def test_crop_window_follows_timms_random_resized_crop():
         rng = random.Random(1)
         random.seed(2)
         for _ in range(n // 2):
-            x, y, w, h = DL.crop_window(rng, width, height)
+            x, y, w, h = DA.crop_window(rng, width, height)
             assert 0 <= x <= width - w and 0 <= y <= height - h
             ours.append((w * h / (width * height), math.log(w / h)))
-            i, j, th, tw = RandomResizedCropAndInterpolation.get_params(img, DL.RRC_SCALE, DL.RRC_RATIO)
+            i, j, th, tw = RandomResizedCropAndInterpolation.get_params(img, DA.RRC_SCALE, DA.RRC_RATIO)
             theirs.append((tw * th / (width * height), math.log(tw / th)))
     ours, theirs = np.array(ours), np.array(theirs)
     critical = 1.95 * math.sqrt(2 / n)                               # alpha = 0.001
@@ -226,7 +230,7 @@ def test_the_pipeline_decodes_the_window_and_resizes_it_like_timm():
     photo().save(buf, format="JPEG", quality=90)
     image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     rng = random.Random(5)
-    windows = [DL.crop_window(rng, *image.size) for _ in range(6)]
+    windows = [DA.crop_window(rng, *image.size) for _ in range(6)]
 
     class Windows(Batches):
         def __next__(self):
@@ -236,7 +240,7 @@ def test_the_pipeline_decodes_the_window_and_resizes_it_like_timm():
             return cols
 
     S = 64
-    spec = DL.RandAugmentSpec("rand-m9-mstd0.5-inc1")
+    spec = DA.RandAugmentSpec("rand-m9-mstd0.5-inc1")
     pipe = DL.train_pipeline(source=Windows(np.frombuffer(buf.getvalue(), dtype=np.uint8), S,
                                             [(spec.skip, 0, 0)] * len(windows)),
                              img_size=S, interpolation="bicubic", names=[], fill=(0, 0, 0), num_layers=0,
@@ -258,14 +262,14 @@ def test_eval_transform_matches_timm(jpeg_root):
     (at 224 px: 99.998 %, 6/255): DALI's antialiased cubic filter does not round and clip between its two
     passes as PIL does, which shows at high-contrast edges, and treats the image's edge differently."""
     cfg = resolve_config(dali_config(jpeg_root))
-    loader, n, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
+    loader, n, raw = build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     assert isinstance(loader, DL.DaliEvalLoader) and n == len(raw) > 16
-    for path, _ in raw.folder.samples:          # the JPEG header walk reads the sizes PIL reads
+    for path, _ in raw.samples:          # the JPEG header walk reads the sizes PIL reads
         assert DL.image_size(Path(path).read_bytes()) == Image.open(path).size
     png = io.BytesIO()
     Image.new("RGB", (37, 21)).save(png, format="PNG")
     assert DL.image_size(png.getvalue()) == (37, 21)
-    tf = D.eval_transform(cfg)
+    tf = eval_transform(cfg)
     got = [(x, y) for x, y in loader]
     assert [len(y) for _, y in got] == [16, n - 16]
     images, labels = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
@@ -286,8 +290,8 @@ def test_eval_transform_matches_timm(jpeg_root):
 
 def train_loader(cfg: dict, seed: int, world_size: int = 1, rank: int = 0):
     cfg = resolve_config(cfg)
-    ds = D.SeededDataset(D.build_dataset("folder", cfg["data"]["root"], "train"), None)
-    sampler = D.TrainSampler(len(ds), seed=seed, world_size=world_size, rank=rank)
+    ds = SeededDataset(build_dataset("folder", cfg["data"]["root"], "train"), None)
+    sampler = TrainSampler(len(ds), seed=seed, world_size=world_size, rank=rank)
     return DL.DaliTrainLoader(cfg, ds, torch.utils.data.BatchSampler(sampler, 8, drop_last=True),
                               torch.device("cpu")), sampler, ds
 
@@ -297,7 +301,7 @@ def test_training_batches_follow_the_sampler_and_the_seed(jpeg_root):
     """Rank r reads the r-th share of TrainSampler's order for (seed, epoch), each epoch anew; the same seed
     gives bitwise the same batches, another seed others; uint8 (N, 3, 32, 32)."""
     loader, sampler, ds = train_loader(dali_config(jpeg_root), seed=3, world_size=2, rank=1)
-    labels = [y for _, y in ds.base.folder.samples]
+    labels = [y for _, y in ds.base.samples]
     epochs = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
@@ -338,8 +342,8 @@ def test_an_unreadable_image_is_named(jpeg_root, tmp_path, content):
             (bad / f.relative_to(jpeg_root)).symlink_to(f)
     (bad / "val" / "c1" / "broken.jpg").write_bytes(content(jpeg_root))
     cfg = resolve_config(dali_config(bad))
-    loader, _, raw = D.build_eval_loader(cfg, 0, 1, torch.device("cpu"))
-    index = [Path(p).name for p, _ in raw.folder.samples].index("broken.jpg")
+    loader, _, raw = build_eval_loader(cfg, 0, 1, torch.device("cpu"))
+    index = [Path(p).name for p, _ in raw.samples].index("broken.jpg")
     with pytest.raises(ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
         list(loader)
 

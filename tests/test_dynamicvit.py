@@ -1,6 +1,5 @@
 """DynamicViT at inference: logits against the official models/dyvit.py's inference path written out plainly over a
 state dict in the official layout (tiny random weights; synthetic tensors), its token counts and MACs."""
-import math
 
 import pytest
 import timm

@@ -11,10 +11,13 @@ import torch
 import torch.multiprocessing as mp
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit import data as D
-from evit import distributed as dist
-from evit import engine as E
+from evit import distributed as dist, engine as E
 from evit.methods import keep_rate_at
+from evit.data.catalog import FASHION_MEAN, FASHION_STD
+from evit.data.datasets import FashionMNIST
+from evit.data.samplers import ShardSampler, TrainSampler, subset_indices
+from evit.data.seeding import SeededDataset
+from evit.data.transforms import build_transform
 from evit.provenance import provenance
 from evit.errors import NonFiniteLossError
 
@@ -88,9 +91,9 @@ def _tiny_model(**kw) -> torch.nn.Module:
 
 
 def _val_loader(world: int, rank: int, n: int = 101, batch: int = 8):
-    tf = D.build_transform("demo", False, 28, D.FASHION_MEAN, D.FASHION_STD)
-    ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, n))
-    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=D.ShardSampler(len(ds), world, rank))
+    tf = build_transform("demo", False, 28, FASHION_MEAN, FASHION_STD)
+    ds = SeededDataset(FashionMNIST(None, "val"), tf, subset_indices(10000, n))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=ShardSampler(len(ds), world, rank))
 
 
 def _ddp_eval_worker(rank: int, world: int, port: int, out):
@@ -155,9 +158,9 @@ class _Spy(torch.nn.Module):
 
 
 def _train_batches(n_batches=6, batch=16):
-    tf = D.build_transform("demo", True, 28, D.FASHION_MEAN, D.FASHION_STD)
-    ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, n_batches * batch))
-    s = D.TrainSampler(len(ds), seed=0)
+    tf = build_transform("demo", True, 28, FASHION_MEAN, FASHION_STD)
+    ds = SeededDataset(FashionMNIST(None, "val"), tf, subset_indices(10000, n_batches * batch))
+    s = TrainSampler(len(ds), seed=0)
     return torch.utils.data.DataLoader(ds, batch_sampler=torch.utils.data.BatchSampler(s, batch, True))
 
 

@@ -15,9 +15,8 @@ import torch
 
 from evit.benchmark import isolation
 from evit.config.launcher import resolve_bench_launcher, resolve_launcher
-from evit.errors import ConfigError
+from evit.errors import ConfigError, LaunchError
 from evit.launch import RunTask, launch, make_executor
-from evit.errors import LaunchError
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIT = [sys.executable, "-m", "evit.cli"]
@@ -178,7 +177,7 @@ def test_a_bad_image_fails_at_once_naming_the_file_without_resubmission(tmp_path
     """An image that a DataLoader worker cannot decode is reported once, by name, and the run is not resubmitted."""
     from PIL import Image
 
-    from evit.data import FashionMNIST
+    from evit.data.datasets import FashionMNIST
 
     images = FashionMNIST(None, "val").images
     root = tmp_path / "garments"

@@ -7,11 +7,11 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
-from evit import data as D
 from evit.boxes import check_mask, read_boxes
+from evit.errors import ConfigError
 from evit.config.schema import resolve_config
 from evit.config.masking import resolve_mask
-from evit.errors import ConfigError
+from evit.data.transforms import build_transform
 from evit.masking import WAYS, MaskedVal, choose_masks, eval_frame, masked_inputs, object_patches
 
 
@@ -52,7 +52,7 @@ def test_boxes_follow_the_evaluation_transform(size):
     box = (120, 90, 260, 300) if size[0] > size[1] else (40, 200, 250, 420)
     img = Image.new("RGB", size)
     ImageDraw.Draw(img).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill="white")
-    out = D.build_transform("deit", False, 224, (0, 0, 0), (1, 1, 1))(img)[0]
+    out = build_transform("deit", False, 224, (0, 0, 0), (1, 1, 1))(img)[0]
     rows, cols = (out > 0.5).any(1).nonzero().squeeze(1), (out > 0.5).any(0).nonzero().squeeze(1)
     x0, y0, x1, y1 = eval_frame([box], *size, 224, 0.875)[0]
     seen = (cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1)

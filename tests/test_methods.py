@@ -17,8 +17,7 @@ from evit.config.fields import Field
 from evit.config.schema import resolve_config
 from evit.errors import ConfigError
 from evit.methods import METHODS, Method, method_params, register_method
-from evit import cli
-from evit import report as R
+from evit import cli, report as R
 from evit.benchmark import benchmark, count_macs
 from evit.layout import REPORT_FIGURES
 from evit.models.base import BlockTokens, TokenReducer, deit_cfg

@@ -15,13 +15,15 @@ import yaml
 
 from evit.config.io import apply_overrides, config_hash, resume_mismatch
 from evit.config.schema import resolve_config
-from evit.errors import ConfigError
+from evit.errors import ConfigError, NonFiniteLossError
 from evit.methods import keep_rate_at
 import evit.trainer as T
-from evit import cli
-from evit import data as D
-from evit import engine as E
-from evit.errors import NonFiniteLossError
+from evit import cli, engine as E
+from evit.data.catalog import FASHION_MEAN, FASHION_STD, IMAGENET_MEAN
+from evit.data.datasets import FashionMNIST, build_dataset
+from evit.data.samplers import TrainSampler, subset_indices
+from evit.data.seeding import SeededDataset
+from evit.data.transforms import build_transform
 
 
 def tiny_config(**sections) -> dict:
@@ -78,14 +80,14 @@ def test_config_defaults_and_recipes():
     assert (t["mixup"], t["cutmix"], t["smoothing"], t["reprob"], t["repeated_aug"]) == (0.8, 1.0, 0.1, 0.25, 3)
     assert t["aa"] == "rand-m9-mstd0.5-inc1" and (t["shrink_start"], t["shrink_epochs"]) == (10, 100)
     assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["crop_pct"] == 0.875
-    assert cfg["data"]["mean"] == list(D.IMAGENET_MEAN)
+    assert cfg["data"]["mean"] == list(IMAGENET_MEAN)
     ft = resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
                            "train": {"recipe": "finetune", "init_checkpoint": "deit_s.pth", "epochs": 5}})["train"]
     assert (ft["blr"], ft["min_lr"], ft["weight_decay"], ft["warmup_epochs"]) == (2e-5, 2e-6, 1e-6, 0)
     assert (ft["shrink_start"], ft["shrink_epochs"], ft["hold_eval"], ft["epochs"]) == (0, 0, True, 5)
     demo = resolve_config(tiny_config())
     assert demo["eval"]["crop_pct"] == 1.0 and demo["model"]["num_classes"] == 10
-    assert demo["data"]["root"] is None and demo["data"]["mean"] == list(D.FASHION_MEAN)
+    assert demo["data"]["root"] is None and demo["data"]["mean"] == list(FASHION_MEAN)
     # resolving is idempotent, and the launcher / meta sections pass through without entering the hash
     assert resolve_config(demo) == demo
     with_launcher = resolve_config(dict(tiny_config(), launcher={"partition": "gpu"}, meta={"exp": "x"}))
@@ -291,7 +293,7 @@ def test_nan_loss_stops_without_writing_a_checkpoint(tmp_path):
 
 def test_poisoned_batch_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """A NaN image in epoch 2 stops the run; the epoch-1 checkpoint and log stay as they were."""
-    real_set_epoch, real_getitem, poison = D.TrainSampler.set_epoch, D.SeededDataset.__getitem__, []
+    real_set_epoch, real_getitem, poison = TrainSampler.set_epoch, SeededDataset.__getitem__, []
 
     def set_epoch(self, epoch, start=0):
         poison[:] = [epoch == 1]
@@ -301,8 +303,8 @@ def test_poisoned_batch_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         img, y = real_getitem(self, key)
         return (img * float("nan") if poison and poison[0] and isinstance(key, tuple) else img), y
 
-    monkeypatch.setattr(D.TrainSampler, "set_epoch", set_epoch)
-    monkeypatch.setattr(D.SeededDataset, "__getitem__", getitem)
+    monkeypatch.setattr(TrainSampler, "set_epoch", set_epoch)
+    monkeypatch.setattr(SeededDataset, "__getitem__", getitem)
     trainer = T.Trainer(tiny_config(), tmp_path)
     with pytest.raises(NonFiniteLossError) as e:
         trainer()
@@ -377,8 +379,8 @@ def test_eval_a_deit_checkpoint_as_evit_and_tome(tmp_path):
     for name, extra in runs.items():
         assert cli.main(args + extra + ["--out", str(tmp_path / f"{name}.json")]) == 0
     res = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
-    tf = D.build_transform("demo", False, 28, D.FASHION_MEAN, D.FASHION_STD)
-    ds = D.SeededDataset(D.FashionMNIST(None, "val"), tf, D.subset_indices(10000, 64))
+    tf = build_transform("demo", False, 28, FASHION_MEAN, FASHION_STD)
+    ds = SeededDataset(FashionMNIST(None, "val"), tf, subset_indices(10000, 64))
     direct = E.evaluate(deit, torch.utils.data.DataLoader(ds, batch_size=64), torch.device("cpu"))
     for name in ("k1", "r0"):
         assert res[name]["top1"] == direct["top1"] and res[name]["val_loss"] == pytest.approx(direct["loss"], rel=1e-5)
@@ -416,8 +418,8 @@ def test_a_comparison_backbone_is_evaluated_off_the_shelf_with_its_own_timm_data
     result = json.loads((tmp_path / "eval.json").read_text())
 
     transform = create_transform(**resolve_data_config({}, model=model))
-    val = D.build_dataset("fashion_mnist", None, "val")
-    items = [val[i] for i in D.subset_indices(len(val), 40)]
+    val = build_dataset("fashion_mnist", None, "val")
+    items = [val[i] for i in subset_indices(len(val), 40)]
     images = torch.stack([transform(image) for image, _ in items])
     labels = torch.tensor([label for _, label in items])
     with torch.inference_mode():
@@ -474,7 +476,6 @@ def test_compiled_training_through_the_whole_keep_rate_schedule_compiles_a_bound
     code = f"""
 import functools, json, torch
 from torch._dynamo.utils import counters
-from evit import engine as E
 from evit.trainer import Trainer
 torch.set_num_threads(1)
 E.compile_for_training = functools.partial(E.compile_for_training, backend="aot_eager")

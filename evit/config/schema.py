@@ -68,7 +68,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "data": {
         "dataset": Field("choice", REQUIRED, choices=DATASETS,
-                         help="The dataset (layouts on disk: see evit/data.py's docstring)."),
+                         help="The dataset (layouts on disk: see evit/data/datasets.py's docstring)."),
         "root": Field("path", None, nullable=True,
                       help="Dataset directory; null = /usr/share/datasets/fashion-mnist for fashion_mnist, "
                            "required otherwise."),
@@ -76,7 +76,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                         help="`torch`: DataLoader workers decode and augment with PIL/timm; `dali`: NVIDIA DALI "
                              "decodes and augments on the training GPU, or in DALI's CPU mode without one "
                              "(`pip install .[dali]`; imagenet/folder datasets, deit augment with a `rand-...-inc1` "
-                             "RandAugment; evit/dali.py)."),
+                             "RandAugment; evit/data/dali.py)."),
         "num_workers": Field("int", 8, lo=0,
                              help="Data-loading workers per process (`data.loader: dali`: DALI's CPU threads)."),
         "train_subset": Field("int", None, nullable=True, lo=1,
@@ -134,7 +134,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                         "`switch_prob`)."),
         "smoothing": Field("float", RECIPE, lo=0.0, hi=0.999, help="Label smoothing."),
         "augment": Field("choice", RECIPE, choices=AUGMENTS,
-                         help="The transform family (`evit.data.build_transform`)."),
+                         help="The transform family (`evit.data.transforms.build_transform`)."),
         "aa": Field("str", RECIPE, nullable=True, help="RandAugment spec; null = off."),
         "reprob": Field("float", RECIPE, lo=0.0, hi=1.0, help="Random erasing probability."),
         "color_jitter": Field("float", RECIPE, lo=0.0, help="Color jitter (deit augment)."),
@@ -294,14 +294,14 @@ def resolve_config(raw: dict | None) -> dict:
     return out
 
 
-# The RandAugment specs evit/dali.py implements: timm's increasing op set, no op weights, magnitude <= 10.
+# The RandAugment specs evit/data/dali_augment.py implements: timm's increasing op set, no op weights, magnitude <= 10.
 DALI_AA = re.compile(r"rand(-m\d+(\.\d+)?|-n\d+|-mstd\d+(\.\d+)?|-p\d+(\.\d+)?)*-inc1(-m\d+(\.\d+)?|-n\d+|"
                      r"-mstd\d+(\.\d+)?|-p\d+(\.\d+)?)*")
 
 
 def _check_dali(d: dict, t: dict) -> None:
-    """``data.loader: dali``: DALI is installed, and the dataset and augmentation are ones evit/dali.py has
-    (augment none: evaluation only; `evit.dali.DaliTrainLoader` refuses to train with it)."""
+    """``data.loader: dali``: DALI is installed, and the dataset and augmentation are ones evit/data/dali.py has
+    (augment none: evaluation only; `evit.data.dali.DaliTrainLoader` refuses to train with it)."""
     if importlib.util.find_spec("nvidia.dali") is None:
         raise ConfigError("data.loader: dali needs NVIDIA DALI, which is not installed: `pip install .[dali]` "
                           "(nvidia-dali-cuda130), or use data.loader: torch")

@@ -2,7 +2,7 @@
 evaluation) asks, `BlockTokens`, token counts and extra MACs of any timm ViT, and the DeiT pretrained config.
 
 A method's model is a timm `VisionTransformer` subclass that also derives from `TokenReducer`; its torch-free side
-(parameters, per-pass override, schedule, labels) is its entry in `evit.config.METHODS`. A plain timm ViT is the
+(parameters, per-pass override, schedule, labels) is its entry in `evit.methods.METHODS`. A plain timm ViT is the
 method none: every block keeps every token, at no extra cost.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 Writes `<out-dir>/tables/<table>.{md,csv,tex}` (one per table of the experiments file) and
 `<out-dir>/figures/{accuracy_vs_throughput,keep_rate_sweep,frontier}.{png,pdf}`. Rows are labelled by method
-and parameters (`evit.config.METHODS`) and by how the weights were trained (their recipe). The frontier figure
+and parameters (`evit.methods.METHODS`) and by how the weights were trained (their recipe). The frontier figure
 draws the rows of the table named `frontier` (top-1 against img/s, one line per method and training), or, if
 there is none, every run at the baseline's image size. With a `comparison` section, the `comparison` table and
 figure (the paper's Figure 4: top-1 against img/s of experiments beside other backbones' timm pretrained weights)

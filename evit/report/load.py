@@ -11,7 +11,7 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
       - name: evit_s_0.7              # required, unique; the `label` of its row in the bench CSV
         arch: deit_small_patch16_224  # optional, not used
         img_size: 224                 # required; must equal the bench CSV's img_size
-        method: evit                  # required: a name in evit.config.METHODS (none, evit, tome, ...)
+        method: evit                  # required: a name in evit.methods.METHODS (none, evit, tome, ...)
         params: {keep_rate: 0.7, fuse_token: true, drop_loc: [3, 6, 9]}  # required: all of its method's, {} for none
         recipe: finetune              # required: none (evaluated off the shelf), finetune, scratch or demo
         tables: [main]                # required (may be empty): tables this experiment is a row of
