@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -27,10 +28,10 @@ import torch
 import evit.models  # noqa: F401  (registers the EViT models with timm)
 from evit import data as D
 from evit import engine as E
-from evit import trainer as T
-from evit.provenance import device_name
 from evit.benchmark import quartiles
 from evit.config import keep_rate_at
+from evit.progress import Progress
+from evit.provenance import device_name
 
 
 def build(args) -> torch.nn.Module:
@@ -72,11 +73,13 @@ def make_engine(model, opt, criterion, steps, args):
 
     def run(batches):
         # the Trainer's progress for a non-TTY (SLURM) run, one per epoch; quiet here (every > steps)
-        progress = T._Progress(True, steps + 1, "bench", every=10 ** 9)
-        ctx.on_step = lambda st, loss, lr, override: progress.update(st.epoch_step, args.batch_size, loss=loss,
-                                                                     lr=lr, **(override or {}))
+        progress = Progress(True, steps + 1, "bench", every=10 ** 9)
+
+        def on_step(st, loss, lr, override):
+            progress.update(st.epoch_step, args.batch_size, loss=loss, lr=lr, **(override or {}))
+
         state.epoch_step, state.loss_sum = 0, 0.0
-        E.train_one_epoch(model, batches, opt, state, ctx)
+        E.train_one_epoch(model, batches, opt, state, dataclasses.replace(ctx, on_step=on_step))
     return run
 
 

@@ -208,7 +208,8 @@ def test_gradient_checkpointing_trains_the_same_weights(straight_run, tmp_path):
     metrics = trainer()
     assert_same_weights(final_weights(ref_dir), final_weights(tmp_path))  # DropPath draws are replayed too
     assert metrics["top1"] == ref["top1"]
-    assert trainer._rt.model.grad_checkpointing  # really on (the blocks re-run in backward: tests/test_models.py)
+    with trainer.build() as run:  # really on (the blocks re-run in backward: tests/test_models.py)
+        assert run.model.grad_checkpointing
 
 
 def test_checkpoint_on_request_mid_step_is_exact(straight_run, tmp_path, monkeypatch):
