@@ -163,10 +163,10 @@ class Trainer:
         if info.is_main:
             t = self.config["train"]
             log(f"{self.config['model']['arch']} ({count_params(model) / 1e6:.2f} M params), {run.num_train} train "
-                 f"/ {run.num_eval} val images, {info.world_size} process(es) on {device_name(device)} "
-                 f"({torch.get_num_threads()} threads), "
-                 f"batch {run.world_batch}, lr {optimizer.defaults['lr']:.3g}, {run.ipe} steps/epoch, "
-                 f"amp {t['amp'] if ctx.amp_dtype else 'none (fp32)'}")
+                f"/ {run.num_eval} val images, {info.world_size} process(es) on {device_name(device)} "
+                f"({torch.get_num_threads()} threads), batch {run.world_batch}, "
+                f"lr {optimizer.defaults['lr']:.3g}, {run.ipe} steps/epoch, "
+                f"amp {t['amp'] if ctx.amp_dtype else 'none (fp32)'}")
         return run
 
     def _build_data(self, info: DistInfo, device: torch.device) -> _TrainData:
@@ -193,7 +193,7 @@ class Trainer:
             loader = DaliTrainLoader(cfg, train_ds, batch_sampler, device)
             if info.is_main and device.type != "cuda":
                 log(f"data.loader dali: no GPU, so DALI decodes and augments in its CPU mode "
-                     f"({loader.num_threads} thread(s))")
+                    f"({loader.num_threads} thread(s))")
         else:
             loader = torch.utils.data.DataLoader(
                 train_ds, batch_sampler=batch_sampler, num_workers=d["num_workers"],
@@ -330,7 +330,7 @@ class Trainer:
             save_run(self.checkpoint_path, run, state, self.config)
             acc = f", top-1 {record['top1']:.2f} top-5 {record['top5']:.2f}" if eval_res else ""
             log(f"epoch {e + 1}/{t['epochs']}: loss {record['train_loss']:.4f}{acc}, "
-                 f"{record['img_per_s']:.1f} img/s, {record['epoch_time_s']:.1f} s")
+                f"{record['img_per_s']:.1f} img/s, {record['epoch_time_s']:.1f} s")
         return eval_res
 
     def _finish(self, eval_res: dict | None) -> dict:

@@ -36,7 +36,8 @@ from evit.provenance import device_name
 
 def build(args) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(args.arch, img_size=28, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
+    return timm.create_model(args.arch, img_size=28, patch_size=args.patch_size, num_classes=10,
+                             embed_dim=args.embed_dim,
                              depth=args.depth, num_heads=args.heads, keep_rate=args.keep_rate, fuse_token=True,
                              drop_loc=tuple(d for d in (3, 6, 9) if d < args.depth) or (args.depth - 1,),
                              drop_path_rate=args.drop_path)

@@ -43,10 +43,12 @@ NO_KERNEL = {  # aten ops that only make views or allocate: no kernel of their o
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::slice", "aten::select", "aten::expand",
     "aten::transpose", "aten::t", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::unbind",
     "aten::as_strided", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_strided",
-    "aten::empty_like", "aten::new_empty", "aten::resize_", "aten::split", "aten::chunk", "aten::narrow", "aten::expand_as",
+    "aten::empty_like", "aten::new_empty", "aten::resize_", "aten::split", "aten::chunk", "aten::narrow",
+    "aten::expand_as",
     "aten::contiguous", "aten::to", "aten::_to_copy", "aten::result_type", "aten::is_nonzero", "aten::item",
     "aten::_local_scalar_dense", "aten::flatten", "aten::view_as", "aten::_reshape_alias", "aten::set_",
-    "aten::resolve_conj", "aten::resolve_neg", "aten::as_strided_", "aten::unsqueeze_", "aten::squeeze_", "aten::_has_compatible_shallow_copy_type",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::as_strided_", "aten::unsqueeze_", "aten::squeeze_",
+    "aten::_has_compatible_shallow_copy_type",
 }
 
 
@@ -91,7 +93,8 @@ with torch.inference_mode(), ctx:
     first, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     for _ in range(passes - 1):
         compiled(x)
-print(json.dumps(dict(seconds=first, cpu_seconds=cpu, graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()),
+print(json.dumps(dict(seconds=first, cpu_seconds=cpu, graphs=counters["stats"]["unique_graphs"],
+                      breaks=sum(counters["graph_break"].values()),
                       recompiles=counters["stats"]["unique_graphs"] - 1, kernels=metrics.generated_kernel_count)))
 """
 
