@@ -3,10 +3,10 @@
 For a run config, in one process, after warm-up, in interleaved rounds, three rates in img/s:
 
 - **input**: the training loader the Trainer builds (whichever the run config chooses) and its batch stage
-  (`evit.data.stage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
+  (`evit.data.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
   loader's ``num_workers``, or its ``num_threads``);
-- **step**: the training step (`evit.engine.train_one_epoch`: forward, backward, optimizer, with
-  ``train.amp`` and ``train.compile``) on one staged batch held on the device, at the model's target keep rate;
+- **step**: the training step (`evit.engine.BuiltRun.steps`: forward, backward, optimizer, with ``train.amp`` and
+  ``train.compile``) on one staged batch held on the device, at the model's target keep rate;
 - **loop**: `evit train`'s loop over the real loader, as a run trains.
 
 The loop can go no faster than the slower of input and step; the report says which one limits, and how close
@@ -26,11 +26,10 @@ from typing import Iterator
 
 import torch
 
-from evit.errors import ConfigError
-from evit import engine as E
-from evit.methods import METHODS, describe_method, method_params
 from evit.config.io import apply_overrides, load_config
+from evit.methods import describe_method, method_params
 from evit.distributed import dist_env
+from evit.errors import ConfigError
 from evit.provenance import device_name
 from evit.trainer import Trainer
 
@@ -71,36 +70,20 @@ def bench_input(raw_config: dict, *, steps: int = 20, warmup: int = 5, rounds: i
 
 
 def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) -> dict:
-    with trainer.session() as rt:
-        ctx, stage, loader, batch, device = rt.ctx, rt.ctx.batch_stage, rt.train_loader, rt.world_batch, rt.device
-        m = trainer.config["model"]
-        target = {METHODS[m["method"]].override: m.get(METHODS[m["method"]].override)}  # the schedule's end
-        ctx.override_fn = (lambda step: target) if ctx.override_fn else None
-        ctx.on_step, ctx.scheduler = None, None
-        epochs = itertools.count()
-
-        def batches() -> Iterator:
-            """The training batches, epoch after epoch."""
-            while True:
-                rt.sampler.set_epoch(next(epochs))
-                yield from loader
+    with trainer.build() as run:
+        device, stage = run.device, run.stage
 
         def run_input(marks):
-            for images, targets in timed(batches(), warmup, steps, device, marks):
-                if stage is not None:
-                    stage(images, targets)
+            for images, targets in timed(run.batches(), warmup, steps, device, marks):
+                stage(images, targets)
 
-        images, targets = next(batches())
-        staged = stage(images, targets) if stage is not None else (images.to(device), targets.to(device))
+        staged = stage(*next(run.batches()))
 
         def run_step(marks):
-            held = E.StepContext(**dict(ctx.__dict__, batch_stage=None))
-            E.train_one_epoch(rt.train_model, timed(itertools.repeat(staged), warmup, steps, device, marks),
-                              rt.optimizer, E.TrainState(), held)
+            run.steps(timed(itertools.repeat(staged), warmup, steps, device, marks), staged=True, at_target=True)
 
         def run_loop(marks):
-            E.train_one_epoch(rt.train_model, timed(batches(), warmup, steps, device, marks), rt.optimizer,
-                              E.TrainState(), ctx)
+            run.steps(timed(run.batches(), warmup, steps, device, marks), at_target=True)
 
         cases = {"input": run_input, "step": run_step, "loop": run_loop}
         rates: dict[str, list[float]] = {k: [] for k in cases}
@@ -108,21 +91,21 @@ def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) ->
             for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
                 marks: list[float] = []
                 cases[name](marks)
-                rates[name].append(steps * batch / (marks[1] - marks[0]))
+                rates[name].append(steps * run.world_batch / (marks[1] - marks[0]))
                 log(f"round {r + 1}/{rounds}: {name} {rates[name][-1]:.1f} img/s")
         med = {k: statistics.median(v) for k, v in rates.items()}
-        cores = cpu_cores(loader)
-        t, d = trainer.config["train"], trainer.config["data"]
+        cores = cpu_cores(run.loader)
+        t, d, m = trainer.config["train"], trainer.config["data"], trainer.config["model"]
         res = {
             "input_img_s": med["input"], "step_img_s": med["step"], "loop_img_s": med["loop"],
             "input_img_s_per_core": med["input"] / cores if cores else None, "input_cores": cores,
             "input_over_step": med["input"] / med["step"], "loop_over_step": med["loop"] / med["step"],
             "limited_by": "input" if med["input"] < med["step"] else "step",
             "rates": rates, "loader": d.get("loader", "torch"), "dataset": d["dataset"], "augment": t["augment"],
-            "model": f"{trainer.config['model']['method']} {trainer.config['model']['arch']}",
-            "parameters": describe_method(m["method"], method_params(m)), "batch_size": batch, "amp": t["amp"],
-            "compile": t["compile"], "device": device_name(device), "threads": torch.get_num_threads(),
-            "steps": steps, "warmup": warmup, "rounds": rounds,
+            "model": f"{m['method']} {m['arch']}",
+            "parameters": describe_method(m["method"], method_params(m)), "batch_size": run.world_batch,
+            "amp": t["amp"], "compile": t["compile"], "device": device_name(device),
+            "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "rounds": rounds,
         }
     return res
 

@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from evit.methods import METHODS
-from evit.config.launcher import resolve_bench_launcher
 from evit.errors import ConfigError
+from evit.config.launcher import resolve_bench_launcher
+from evit.engine import AUTOCAST_DTYPES
 from evit.models.base import extra_macs, token_counts
 from evit.models.factory import build_model, register_models
 from evit.provenance import environment
@@ -47,7 +48,7 @@ DEFAULT_BENCH_SPECS = [
     "evit_deit_small_patch16_224:keep_rate=0.7,fuse_token=true",
     "evit_deit_small_patch16_224:keep_rate=0.5,fuse_token=true",
 ]
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", *AUTOCAST_DTYPES)   # `evit bench --amp`: full precision, or an autocast dtype
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
@@ -175,8 +176,8 @@ def benchmark(
     labels = labels or specs
     if len(labels) != len(specs):
         raise ConfigError(f"got {len(labels)} labels for {len(specs)} models")
-    if amp not in AMP_DTYPES:
-        raise ConfigError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    if amp not in PRECISIONS:
+        raise ConfigError(f"amp must be one of {list(PRECISIONS)}, got {amp!r}")
     dev = torch.device(device)
     if cuda_graphs and dev.type != "cuda":
         raise ConfigError(f"cuda_graphs needs a CUDA device (CUDA graphs replay GPU kernels), got device {device!r}")
@@ -184,7 +185,7 @@ def benchmark(
         raise ConfigError(f"cuda_graphs needs warmup >= 2 (a compiling pass, then a recording one), got {warmup}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    autocast = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
+    autocast = torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[amp]) if amp != "fp32" else nullcontext()
     gen = torch.Generator().manual_seed(0)
     entries = []
     for item, spec, label in zip(models, specs, labels):
@@ -343,7 +344,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", nargs="+", help="one name per model for the output (default: the specs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="fp32", help="autocast dtype (CPU or CUDA)")
+    p.add_argument("--amp", choices=PRECISIONS, default="fp32", help="autocast dtype (CPU or CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model first")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="compile each model for CUDA graphs (mode reduce-overhead): one launch per forward; CUDA only")

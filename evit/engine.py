@@ -1,20 +1,24 @@
 """The training and evaluation loops, the per-pass parameter's schedule for compiled training, and mixed precision.
 
-Everything here works on one process of a (possibly) distributed job; `evit.trainer` wires it together.
+Everything here works on one process of a (possibly) distributed job. `BuiltRun` is a training run's parts (model,
+optimizer, loader, batch stage, step settings) and `BuiltRun.steps` its training step: `evit.trainer` builds one
+and trains it; `evit bench-input` and scripts/ measure it.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field, fields
-from typing import Callable, Iterable
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from evit.data.loaders import shutdown_workers
+from evit.data.samplers import TrainSampler
 from evit.data.seeding import mix_seed, seed_all
-from evit.distributed import all_reduce_sum
+from evit.distributed import DistInfo, all_reduce_sum
 from evit.errors import ConfigError, NonFiniteLossError
 
 
@@ -49,18 +53,20 @@ def compile_for_training(model: torch.nn.Module, max_graphs: int, backend: str =
 # --------------------------------------------------------------------------------------------- AMP
 
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The mixed precisions by name. Full precision (no autocast) is "none" in a run config's ``train.amp`` and "fp32"
+# in `evit bench`.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the ``amp`` setting (none | bf16 | fp16), or None for fp32.
+    """The autocast dtype of the ``train.amp`` setting (none | bf16 | fp16), or None for fp32.
 
     Honoured on every device: torch autocasts on the CPU as on CUDA, in bf16 and in fp16 (fp16 training
     then needs a ``torch.amp.GradScaler(device.type)``). A device type torch cannot autocast raises.
     """
-    if amp not in AMP_DTYPES:
-        raise ConfigError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
-    dtype = AMP_DTYPES[amp]
+    if amp != "none" and amp not in AUTOCAST_DTYPES:
+        raise ConfigError(f"amp must be one of {', '.join(('none', *AUTOCAST_DTYPES))}, got {amp!r}")
+    dtype = AUTOCAST_DTYPES.get(amp)
     if dtype is not None and not torch.amp.is_autocast_available(device.type):
         raise ConfigError(f"amp={amp}: torch cannot autocast on {device.type}; use amp none")
     return dtype
@@ -137,9 +143,9 @@ class TrainState:
             raise NonFiniteLossError(self.epoch, int(first), first_loss)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
-    """What `train_one_epoch` needs besides the model, data and optimizer."""
+    """What `train_one_epoch` needs besides the model, data and optimizer; a variant is a `dataclasses.replace`."""
 
     criterion: Callable
     device: torch.device
@@ -148,7 +154,7 @@ class StepContext:
     rank: int = 0
     scheduler: object | None = None            # timm scheduler, stepped per iteration via step_update(step)
     override_fn: Callable[[int], dict] | None = None    # step -> the method's scheduled override, or None
-    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.stage`);
+    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.BatchStage`);
                                                # None: batches are ready, only moved to the device
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
@@ -239,6 +245,77 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     return {"train_loss": state.loss_sum / max(state.epoch_step, 1), "lr": lr, "override": override}
 
 
+@dataclass(frozen=True)
+class BuiltRun:
+    """One process's share of a training run, built from its config (`evit.trainer.Trainer.build`) and ready to
+    train: the parts, and `steps`, the training step as `evit train`'s loop runs it."""
+
+    info: DistInfo
+    model: torch.nn.Module              # the bare model: checkpoints, evaluation
+    train_model: torch.nn.Module        # what trains: the model, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    sampler: TrainSampler
+    loader: Iterable                    # this process's training batches of the sampler's epoch (see `epoch`)
+    eval_loader: Iterable
+    ctx: StepContext                    # loss, lr schedule, batch stage, mixed precision ...
+    target: dict | None                 # the method's per-pass parameter at its schedule's end (None: no schedule)
+    batch: int                          # images per process and step
+    num_train: int
+    num_eval: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def stage(self) -> Callable:
+        """The batch stage: (images, targets) from the loader -> ready on the device (`evit.data.BatchStage`)."""
+        return self.ctx.batch_stage
+
+    @property
+    def ipe(self) -> int:
+        """Optimizer steps per epoch."""
+        return self.ctx.iters_per_epoch
+
+    @property
+    def world_batch(self) -> int:
+        return self.batch * self.info.world_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterable:
+        """The training batches of ``epoch``, from this process's ``start``-th sample on."""
+        self.sampler.set_epoch(epoch, start=start)
+        return self.loader
+
+    def batches(self) -> Iterator:
+        """The training batches, epoch after epoch, without end."""
+        epoch = 0
+        while True:
+            yield from self.epoch(epoch)
+            epoch += 1
+
+    def steps(self, batches: Iterable, state: TrainState | None = None, *, staged: bool = False,
+              at_target: bool = False, on_step: Callable | None = None, max_step: int | None = None) -> TrainState:
+        """Train on ``batches`` (`train_one_epoch`), counting in ``state`` (None: a fresh one), which is returned.
+
+        ``staged``: the batches are already through the batch stage (on the device). ``at_target``: the lr as it
+        is (no schedule) and the method's parameter at `target`, as when measuring a step. ``on_step``,
+        ``max_step``: as in `StepContext`."""
+        ctx = replace(self.ctx, on_step=on_step, max_step=max_step)
+        if staged:
+            ctx = replace(ctx, batch_stage=None)
+        if at_target:
+            target = self.target
+            ctx = replace(ctx, scheduler=None, override_fn=(lambda step: target) if target else None)
+        state = TrainState() if state is None else state
+        train_one_epoch(self.train_model, batches, self.optimizer, state, ctx)
+        return state
+
+    def close(self) -> None:
+        """Stop persistent DataLoader workers now, rather than whenever the garbage collector gets to them."""
+        for loader in (self.loader, self.eval_loader):
+            shutdown_workers(loader)
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 
 
@@ -247,8 +324,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, 
              override: dict | None = None) -> dict:
     """Top-1 / top-5 / mean cross-entropy over this rank's share of ``loader``, summed over all ranks.
 
-    With `evit.data.samplers.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets
-    the model's per-pass parameter (e.g. ``{"keep_rate": 0.5}``; None: the model's own)."""
+    With `evit.data.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets the
+    model's per-pass parameter (e.g. ``{"keep_rate": 0.5}``; None: the model's own)."""
     model.eval()
     non_blocking = device.type == "cuda"
     sums = torch.zeros(4, dtype=torch.float64, device=device)    # correct@1, correct@5, loss sum, count

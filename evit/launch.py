@@ -5,7 +5,7 @@ config (with the torch-free `evit.config`; this waiting process never imports to
 `launcher:` section says (defaults in `evit.config.launcher.LAUNCHER_DEFAULTS`):
 
     launcher:
-      backend: slurm          # slurm | local | inline  (always explicit: never auto-detected)
+      backend: local          # local | slurm | inline  (always explicit: never auto-detected)
       nodes: 1
       tasks_per_node: 1       # processes per node; one per GPU for DDP
       gpus_per_node: 0

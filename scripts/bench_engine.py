@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -25,20 +26,22 @@ import timm
 import torch
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit import engine as E, trainer as T
+from evit import engine as E
 from evit.benchmark import quartiles
-from evit.methods import keep_rate_at
 from evit.data.catalog import FASHION_MEAN, FASHION_STD
 from evit.data.datasets import FashionMNIST
 from evit.data.samplers import TrainSampler, subset_indices
 from evit.data.seeding import SeededDataset
 from evit.data.transforms import build_transform
+from evit.methods import keep_rate_at
+from evit.progress import Progress
 from evit.provenance import device_name
 
 
 def build(args) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(args.arch, img_size=28, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
+    return timm.create_model(args.arch, img_size=28, patch_size=args.patch_size, num_classes=10,
+                             embed_dim=args.embed_dim,
                              depth=args.depth, num_heads=args.heads, keep_rate=args.keep_rate, fuse_token=True,
                              drop_loc=tuple(d for d in (3, 6, 9) if d < args.depth) or (args.depth - 1,),
                              drop_path_rate=args.drop_path)
@@ -75,11 +78,13 @@ def make_engine(model, opt, criterion, steps, args):
 
     def run(batches):
         # the Trainer's progress for a non-TTY (SLURM) run, one per epoch; quiet here (every > steps)
-        progress = T._Progress(True, steps + 1, "bench", every=10 ** 9)
-        ctx.on_step = lambda st, loss, lr, override: progress.update(st.epoch_step, args.batch_size, loss=loss,
-                                                                     lr=lr, **(override or {}))
+        progress = Progress(True, steps + 1, "bench", every=10 ** 9)
+
+        def on_step(st, loss, lr, override):
+            progress.update(st.epoch_step, args.batch_size, loss=loss, lr=lr, **(override or {}))
+
         state.epoch_step, state.loss_sum = 0, 0.0
-        E.train_one_epoch(model, batches, opt, state, ctx)
+        E.train_one_epoch(model, batches, opt, state, dataclasses.replace(ctx, on_step=on_step))
     return run
 
 

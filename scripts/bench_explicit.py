@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Our EViT against a straightforward explicit-attention EViT, both over timm's DeiT-S, in one process.
+"""Our EViT against a straightforward explicit-attention EViT, both over timm's DeiT-S (or -Ti), in one process.
 
 The explicit version is EViT as usually written (and as the official code does it): every block builds the
 N x N attention matrix, reads the CLS row from it, top-k + gather, and the fused token as a masked weighted
@@ -7,7 +7,8 @@ sum. Ours: fused attention (SDPA) everywhere, the CLS row computed on its own in
 blocks, the fused token as one batched matrix-vector product. Same weights, so the same logits up to fp32
 rounding (checked before timing). Rounds are interleaved after a warm-up, as in `evit bench`.
 
-    .venv/bin/python scripts/bench_explicit.py                  # batch 32, 224 px, fp32, 15 rounds
+    .venv/bin/python scripts/bench_explicit.py                  # DeiT-S, batch 32, 224 px, fp32, 15 rounds
+    .venv/bin/python scripts/bench_explicit.py --size tiny --img-size 64 --batch-size 2 --rounds 1   # a smoke run
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ import torch
 from torch import nn
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit.benchmark import device_name, quartiles, timed_batches
+from evit.benchmark import quartiles, timed_batches
+from evit.provenance import device_name
 
 
 class ExplicitEViT(nn.Module):
-    """EViT-DeiT-S on a timm DeiT-S, attention written out (q k^T, softmax, @ v) in every block."""
+    """EViT over a timm DeiT, attention written out (q k^T, softmax, @ v) in every block."""
 
     def __init__(self, deit: nn.Module, keep_rate: float, drop_loc=(3, 6, 9)):
         super().__init__()
@@ -52,19 +54,22 @@ class ExplicitEViT(nn.Module):
         return m.head(m.norm(x)[:, 0])
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("small", "tiny"), default="small", help="DeiT-S or DeiT-Ti")
+    p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    deit = timm.create_model("deit_small_patch16_224").eval()
-    models = {"timm deit_small_patch16_224": deit}
-    x = torch.randn(args.batch_size, 3, 224, 224)
+    arch = f"deit_{args.size}_patch16_224"
+    deit = timm.create_model(arch, img_size=args.img_size).eval()
+    models = {f"timm {arch}": deit}
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     for rate in args.keep_rates:
-        ours = timm.create_model("evit_deit_small_patch16_224", keep_rate=rate, fuse_token=True).eval()
+        ours = timm.create_model(f"evit_{arch}", img_size=args.img_size, keep_rate=rate, fuse_token=True).eval()
         ours.load_state_dict(deit.state_dict())
         explicit = ExplicitEViT(deit, rate)
         with torch.inference_mode():
@@ -84,14 +89,15 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}: "
                   + "  ".join(f"{name} {args.batch_size / times[name][-1]:.1f}" for name in models), flush=True)
 
-    base = quartiles([args.batch_size / t for t in times["timm deit_small_patch16_224"]])[1]
+    base = quartiles([args.batch_size / t for t in times[f"timm {arch}"]])[1]
     print(f"\n{device_name(cpu)}, {torch.get_num_threads()} threads, batch {args.batch_size}, fp32, torch "
           f"{torch.__version__}, timm {timm.__version__}, {args.rounds} interleaved rounds")
     print(f"{'model':32s} {'img/s':>7s} {'q1':>7s} {'q3':>7s} {'speedup':>8s}")
+    medians = {}
     for name, ts in times.items():
-        rates = [args.batch_size / t for t in ts]
-        q1, med, q3 = quartiles(rates)
-        print(f"{name:32s} {med:7.2f} {q1:7.2f} {q3:7.2f} {med / base:7.2f}x")
+        q1, medians[name], q3 = quartiles([args.batch_size / t for t in ts])
+        print(f"{name:32s} {medians[name]:7.2f} {q1:7.2f} {q3:7.2f} {medians[name] / base:7.2f}x")
+    return medians
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 
 import torch
 
 import evit.models  # noqa: F401  (registers the EViT and ToMe models with timm)
-from evit.benchmark import AMP_DTYPES, create_model
+from evit.benchmark import PRECISIONS, create_model
+from evit.engine import AUTOCAST_DTYPES
 
 SPECS = [
     "deit_small_patch16_224",
@@ -42,10 +42,12 @@ NO_KERNEL = {  # aten ops that only make views or allocate: no kernel of their o
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::slice", "aten::select", "aten::expand",
     "aten::transpose", "aten::t", "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::unbind",
     "aten::as_strided", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_strided",
-    "aten::empty_like", "aten::new_empty", "aten::resize_", "aten::split", "aten::chunk", "aten::narrow", "aten::expand_as",
+    "aten::empty_like", "aten::new_empty", "aten::resize_", "aten::split", "aten::chunk", "aten::narrow",
+    "aten::expand_as",
     "aten::contiguous", "aten::to", "aten::_to_copy", "aten::result_type", "aten::is_nonzero", "aten::item",
     "aten::_local_scalar_dense", "aten::flatten", "aten::view_as", "aten::_reshape_alias", "aten::set_",
-    "aten::resolve_conj", "aten::resolve_neg", "aten::as_strided_", "aten::unsqueeze_", "aten::squeeze_", "aten::_has_compatible_shallow_copy_type",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::as_strided_", "aten::unsqueeze_", "aten::squeeze_",
+    "aten::_has_compatible_shallow_copy_type",
 }
 
 
@@ -53,7 +55,7 @@ def op_counts(spec: str, batch_size: int, amp: str) -> tuple[collections.Counter
     """(Counter of the top-level aten ops that compute, all aten ops that compute) in one eager forward."""
     model = create_model(spec).eval()
     x = torch.randn(batch_size, 3, *model.patch_embed.img_size)
-    autocast = torch.autocast("cpu", dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
+    autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES[amp]) if amp != "fp32" else nullcontext()
     with torch.inference_mode(), autocast:
         model(x)  # warm-up: lazy initializations stay out of the count
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -71,13 +73,14 @@ import json, resource, sys, time, torch
 from torch._dynamo.utils import counters
 from torch._inductor import metrics
 import evit.models
-from evit.benchmark import AMP_DTYPES, create_model
+from evit.benchmark import create_model
+from evit.engine import AUTOCAST_DTYPES
 spec, batch, amp, passes, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 dev = torch.device(device)
 model = create_model(spec).eval().to(dev)
 x = torch.randn(batch, 3, *model.patch_embed.img_size, device=dev)
 compiled = torch.compile(model)
-ctx = torch.autocast(dev.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else torch.autocast(dev.type, enabled=False)
+ctx = torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[amp]) if amp != "fp32" else torch.autocast(dev.type, enabled=False)
 def cpu_seconds():
     return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
@@ -89,7 +92,8 @@ with torch.inference_mode(), ctx:
     first, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     for _ in range(passes - 1):
         compiled(x)
-print(json.dumps(dict(seconds=first, cpu_seconds=cpu, graphs=counters["stats"]["unique_graphs"], breaks=sum(counters["graph_break"].values()),
+print(json.dumps(dict(seconds=first, cpu_seconds=cpu, graphs=counters["stats"]["unique_graphs"],
+                      breaks=sum(counters["graph_break"].values()),
                       recompiles=counters["stats"]["unique_graphs"] - 1, kernels=metrics.generated_kernel_count)))
 """
 
@@ -110,7 +114,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", default=SPECS, help="model specs, as for `evit bench`; the first is the base")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="bf16")
+    p.add_argument("--amp", choices=PRECISIONS, default="bf16")
     p.add_argument("--compile", action="store_true", help="also time inductor's compile of each model")
     p.add_argument("--device", default="cpu", help="where to compile (cpu, cuda); ops are counted on the CPU")
     p.add_argument("--detail", type=int, default=12, help="list this many ops with the largest count differences")

@@ -1,6 +1,7 @@
 """The engine: keep-rate schedule, distributed helpers, exact distributed evaluation, the training step."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -192,8 +193,7 @@ def test_train_one_epoch_schedules_and_learns():
     # fine-tuning mode: the model is held in eval mode (DropPath off) and trained all the same
     spy.calls.clear()
     before = [p.detach().clone() for p in spy.parameters()]
-    ctx.hold_eval, ctx.scheduler = True, None
-    E.train_one_epoch(spy, loader, opt, E.TrainState(), ctx)
+    E.train_one_epoch(spy, loader, opt, E.TrainState(), dataclasses.replace(ctx, hold_eval=True, scheduler=None))
     assert not any(training for _, training in spy.calls)
     assert any(not torch.equal(a, b) for a, b in zip(before, spy.parameters()))
 

@@ -1,6 +1,7 @@
 """Run configs, the Trainer (exact resume, checkpoints, failure), `evit train` and `evit eval`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -33,7 +34,8 @@ def tiny_config(**sections) -> dict:
     that every random draw the engine makes is covered by the exact-resume tests."""
     cfg = {
         "model": {"arch": "deit_tiny_patch16_224", "method": "evit", "img_size": 28, "patch_size": 4,
-                  "keep_rate": 0.7, "drop_loc": [1, 2], "drop_path": 0.1, "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
+                  "keep_rate": 0.7, "drop_loc": [1, 2], "drop_path": 0.1,
+                  "kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2}},
         "data": {"dataset": "fashion_mnist", "num_workers": 0, "train_subset": 256, "val_subset": 101},
         "train": {"recipe": "demo", "epochs": 3, "batch_size": 32, "blr": 4e-3, "warmup_epochs": 1,
                   "shrink_start": 0.5, "shrink_epochs": 1, "mixup": 0.8, "cutmix": 1.0, "seed": 1,
@@ -208,13 +210,37 @@ def test_amp_training_on_the_cpu_resumes_exactly(amp, tmp_path):
     assert losses(tmp_path / "fp32") != losses(tmp_path / "straight")  # autocast really changed the arithmetic
 
 
+def test_build_gives_the_run_and_its_step(tmp_path, monkeypatch):
+    """`Trainer.build`: the run's parts and `steps`, the loop's step; at the target: the method's parameter at its
+    schedule's end and the lr as it is; staged: batches already through the batch stage. Its settings are frozen."""
+    trainer = T.Trainer(tiny_config(), tmp_path)
+    real_call, overrides = E.call_model, []
+    monkeypatch.setattr(E, "call_model", lambda model, x, override: (overrides.append(override),
+                                                                     real_call(model, x, override))[1])
+    with trainer.build() as run:
+        assert (run.ipe, run.batch, run.world_batch, run.num_train, run.num_eval) == (8, 32, 32, 256, 101)
+        assert run.target == {"keep_rate": 0.7} and run.ctx.override_fn(0) == {"keep_rate": 1.0}
+        lr = run.optimizer.param_groups[0]["lr"]
+        state = run.steps(run.epoch(0), at_target=True, max_step=2)
+        assert state.step == 2 and overrides == [{"keep_rate": 0.7}] * 2
+        assert run.optimizer.param_groups[0]["lr"] == lr
+        images, targets = run.stage(*next(iter(run.epoch(1))))
+        assert targets.shape == (32, 10)                          # Mixup's soft targets: staged once, not twice
+        overrides.clear()
+        assert run.steps([(images, targets)], staged=True).step == 1 and overrides == [{"keep_rate": 1.0}]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            run.ctx.on_step = print
+    assert trainer.checkpoint_now() is False                  # built no more: nothing to save
+
+
 def test_gradient_checkpointing_trains_the_same_weights(straight_run, tmp_path):
     ref_dir, ref = straight_run
     trainer = T.Trainer(tiny_config(train={"grad_checkpointing": True}), tmp_path)
     metrics = trainer()
     assert_same_weights(final_weights(ref_dir), final_weights(tmp_path))  # DropPath draws are replayed too
     assert metrics["top1"] == ref["top1"]
-    assert trainer._rt.model.grad_checkpointing  # really on (the blocks re-run in backward: tests/test_models.py)
+    with trainer.build() as run:  # really on (the blocks re-run in backward: tests/test_models.py)
+        assert run.model.grad_checkpointing
 
 
 def test_checkpoint_on_request_mid_step_is_exact(straight_run, tmp_path, monkeypatch):
