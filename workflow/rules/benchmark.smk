@@ -27,7 +27,7 @@ rule benchmark:
         f"{WF.results}/bench/launch.log",
     params:
         evit=EVIT,
-        run_dir=f"{WF.results}/bench",
+        run_dir=job_dir,
     threads: lambda w: workflow.cores  # a function: `snakemake --report` runs without --cores
     shell:
         "{params.evit} launch --command bench --config {input.config} --run-dir {params.run_dir} > {log} 2>&1"

@@ -13,13 +13,18 @@ WF = build_workflow(config, workflow.basedir)
 
 
 def run_cpus(wildcards):
-    """Cores a train/eval rule holds: its run's launcher cpus_per_task (the job uses that many threads)."""
+    """The cores of a train or eval job (its run's launcher cpus_per_task; the job uses that many threads)."""
     return WF.run_cpus(wildcards.exp)
 
 
 def one_process_cpus(wildcards):
-    """Cores a one-process job (the masking job, a backbone's evaluation) holds: the bench launcher's."""
+    """The cores of a one-process job (the masking job, a backbone's evaluation), the bench launcher's."""
     return WF.bench_launcher()["cpus_per_task"]
+
+
+def job_dir(wildcards, output):
+    """The folder of a job's first output, where `evit launch` runs it (its --run-dir)."""
+    return Path(output[0]).parent
 
 
 def report_table(table, ext):

@@ -23,7 +23,7 @@ rule evaluate_backbone:
         f"{WF.results}/comparison/{{backbone}}/eval.log",
     params:
         evit=EVIT,
-        run_dir=lambda w: f"{WF.results}/comparison/{w.backbone}",
+        run_dir=job_dir,
     threads: one_process_cpus
     shell:
         "{params.evit} launch --command eval-backbone --config {input.config} --checkpoint {input.weights} "

@@ -12,7 +12,7 @@ rule evaluate:
     params:
         evit=EVIT,
         checkpoint=lambda w: WF.weights(w.exp),
-        run_dir=lambda w: f"{WF.runs}/{w.exp}",
+        run_dir=job_dir,
     threads: run_cpus
     shell:
         "{params.evit} launch --command eval --config {input.config} --checkpoint {params.checkpoint} "

@@ -25,7 +25,7 @@ rule masking:
     params:
         evit=EVIT,
         weights=WF.weights(WF.masking["experiment"]),
-        run_dir=f"{WF.results}/masking",
+        run_dir=job_dir,
     threads: one_process_cpus
     shell:
         "{params.evit} launch --command mask --config {input.config} --checkpoint {params.weights} "

@@ -29,7 +29,7 @@ rule report:
         expand(f"{WF.results}/figures/{{fig}}.pdf", fig=WF.drawn_figures),
     params:
         evit=EVIT,
-        out_dir=WF.results,
+        out_dir=lambda w, output: Path(output[0]).parents[1],  # <results>/tables/<table>.md -> <results>
     localrule: True
     shell:
         "{params.evit} report --experiments {input.experiments} --bench {input.bench} "

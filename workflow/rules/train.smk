@@ -21,7 +21,7 @@ rule train:
         f"{WF.runs}/{{exp}}/train.log",
     params:
         evit=EVIT,
-        run_dir=lambda w: f"{WF.runs}/{w.exp}",
+        run_dir=job_dir,
     threads: run_cpus
     shell:
         "{params.evit} launch --command train --config {input.config} --run-dir {params.run_dir} > {log} 2>&1"

@@ -13,7 +13,7 @@ rule visualize:
         weights=WF.weights(config["visualize"]["experiment"]),
         num_images=config["visualize"]["num_images"],
         name=config["visualize"]["experiment"],
-        out=f"{WF.results}/figures/{KEPT_TOKENS_FIGURE}",
+        out=lambda w, output: Path(output[1]).with_suffix(""),  # the figure without its .png / .pdf
     localrule: True
     shell:
         "{params.evit} visualize --config {input.config} --checkpoint {params.weights} --name {params.name} "
