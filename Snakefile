@@ -26,12 +26,12 @@ include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/visualize.smk"
 
-if MASKING:
+if WF.masking:
 
     include: "workflow/rules/masking.smk"
 
 
-if COMPARISON:
+if WF.comparison:
 
     include: "workflow/rules/comparison.smk"
 
@@ -40,7 +40,7 @@ if COMPARISON:
 # on it, even though the tables made from it are still there.
 rule all:
     input:
-        [result_file(name) for name in EXPERIMENTS],
-        RESULTS + "/bench/throughput.csv",
-        expand(RESULTS + "/tables/{table}.{ext}", table=TABLES, ext=("md", "csv", "tex", "html")),
-        expand(RESULTS + "/figures/{fig}.{ext}", fig=FIGURES, ext=("png", "pdf")),
+        [WF.result_file(name) for name in WF.experiments],
+        f"{WF.results}/bench/throughput.csv",
+        expand(f"{WF.results}/tables/{{table}}.{{ext}}", table=WF.tables, ext=("md", "csv", "tex", "html")),
+        expand(f"{WF.results}/figures/{{fig}}.{{ext}}", fig=WF.figures, ext=("png", "pdf")),

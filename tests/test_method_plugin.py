@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from evit.methods import METHODS
-from test_workflow import ROOT, snakemake, tiny_config, tiny_checkpoint, write_config  # noqa: F401 (a fixture)
+from test_workflow import snakemake, tiny_checkpoint, tiny_config, write_config  # noqa: F401 (tiny_checkpoint: a fixture)
 
 PACKAGE = {
     "pyproject.toml": """

@@ -7,15 +7,9 @@
 
 rule bench_config:
     output:
-        RESULTS + "/bench/config.yaml",
+        f"{WF.results}/bench/config.yaml",
     params:
-        cfg=lambda w: {
-            **config["bench"],
-            "models": [{"label": name, "model": RESOLVED[name]["model"]} for name in EXPERIMENTS]
-            + [{"label": name, "timm": name} for name in BACKBONES],
-            "launcher": bench_launcher(),
-            "after_runs": config["backend"] != "slurm",
-        },
+        cfg=lambda w: WF.bench_config(),
     localrule: True
     run:
         write_yaml(output[0], params.cfg)
@@ -23,14 +17,17 @@ rule bench_config:
 
 rule benchmark:
     input:
-        config=RESULTS + "/bench/config.yaml",
+        config=f"{WF.results}/bench/config.yaml",
         # without SLURM every run shares the bench's machine: the bench comes after them all (ancient: a run
         # redone later does not redo the bench; a deleted one does)
-        runs=[] if config["backend"] == "slurm" else [ancient(result_file(name)) for name in EXPERIMENTS],
+        runs=[] if config["backend"] == "slurm" else [ancient(WF.result_file(name)) for name in WF.experiments],
     output:
-        RESULTS + "/bench/throughput.csv",
+        f"{WF.results}/bench/throughput.csv",
     log:
-        RESULTS + "/bench/launch.log",
+        f"{WF.results}/bench/launch.log",
+    params:
+        evit=EVIT,
+        run_dir=job_dir,
     threads: lambda w: workflow.cores  # a function: `snakemake --report` runs without --cores
     shell:
-        "{EVIT} launch --command bench --config {input.config} --run-dir {RESULTS}/bench > {log} 2>&1"
+        "{params.evit} launch --command bench --config {input.config} --run-dir {params.run_dir} > {log} 2>&1"

@@ -3,15 +3,17 @@
 
 rule evaluate:
     input:
-        config=RUNS + "/{exp}/config.yaml",
-        upstream=lambda w: upstream_results(w.exp),
+        config=f"{WF.runs}/{{exp}}/config.yaml",
+        upstream=lambda w: WF.upstream_results(w.exp),
     output:
-        RUNS + "/{exp}/eval.json",
+        f"{WF.runs}/{{exp}}/eval.json",
     log:
-        RUNS + "/{exp}/eval.log",
+        f"{WF.runs}/{{exp}}/eval.log",
     params:
-        checkpoint=lambda w: weights(w.exp),
+        evit=EVIT,
+        checkpoint=lambda w: WF.weights(w.exp),
+        run_dir=job_dir,
     threads: run_cpus
     shell:
-        "{EVIT} launch --command eval --config {input.config} --checkpoint {params.checkpoint} "
-        "--run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"
+        "{params.evit} launch --command eval --config {input.config} --checkpoint {params.checkpoint} "
+        "--run-dir {params.run_dir} > {log} 2>&1"

@@ -4,9 +4,9 @@
 
 rule masking_config:
     output:
-        RESULTS + "/masking/config.yaml",
+        f"{WF.results}/masking/config.yaml",
     params:
-        cfg=lambda w: masking_config(),
+        cfg=lambda w: WF.masking_config(),
     localrule: True
     run:
         write_yaml(output[0], params.cfg)
@@ -14,17 +14,19 @@ rule masking_config:
 
 rule masking:
     input:
-        config=RESULTS + "/masking/config.yaml",
-        result=lambda w: result_file(MASKING["experiment"]),
+        config=f"{WF.results}/masking/config.yaml",
+        result=WF.result_file(WF.masking["experiment"]),
     output:
-        RESULTS + "/masking/masking.json",
+        f"{WF.results}/masking/masking.json",
         report_figure(MASKING_FIGURE),
-        f"{RESULTS}/figures/{MASKING_FIGURE}.pdf",
+        f"{WF.results}/figures/{MASKING_FIGURE}.pdf",
     log:
-        RESULTS + "/masking/launch.log",
+        f"{WF.results}/masking/launch.log",
     params:
-        weights=lambda w: weights(MASKING["experiment"]),
-    threads: lambda w: bench_launcher()["cpus_per_task"]
+        evit=EVIT,
+        weights=WF.weights(WF.masking["experiment"]),
+        run_dir=job_dir,
+    threads: one_process_cpus
     shell:
-        "{EVIT} launch --command mask --config {input.config} --checkpoint {params.weights} "
-        "--run-dir {RESULTS}/masking > {log} 2>&1"
+        "{params.evit} launch --command mask --config {input.config} --checkpoint {params.weights} "
+        "--run-dir {params.run_dir} > {log} 2>&1"

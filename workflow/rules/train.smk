@@ -3,9 +3,9 @@
 
 rule run_config:
     output:
-        RUNS + "/{exp}/config.yaml",
+        f"{WF.runs}/{{exp}}/config.yaml",
     params:
-        cfg=lambda w: run_config(w.exp),
+        cfg=lambda w: WF.run_config(w.exp),
     localrule: True
     run:
         write_yaml(output[0], params.cfg)
@@ -13,12 +13,15 @@ rule run_config:
 
 rule train:
     input:
-        config=RUNS + "/{exp}/config.yaml",
-        upstream=lambda w: upstream_results(w.exp),
+        config=f"{WF.runs}/{{exp}}/config.yaml",
+        upstream=lambda w: WF.upstream_results(w.exp),
     output:
-        RUNS + "/{exp}/metrics.json",
+        f"{WF.runs}/{{exp}}/metrics.json",
     log:
-        RUNS + "/{exp}/train.log",
+        f"{WF.runs}/{{exp}}/train.log",
+    params:
+        evit=EVIT,
+        run_dir=job_dir,
     threads: run_cpus
     shell:
-        "{EVIT} launch --command train --config {input.config} --run-dir {RUNS}/{wildcards.exp} > {log} 2>&1"
+        "{params.evit} launch --command train --config {input.config} --run-dir {params.run_dir} > {log} 2>&1"

@@ -3,16 +3,18 @@
 
 rule visualize:
     input:
-        config=RUNS + "/" + config["visualize"]["experiment"] + "/config.yaml",
-        result=result_file(config["visualize"]["experiment"]),
+        config=f"{WF.runs}/{config['visualize']['experiment']}/config.yaml",
+        result=WF.result_file(config["visualize"]["experiment"]),
     output:
         report_figure(KEPT_TOKENS_FIGURE),
-        f"{RESULTS}/figures/{KEPT_TOKENS_FIGURE}.pdf",
+        f"{WF.results}/figures/{KEPT_TOKENS_FIGURE}.pdf",
     params:
-        weights=weights(config["visualize"]["experiment"]),
+        evit=EVIT,
+        weights=WF.weights(config["visualize"]["experiment"]),
         num_images=config["visualize"]["num_images"],
         name=config["visualize"]["experiment"],
+        out=lambda w, output: Path(output[1]).with_suffix(""),  # the figure without its .png / .pdf
     localrule: True
     shell:
-        "{EVIT} visualize --config {input.config} --checkpoint {params.weights} --name {params.name} "
-        "--num-images {params.num_images} --out {RESULTS}/figures/" + KEPT_TOKENS_FIGURE
+        "{params.evit} visualize --config {input.config} --checkpoint {params.weights} --name {params.name} "
+        "--num-images {params.num_images} --out {params.out}"

@@ -1,0 +1,405 @@
+"""The workflow's plan for the Snakemake rules (workflow/rules/*.smk), torch-free: from the schema-validated
+workflow config, the experiment table, every run's resolved config, the bench, masking and backbone configs, and
+the files each rule reads and writes. `build_workflow` checks all of it while Snakemake builds the DAG, so that
+`snakemake -n` names a bad key or value anywhere, and parsing stays fast; a bad config is one ConfigError
+``config: ...`` naming the experiment (or section)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from evit.boxes import check_mask
+from evit.methods import METHODS, check_method_param, check_trainable, method_param_keys, method_params, param_method
+from evit.config.schema import SCHEMA, resolve_config
+from evit.errors import ConfigError, EvitError
+from evit.config.launcher import resolve_bench_launcher
+from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
+
+SCHEMA_FILE = "workflow/schemas/config.schema.yaml"  # the workflow config's JSON schema, under the workflow's base dir
+EVIT = f"{sys.executable} -m evit.cli"  # the command line of `evit`, in the interpreter that runs Snakemake
+# Model keys that are experiment fields: the tables label rows with them, so a run: section may not override them.
+# An experiment's method uses its own parameters; experiment_defaults may hold every method's.
+OWNED_MODEL_KEYS = ("arch", "img_size", "method", *method_param_keys())
+
+
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """``base`` with ``override``'s keys put in, nested mappings merged key by key (neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def one_of(names: Iterable[str], none: str) -> str:
+    """A wildcard constraint matching exactly one of ``names`` (escaped: names hold dots), or ``none`` if empty."""
+    return "|".join(map(re.escape, names)) or none
+
+
+def write_yaml(path: str | Path, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def download(name: str, url: str, dest: str) -> None:
+    """Fetch ``url`` to ``dest`` through a ``.part`` file (a broken download leaves no ``dest``)."""
+    tmp = dest + ".part"
+    Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=600) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    except OSError as e:
+        raise EvitError(f"download {name}: cannot fetch {url}: {e}") from None
+    os.replace(tmp, dest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workflow:
+    """What the rules ask: ``config`` (validated, defaults filled in), ``experiments`` (name -> the experiment's
+    fields merged over experiment_defaults) and ``resolved`` (name -> its run config, every default filled in)."""
+    config: dict
+    experiments: dict[str, dict]
+    resolved: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    @property
+    def results(self) -> str:
+        return self.config["results"]
+
+    @property
+    def runs(self) -> str:
+        return f"{self.results}/runs"
+
+    @property
+    def downloads(self) -> dict[str, str]:
+        """Published weights fetched once by the local rule `download`: name -> URL (an `init` may name one)."""
+        return self.config["downloads"]
+
+    @property
+    def masking(self) -> dict | None:
+        """The masking experiment (workflow/rules/masking.smk), if the config has one."""
+        return self.config.get("masking")
+
+    @property
+    def comparison(self) -> dict | None:
+        """Other backbones, benched and evaluated off the shelf (workflow/rules/comparison.smk), if any."""
+        return self.config.get("comparison")
+
+    @property
+    def backbones(self) -> dict[str, str]:
+        """The comparison's backbones: timm name with its pretrained tag -> family."""
+        return self.comparison["backbones"] if self.comparison else {}
+
+    @property
+    def weight_urls(self) -> dict[str, str]:
+        """What the download rule fetches: a download's or a backbone's name -> URL."""
+        return {**self.downloads, **{name: self.comparison["weights"].format(name=name) for name in self.backbones}}
+
+    @property
+    def tables(self) -> list[str]:
+        return [*self.config["tables"], *([MASKING_TABLE] if self.masking else []),
+                *([COMPARISON_TABLE] if self.comparison else [])]
+
+    @property
+    def figures(self) -> list[str]:
+        """Every figure this config makes (`evit.layout.FIGURES`, less the masking or comparison one without it)."""
+        return [fig for fig in FIGURES
+                if (fig != MASKING_FIGURE or self.masking) and (fig != COMPARISON_FIGURE or self.comparison)]
+
+    @property
+    def drawn_figures(self) -> list[str]:
+        """The figures `evit report` draws."""
+        return [*REPORT_FIGURES, *([COMPARISON_FIGURE] if self.comparison else [])]
+
+    def is_trained(self, name: str) -> bool:
+        """Trained by the workflow: not mapped to an existing checkpoint and not evaluation-only."""
+        return name not in self.config["checkpoints"] and self.experiments[name]["recipe"] != "none"
+
+    def weights(self, name: str) -> str:
+        """The checkpoint file holding an experiment's final weights."""
+        if name in self.config["checkpoints"]:
+            return self.config["checkpoints"][name]
+        if self.is_trained(name):
+            return f"{self.runs}/{name}/checkpoint.pth"
+        return self.init_weights(self.experiments[name]["init"])
+
+    def init_weights(self, init: str) -> str:
+        """The checkpoint file an experiment starts from: another experiment's weights, a download, or a file."""
+        if init in self.experiments:
+            return self.weights(init)
+        return self.download_file(init) if init in self.downloads else init
+
+    def download_file(self, name: str) -> str:
+        """Where the download rule puts a download's or a backbone's weights: a .safetensors URL keeps its format."""
+        ext = "safetensors" if urllib.parse.urlsplit(self.weight_urls[name]).path.endswith(".safetensors") else "pth"
+        return f"{self.results}/weights/{name}.{ext}"
+
+    def result_file(self, name: str) -> str:
+        return f"{self.runs}/{name}/metrics.json" if self.is_trained(name) else f"{self.runs}/{name}/eval.json"
+
+    def upstream_results(self, name: str) -> list[str]:
+        """Result files of the runs whose weights this run starts from, or the download it starts from (so they are
+        made first)."""
+        init = self.experiments[name].get("init")
+        if name in self.config["checkpoints"]:
+            return []
+        if init in self.downloads:
+            return [self.download_file(init)]
+        return [self.result_file(init)] if init in self.experiments else []
+
+    def run_config(self, name: str) -> dict:
+        """The fully resolved config of one run, as `evit train` / `evit eval` read it."""
+        exp = self.experiments[name]
+        cfg = deep_merge(self.config["run_defaults"], {
+            "model": {key: exp[key] for key in ("arch", "img_size", "method", *METHODS[exp["method"]].params)
+                      if key in exp},
+            "train": {"recipe": exp["recipe"] if self.is_trained(name) else "none", "epochs": exp["epochs"]},
+            "launcher": {**self.config["launcher"], "backend": self.config["backend"]},
+        })
+        if self.is_trained(name) and exp["recipe"] == "finetune":
+            cfg["train"]["init_checkpoint"] = str(self.init_weights(exp["init"]))
+        return deep_merge(cfg, exp.get("run", {}))
+
+    def run_cpus(self, name: str) -> int:
+        """Cores a train/eval rule holds: its run's launcher cpus_per_task (the job uses that many threads)."""
+        return self.resolved[name]["launcher"]["cpus_per_task"]
+
+    def bench_launcher(self) -> dict:
+        """The benchmark job's launcher options: one process (the bench is not distributed), on the runs' backend,
+        on a node of its own on SLURM (`exclusive`)."""
+        return {**self.config["launcher"], "nodes": 1, "tasks_per_node": 1, "exclusive": True,
+                **self.config["bench_launcher"], "backend": self.config["backend"]}
+
+    def shared_one_process_launcher(self) -> dict:
+        """The launcher of a one-process evaluation (the masking job, a comparison backbone's): the bench's, but on
+        a node it may share: it counts top-1s, it does not time anything."""
+        return {**self.bench_launcher(), "exclusive": False}
+
+    def bench_config(self) -> dict:
+        """The bench job's config: every experiment's model (built from its run config's model section, as in
+        training) and every backbone by timm name; `after_runs` when the runs share its machine (no SLURM)."""
+        return {
+            **self.config["bench"],
+            "models": [{"label": name, "model": self.resolved[name]["model"]} for name in self.experiments]
+            + [{"label": name, "timm": name} for name in self.backbones],
+            "launcher": self.bench_launcher(),
+            "after_runs": self.config["backend"] != "slurm",
+        }
+
+    def masking_config(self) -> dict:
+        """The masking job's run config: its experiment's, in one process (the bench's launcher), with a mask:
+        section (`evit.config.MASK_DEFAULTS`) that writes the figure."""
+        masking = self.masking
+        keys = ("share", "boxes", "boxes_format", "seed", "figure_images")
+        cfg = deep_merge(self.run_config(masking["experiment"]), {
+            "launcher": self.shared_one_process_launcher(),
+            "meta": {"experiment": masking["experiment"]},
+            "mask": {**{k: masking[k] for k in keys if k in masking},
+                     "figure": f"{self.results}/figures/{MASKING_FIGURE}"},
+        })
+        if masking.get("val_subset"):
+            cfg["data"]["val_subset"] = masking["val_subset"]
+        return cfg
+
+    def backbone_config(self, name: str) -> dict:
+        """A backbone's eval config: the runs' data and device, timm's model `name`, the torch loader with the
+        backbone's own transform (so not the demo's canvas), in one process on a node it may share."""
+        return deep_merge(self.config["run_defaults"], {
+            "model": {"arch": name},
+            "data": {"loader": "torch", "canvas": None},
+            "launcher": self.shared_one_process_launcher(),
+            "meta": {"backbone": name, "family": self.backbones[name]},
+        })
+
+    def schedule_of(self, name: str) -> dict:
+        """{"schedule": the training keys of the run's method} when they are not its recipe's (an ablation's row
+        says so), else {}."""
+        resolved = self.resolved[name]
+        changes = METHODS[resolved["model"]["method"]].schedule_changes(resolved["train"])
+        return {"schedule": changes} if changes else {}
+
+    def experiments_file(self) -> dict:
+        """What `evit report` reads: the tables, each experiment's row labels and result file, the masking and
+        comparison results."""
+        masking, comparison = self.masking, self.comparison
+        return {
+            "dataset": self.config["dataset"],
+            "tables": self.config["tables"],
+            **({"masking": {"result": f"{self.results}/masking/masking.json", "experiment": masking["experiment"],
+                            "paper": masking.get("paper") or {}}} if masking else {}),
+            **({"comparison": {"experiments": comparison["experiments"], "backbones": [
+                {"name": name, "family": family, "result": f"{self.results}/comparison/{name}/eval.json"}
+                for name, family in self.backbones.items()]}} if comparison else {}),
+            "experiments": [
+                {"name": name, "arch": e["arch"], "img_size": e["img_size"], "method": e["method"],
+                 "params": method_params(self.resolved[name]["model"]), "recipe": e["recipe"],
+                 "tables": e["tables"], "paper": e.get("paper"), "result": self.result_file(name),
+                 **self.schedule_of(name)}
+                for name, e in self.experiments.items()
+            ],
+        }
+
+
+def experiment_fields(basedir: str | Path) -> set[str]:
+    """The schema's experiment fields (`SCHEMA_FILE` under ``basedir``), beside which an experiment sets only the
+    parameters of a method."""
+    schema = yaml.safe_load((Path(basedir) / SCHEMA_FILE).read_text())
+    return set(schema["$defs"]["experiment_fields"]["properties"])
+
+
+def build_workflow(config: dict, basedir: str | Path) -> Workflow:
+    """The plan of a workflow config that Snakemake validated against `SCHEMA_FILE` (defaults filled in), every
+    part of it checked; ``basedir``: the workflow's (the folder holding the Snakefile)."""
+    _check_data_root(config)
+    plan = Workflow(config, _experiment_table(config, experiment_fields(basedir)))
+    if plan.comparison:
+        _check_comparison(plan)
+    for name, what in ((MASKING_TABLE, "the masking experiment's"), (COMPARISON_TABLE, "the comparison's")):
+        if name in config["tables"]:
+            raise ConfigError(f"config: tables: {name!r} is {what} table; name yours otherwise")
+    plan = dataclasses.replace(plan, resolved=_resolve_run_configs(plan))
+    if plan.masking:
+        _check_masking(plan)
+    for name in plan.backbones:
+        _resolved(plan.backbone_config(name), f"comparison.backbones: {name!r}")
+    return plan
+
+
+def _resolved(run_config: dict, where: str) -> dict:
+    """`resolve_config`, its `ConfigError` re-raised as ``config: <where>: ...``."""
+    try:
+        return resolve_config(run_config)
+    except ConfigError as e:
+        raise ConfigError(f"config: {where}: {e}") from None
+
+
+def _check_data_root(config: dict) -> None:
+    data = config["run_defaults"].get("data", {})
+    if data.get("dataset") in ("imagenet", "folder"):
+        root = Path(str(data.get("root")))
+        if not ((root / "train").is_dir() and (root / "val").is_dir()):
+            raise ConfigError(f"config: run_defaults data.root {root} is not a {data['dataset']} directory "
+                             "(expected root/train/<class>/* and root/val/<class>/*): set run_defaults.data.root "
+                             "to your ImageNet in workflow/config/paper.yaml, or in a site file added with "
+                             "--configfile workflow/config/paper.yaml site.yaml")
+
+
+def _check_method_fields(name: str, entry: dict, fields: set[str]) -> None:
+    """An experiment's (or experiment_defaults') keys beyond the schema's ``fields``: parameters of a method, each
+    valid."""
+    if entry.get("method", "none") not in METHODS:
+        raise ConfigError(f"config: {name}: method {entry['method']!r} is not one of {list(METHODS)}")
+    for key in sorted(set(entry) - fields):
+        try:
+            check_method_param(key, entry[key])
+        except ConfigError as e:
+            raise ConfigError(f"config: {name}: {e}") from None
+
+
+def _experiment_table(config: dict, fields: set[str]) -> dict[str, dict]:
+    """Name -> the experiment's fields merged over experiment_defaults, each entry and cross-reference checked."""
+    defaults, checkpoints = config["experiment_defaults"], config["checkpoints"]
+    _check_method_fields("experiment_defaults", defaults, fields)
+    experiments = {}
+    for entry in config["experiments"]:
+        _check_method_fields(f"experiment {entry['name']!r}", entry, fields)
+        exp = deep_merge(defaults, entry)
+        exp.setdefault("method", SCHEMA["model"]["method"].default)
+        if exp["name"] in experiments:
+            raise ConfigError(f"config: experiment {exp['name']!r} is defined twice")
+        foreign = [k for k in entry if (param_method(k) or exp["method"]) != exp["method"]]
+        if foreign:
+            raise ConfigError(f"config: experiment {exp['name']!r} (method {exp['method']}) sets {foreign[0]}, a "
+                             f"parameter of method {param_method(foreign[0])}")
+        experiments[exp["name"]] = exp
+    for name, path in checkpoints.items():
+        if name not in experiments:
+            raise ConfigError(f"config: checkpoints maps unknown experiment {name!r}; known: {sorted(experiments)}")
+        if not Path(path).is_file():
+            raise ConfigError(f"config: checkpoint {path} for experiment {name!r} does not exist")
+    for exp in experiments.values():
+        _check_experiment(exp, config, experiments)
+    for table, spec in config["tables"].items():
+        if spec["baseline"] not in experiments:
+            raise ConfigError(f"config: table {table!r} has unknown baseline experiment {spec['baseline']!r}")
+    shown = config["visualize"]["experiment"]
+    if shown not in experiments:
+        raise ConfigError(f"config: visualize.experiment {shown!r} is not an experiment")
+    if not METHODS[experiments[shown]["method"]].kept_patches:
+        raise ConfigError(f"config: visualize.experiment {shown!r}: its method does not keep patches (the figure "
+                         "shows the patches kept after each block, as EViT's)")
+    return experiments
+
+
+def _check_experiment(exp: dict, config: dict, experiments: dict[str, dict]) -> None:
+    """One merged experiment against the others: trainable, its run: section, its init and its tables."""
+    name, recipe, init = exp["name"], exp["recipe"], exp.get("init")
+    checkpoints, downloads = config["checkpoints"], config["downloads"]
+    if recipe != "none" and name not in checkpoints:
+        try:
+            check_trainable(exp["method"])
+        except ConfigError as e:
+            raise ConfigError(f"config: experiment {name!r} (recipe {recipe}): {e}") from None
+    owned = sorted(set(OWNED_MODEL_KEYS) & set((exp.get("run") or {}).get("model") or {}))
+    if owned:
+        raise ConfigError(f"config: experiment {name!r} sets model.{owned[0]} in its run: section; set "
+                         f"`{owned[0]}:` on the experiment itself (its table rows are labelled from it)")
+    if recipe in ("finetune", "none") and name not in checkpoints and not init:
+        raise ConfigError(f"config: experiment {name!r} (recipe {recipe}) needs `init`: an experiment name or a "
+                         "checkpoint file")
+    if init and init not in experiments and init not in downloads and not Path(init).is_file():
+        raise ConfigError(f"config: experiment {name!r} has init {init!r}, which is neither an experiment "
+                         f"({sorted(experiments)}), a download ({sorted(downloads)}) nor an existing checkpoint file")
+    unknown = [t for t in exp["tables"] if t not in config["tables"]]
+    if unknown:
+        raise ConfigError(f"config: experiment {name!r} lists unknown table(s) {unknown}; "
+                         f"known: {sorted(config['tables'])}")
+
+
+def _check_comparison(plan: Workflow) -> None:
+    untagged = [name for name in plan.backbones if "." not in name]
+    if untagged:
+        raise ConfigError(f"config: comparison.backbones: {untagged[0]!r} has no pretrained tag: name the weights as "
+                         "timm does, <model>.<tag> (e.g. swin_tiny_patch4_window7_224.ms_in1k); the URL and the data "
+                         "config come from it")
+    for names, what in ((plan.experiments, "an experiment's name (the bench labels rows by both)"),
+                        (plan.downloads, "a download's name (results/weights/ holds both)")):
+        if set(plan.backbones) & set(names):
+            raise ConfigError(f"config: comparison.backbones: {sorted(set(plan.backbones) & set(names))[0]!r} is "
+                             f"also {what}")
+    unknown = [name for name in plan.comparison["experiments"] if name not in plan.experiments]
+    if unknown:
+        raise ConfigError(f"config: comparison.experiments: {unknown[0]!r} is not an experiment")
+
+
+def _resolve_run_configs(plan: Workflow) -> dict[str, dict]:
+    """Every run's config, resolved now (defaults filled in), so that a bad key or value fails the dry run,
+    naming the experiment; the bench launcher is checked too."""
+    resolved = {name: _resolved(plan.run_config(name), f"experiment {name!r}") for name in plan.experiments}
+    try:
+        resolve_bench_launcher(plan.bench_launcher())
+    except ConfigError as e:
+        raise ConfigError(f"config: bench_launcher: {e}") from None
+    return resolved
+
+
+def _check_masking(plan: Workflow) -> None:
+    """The masking experiment's config, and its box file (missing or malformed), named before anything runs."""
+    name = plan.masking["experiment"]
+    if name not in plan.experiments or plan.experiments[name]["method"] != "none":
+        raise ConfigError(f"config: masking.experiment {name!r} is not a method-none experiment (the baseline "
+                         "whose patches are masked)")
+    cfg = plan.masking_config()
+    _resolved(cfg, "masking")
+    try:
+        check_mask(cfg["mask"])
+    except ConfigError as e:
+        raise ConfigError(f"config: masking: {e}") from None
