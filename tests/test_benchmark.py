@@ -102,6 +102,7 @@ def test_bench_compiles_on_the_cpu(tmp_path):
     code = f"""
 import json
 from torch._dynamo.utils import counters
+from evit.benchmark import benchmark
 df = benchmark([{TINY_EVIT!r}], batch_size=2, warmup=1, rounds=2, amp="bf16", compile=True, log=lambda m: None)
 print(json.dumps(dict(compiled=bool(df["compile"].iloc[0]), img_s=float(df["img_s"].iloc[0]),
                       graphs=counters["stats"]["unique_graphs"], breaks=len(counters["graph_break"]),

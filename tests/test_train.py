@@ -76,15 +76,20 @@ def straight_run(tmp_path_factory):
 
 
 def test_config_defaults_and_recipes():
-    cfg = resolve_config({"data": {"dataset": "imagenet", "root": "/data/imagenet"}})
+    cfg = resolve_config({"model": {"method": "evit"}, "data": {"dataset": "imagenet", "root": "/data/imagenet"}})
     t = cfg["train"]
     assert t["recipe"] == "scratch" and t["epochs"] == 300 and t["blr"] == 5e-4 and t["warmup_epochs"] == 5
     assert (t["mixup"], t["cutmix"], t["smoothing"], t["reprob"], t["repeated_aug"]) == (0.8, 1.0, 0.1, 0.25, 3)
     assert t["aa"] == "rand-m9-mstd0.5-inc1" and (t["shrink_start"], t["shrink_epochs"]) == (10, 100)
     assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["crop_pct"] == 0.875
     assert cfg["data"]["mean"] == list(IMAGENET_MEAN)
-    ft = resolve_config({"data": {"dataset": "imagenet", "root": "/x"},
-                           "train": {"recipe": "finetune", "init_checkpoint": "deit_s.pth", "epochs": 5}})["train"]
+    # the schedule's training keys are the method's: the baseline has none, and refuses EViT's
+    plain = resolve_config({"data": {"dataset": "imagenet", "root": "/x"}})["train"]
+    assert "shrink_start" not in plain and set(plain) == set(t) - {"shrink_start", "shrink_epochs"}
+    with pytest.raises(ConfigError, match="train.shrink_start: a training key of method evit, not of none"):
+        resolve_config({"data": {"dataset": "imagenet", "root": "/x"}, "train": {"shrink_start": 0}})
+    ft = resolve_config({"model": {"method": "evit"}, "data": {"dataset": "imagenet", "root": "/x"},
+                         "train": {"recipe": "finetune", "init_checkpoint": "deit_s.pth", "epochs": 5}})["train"]
     assert (ft["blr"], ft["min_lr"], ft["weight_decay"], ft["warmup_epochs"]) == (2e-5, 2e-6, 1e-6, 0)
     assert (ft["shrink_start"], ft["shrink_epochs"], ft["hold_eval"], ft["epochs"]) == (0, 0, True, 5)
     demo = resolve_config(tiny_config())
@@ -502,6 +507,7 @@ def test_compiled_training_through_the_whole_keep_rate_schedule_compiles_a_bound
     code = f"""
 import functools, json, torch
 from torch._dynamo.utils import counters
+from evit import engine as E
 from evit.trainer import Trainer
 torch.set_num_threads(1)
 E.compile_for_training = functools.partial(E.compile_for_training, backend="aot_eager")
