@@ -3,7 +3,7 @@
 For a run config, in one process, after warm-up, in interleaved rounds, three rates in img/s:
 
 - **input**: the training loader the Trainer builds (whichever the run config chooses) and its batch stage
-  (`evit.data.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
+  (`evit.data.stage.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
   loader's ``num_workers``, or its ``num_threads``);
 - **step**: the training step (`evit.engine.BuiltRun.steps`: forward, backward, optimizer, with ``train.amp`` and
   ``train.compile``) on one staged batch held on the device, at the model's target keep rate;

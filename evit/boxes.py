@@ -17,7 +17,7 @@ Box = tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in the origina
 
 def read_boxes(path: str | Path, fmt: str, limit: int | None = None) -> dict[str, list[Box]]:
     """Image id (the file stem, e.g. ``ILSVRC2012_val_00000001``) -> its boxes, for ``fmt`` in
-    `evit.config.BOX_FORMATS`; ``limit``: read only that many images (the DAG-time check of an XML folder)."""
+    `evit.config.masking.BOX_FORMATS`; ``limit``: read only that many images (the DAG-time check of an XML folder)."""
     path = Path(path)
     if fmt == "xml":
         files = sorted(path.glob("*.xml")) if path.is_dir() else []

@@ -154,7 +154,7 @@ class StepContext:
     rank: int = 0
     scheduler: object | None = None            # timm scheduler, stepped per iteration via step_update(step)
     override_fn: Callable[[int], dict] | None = None    # step -> the method's scheduled override, or None
-    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`evit.data.BatchStage`);
+    batch_stage: Callable | None = None        # (images, targets) -> on the device, ready (`data.stage.BatchStage`);
                                                # None: batches are ready, only moved to the device
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
@@ -269,7 +269,7 @@ class BuiltRun:
 
     @property
     def stage(self) -> Callable:
-        """The batch stage: (images, targets) from the loader -> ready on the device (`evit.data.BatchStage`)."""
+        """The batch stage: (images, targets) from the loader -> ready on the device (`evit.data.stage.BatchStage`)."""
         return self.ctx.batch_stage
 
     @property
@@ -324,7 +324,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, *, 
              override: dict | None = None) -> dict:
     """Top-1 / top-5 / mean cross-entropy over this rank's share of ``loader``, summed over all ranks.
 
-    With `evit.data.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets the
+    With `evit.data.samplers.ShardSampler` each image is counted exactly once over the ranks. ``override`` sets the
     model's per-pass parameter (e.g. ``{"keep_rate": 0.5}``; None: the model's own)."""
     model.eval()
     non_blocking = device.type == "cuda"

@@ -25,7 +25,7 @@ config (with the torch-free `evit.config`; this waiting process never imports to
 A job has nodes x tasks_per_node processes (DDP ranks); the launcher returns rank 0's result, and a failure
 names each failed task with its logs. The job is a submitit `Checkpointable`: on USR2 (timeout or preemption)
 rank 0 saves the step the training has reached, and the job is requeued; every rank resumes from
-`checkpoint.pth` in the run dir. A failure a resubmission would repeat (an `evit.errors.DeterministicError`) is reported at
+`checkpoint.pth` in the run dir. A failure a resubmission would repeat (a `DeterministicError`) is reported at
 once; other failures are resubmitted up to `max_failures` times. The launcher records the job in
 `DIR/job.json`; invoked again for the same run while that SLURM job is pending or running, it waits on it
 instead of submitting another.

@@ -138,7 +138,8 @@ class Trainer:
         model, train_model, override_fn, target = self._build_model(info, device, data, init=ckpt is None)
         optimizer, ctx = self._build_step(info, device, data, model, override_fn)
         run = E.BuiltRun(info=info, model=model, train_model=train_model, optimizer=optimizer, sampler=data.sampler,
-                         loader=data.loader, eval_loader=data.eval_loader, ctx=ctx, target=target, batch=self.config["train"]["batch_size"],
+                         loader=data.loader, eval_loader=data.eval_loader, ctx=ctx, target=target,
+                         batch=self.config["train"]["batch_size"],
                          num_train=data.num_train, num_eval=data.num_eval)
         state = E.TrainState()
         if ckpt is not None:
@@ -353,7 +354,7 @@ def _cmd_train(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("train", description="Train one run described by a run config (see `evit.config`'s docstring).")
+    p = sub.add_parser("train", description="Train one run described by a run config (see `evit config`).")
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--run-dir", required=True, help="output directory (checkpoint.pth, log.jsonl, metrics.json)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

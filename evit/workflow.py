@@ -196,7 +196,7 @@ class Workflow:
 
     def masking_config(self) -> dict:
         """The masking job's run config: its experiment's, in one process (the bench's launcher), with a mask:
-        section (`evit.config.MASK_DEFAULTS`) that writes the figure."""
+        section (`evit.config.masking.MASK_DEFAULTS`) that writes the figure."""
         masking = self.masking
         keys = ("share", "boxes", "boxes_format", "seed", "figure_images")
         cfg = deep_merge(self.run_config(masking["experiment"]), {

@@ -61,14 +61,16 @@ def config_reference() -> str:
     lines = [
         "# Run config reference",
         "",
-        "<!-- Generated from SCHEMA in evit/config/schema.py and the methods of evit/methods.py: do not edit by hand;",
-        f"     after changing either run `evit config > {REFERENCE_PATH}` (a test checks that this file is up to date). -->",
+        "<!-- Generated from SCHEMA in evit/config/schema.py and the methods of evit/methods.py: do not edit by",
+        f"     hand; after changing either run `evit config > {REFERENCE_PATH}` (a test checks that this file is up",
+        "     to date). -->",
         "",
         "A run config is a YAML mapping with the sections below. Every key has a default except "
         "`data.dataset` (and `data.root` for imagenet / folder); unknown keys and bad values are rejected "
         "with one error naming the key (`ConfigError`). `resolve_config` fills in every default, so a "
         "resolved config is complete. Top-level `launcher` (read by `evit launch`; its keys are documented "
-        "in evit/launch.py's docstring and checked by `resolve_launcher`), `mask` (the masking job's options) and `meta` (free-form, e.g. the "
+        "in evit/launch.py's docstring and checked by `resolve_launcher`), `mask` (the masking job's options) "
+        "and `meta` (free-form, e.g. the "
         "experiment name) are kept as given; they are not part of the config hash.",
         "",
         "A default written as `" + " / ".join(f"{r} ..." for r in recipe_order) + "` comes from the recipe "

@@ -180,7 +180,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
 PASSTHROUGH = ("launcher", "meta", "mask")
 def _model_fields(given: dict) -> dict[str, Field]:
     """The model section's keys for the method it names: `SCHEMA`'s and that method's own parameters."""
-    method = check_field("model.method", SCHEMA["model"]["method"], given.get("method", SCHEMA["model"]["method"].default))
+    field = SCHEMA["model"]["method"]
+    method = check_field("model.method", field, given.get("method", field.default))
     foreign = [k for k in given if (param_method(k) or method) != method]
     if foreign:
         raise ConfigError(f"model.{foreign[0]}: a parameter of method {param_method(foreign[0])}, not of {method}")
@@ -252,7 +253,8 @@ def resolve_config(raw: dict | None) -> dict:
             out[k] = copy.deepcopy(raw[k])
 
     m, d, t, ev = out["model"], out["data"], out["train"], out["eval"]
-    for key in ("img_size", "patch_size", "num_classes", "method", *method_param_keys(), "drop_path_rate", "pretrained"):
+    for key in ("img_size", "patch_size", "num_classes", "method", *method_param_keys(), "drop_path_rate",
+                "pretrained"):
         if key in m["kwargs"]:
             raise ConfigError(f"model.kwargs.{key}: set it as model.{key.removesuffix('_rate')} instead"
                               if key != "pretrained" else "model.kwargs.pretrained: not allowed (no hub "

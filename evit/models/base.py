@@ -24,7 +24,7 @@ class BlockTokens(NamedTuple):
 
 class TokenReducer:
     """The model side of a method. ``forward(x, **{override: value})`` runs one pass at another value of the method's
-    per-pass parameter (`evit.config.Method.override`); `token_counts` takes the same keyword."""
+    per-pass parameter (`evit.methods.Method.override`); `token_counts` takes the same keyword."""
 
     def token_counts(self, num_patches: int | None = None, **override) -> list[BlockTokens]:
         """Tokens through each block in a pass (at ``override``, else the model's own), by the rule the blocks
