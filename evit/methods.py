@@ -220,10 +220,3 @@ def check_method_param(key: str, value: Any) -> Any:
     if method is None:
         raise ConfigError(f"model.{key}: not a parameter of any method ({', '.join(method_param_keys())})")
     return check_field(f"model.{key}", METHODS[method].params[key], value)
-
-
-
-
-def train_key_method(key: str) -> str | None:
-    """The method whose training key ``train.<key>`` is, or None."""
-    return next((name for name, m in METHODS.items() if key in m.train_params), None)

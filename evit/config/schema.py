@@ -18,25 +18,9 @@ import re
 from evit.config.fields import RECIPE, REQUIRED, Field, PerRecipe, check_field
 from evit.config.launcher import resolve_launcher
 from evit.config.recipes import RECIPE_NAMES, recipe_defaults
+from evit.data.catalog import AUGMENTS, DATASETS, DEFAULT_CROP_PCT, FASHION_CLASSES, default_mean_std
 from evit.errors import ConfigError
-from evit.methods import METHODS, method_param_keys, param_method, train_key_method
-
-DATASETS = ("imagenet", "folder", "fashion_mnist")
-AUGMENTS = ("deit", "demo", "none")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Fashion-MNIST training-set pixel statistics (grey, repeated over the three channels).
-FASHION_MEAN = (0.2860, 0.2860, 0.2860)
-FASHION_STD = (0.3530, 0.3530, 0.3530)
-DEFAULT_CROP_PCT = 0.875          # DeiT's evaluation: resize to img_size / 0.875, centre crop
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-
-
-def default_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return (FASHION_MEAN, FASHION_STD) if name == "fashion_mnist" else (IMAGENET_MEAN, IMAGENET_STD)
-
-
+from evit.methods import METHODS, method_param_keys
 
 SECTION_HELP: dict[str, str] = {
     "model": "The network: a timm backbone and the token-reduction method applied to it (`METHODS`).",
@@ -182,30 +166,27 @@ def _model_fields(given: dict) -> dict[str, Field]:
     """The model section's keys for the method it names: `SCHEMA`'s and that method's own parameters."""
     field = SCHEMA["model"]["method"]
     method = check_field("model.method", field, given.get("method", field.default))
-    foreign = [k for k in given if (param_method(k) or method) != method]
-    if foreign:
-        raise ConfigError(f"model.{foreign[0]}: a parameter of method {param_method(foreign[0])}, not of {method}")
     arch = given.get("arch", "")
     for name, m in METHODS.items():
         if m.prefix and isinstance(arch, str) and arch.startswith(m.prefix):
             raise ConfigError(f"model.arch: {arch!r} includes the method ({m.label}); write `arch: "
                               f"{arch.removeprefix(m.prefix)}` and `method: {name}`")
-    clash = sorted(set(SCHEMA["model"]) & set(METHODS[method].params))
-    if clash:
-        raise ConfigError(f"model.{clash[0]}: method {method} declares a parameter that is a model key")
-    return {**SCHEMA["model"], **METHODS[method].params}
+    return _with_method_keys("model", given, method)
 
 
-def _train_fields(given: dict, method: str) -> dict[str, Field]:
-    """The train section's keys for ``method``: `SCHEMA`'s and the training keys of that method's schedule."""
-    foreign = [k for k in given if (train_key_method(k) or method) != method]
+def _with_method_keys(section: str, given: dict, method: str) -> dict[str, Field]:
+    """A section's keys for ``method``: `SCHEMA`'s and the method's own (its parameters in the model section, the
+    training keys of its schedule in the train section). Another method's key is an error naming that method."""
+    what, own = (("parameter", lambda m: m.params) if section == "model" else
+                 ("training key", lambda m: m.train_params))
+    owner = {k: name for name, m in METHODS.items() for k in own(m)}
+    foreign = [k for k in given if owner.get(k, method) != method]
     if foreign:
-        raise ConfigError(f"train.{foreign[0]}: a training key of method {train_key_method(foreign[0])}, "
-                          f"not of {method}")
-    clash = sorted(set(SCHEMA["train"]) & set(METHODS[method].train_params))
+        raise ConfigError(f"{section}.{foreign[0]}: a {what} of method {owner[foreign[0]]}, not of {method}")
+    clash = sorted(set(SCHEMA[section]) & set(own(METHODS[method])))
     if clash:
-        raise ConfigError(f"train.{clash[0]}: method {method} declares a training key that is a generic one")
-    return {**SCHEMA["train"], **METHODS[method].train_params}
+        raise ConfigError(f"{section}.{clash[0]}: method {method} declares a {what} that is a generic key")
+    return {**SCHEMA[section], **own(METHODS[method])}
 
 
 def resolve_config(raw: dict | None) -> dict:
@@ -225,7 +206,7 @@ def resolve_config(raw: dict | None) -> dict:
         if sec == "model":
             fields = _model_fields(given)
         elif sec == "train":
-            fields = _train_fields(given, out["model"]["method"])
+            fields = _with_method_keys("train", given, out["model"]["method"])
         unknown = [k for k in given if k not in fields]
         if unknown:
             raise ConfigError(f"{sec}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
