@@ -128,7 +128,8 @@ def test_a_backbone_without_its_pretrained_tag_is_named(paper):
 
 
 def test_the_dry_run_checks_a_pack(paper, tmp_path):
-    """data.format packed: the pack at data.root opens (sizes and index, no shard read), or one error naming its file."""
+    """data.format packed: the pack at data.root opens (sizes and index, no shard read), or one error names its
+    file."""
     from PIL import Image
 
     from evit.data.packed import pack_dataset
