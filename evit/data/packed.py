@@ -21,6 +21,7 @@ on first use (DataLoader workers included). Imports no torch: the workflow's dry
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -53,7 +54,7 @@ class PackedDataset:
         self.shards = [self.root / s["file"] for s in meta["shards"]]
         self.index = read_index(self.root, meta)
         self.targets: list[int] = self.index["label"].tolist()
-        self._names: list[str] | None = None
+        self._samples: list[tuple[str, int]] | None = None
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -84,12 +85,12 @@ class PackedDataset:
     @property
     def samples(self) -> list[tuple[str, int]]:
         """Each sample's ``(file relative to the folder's split directory, label)``, as the folder lists them."""
-        if self._names is None:
+        if self._samples is None:
             names = (self.root / NAMES).read_text().splitlines()
             if len(names) != len(self):
                 raise DatasetError(f"{self.root / NAMES}: {len(names)} names for the index's {len(self)} samples")
-            self._names = names
-        return list(zip(self._names, self.targets))
+            self._samples = list(zip(names, self.targets))
+        return self._samples
 
     def describe(self, i: int) -> str:
         return f"{self.samples[i][0]} in the pack {self.root} (index {i})"
@@ -209,7 +210,7 @@ def _write_split(folder, src: Path, out: Path, split: str, dataset: str, shard_b
     shards: list[dict] = []
     shard_file, t0, last = None, time.perf_counter(), time.perf_counter()
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="evit-pack-read") as pool:
-        for i, (data, size) in enumerate(pool.map(_read_image, [p for p, _ in folder.samples])):
+        for i, (data, size) in enumerate(_read_ahead(pool, [p for p, _ in folder.samples], 4 * max(1, threads))):
             if not shards or (shards[-1]["bytes"] and shards[-1]["bytes"] + len(data) > shard_bytes):
                 if shard_file:
                     shard_file.close()
@@ -233,6 +234,17 @@ def _write_split(folder, src: Path, out: Path, split: str, dataset: str, shard_b
     seconds = time.perf_counter() - t0
     return {"images": len(folder), "shards": len(shards), "bytes": sum(s["bytes"] for s in shards),
             "seconds": round(seconds, 2)}
+
+
+def _read_ahead(pool: ThreadPoolExecutor, paths: Sequence[str], depth: int):
+    """`_read_image` of each path in order, at most ``depth`` read ahead (the rest waits, not in memory)."""
+    pending = collections.deque()
+    for path in paths:
+        pending.append(pool.submit(_read_image, path))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _read_image(path: str) -> tuple[bytes, tuple[int, int]]:
