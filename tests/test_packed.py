@@ -18,8 +18,8 @@ from evit.cli import main as evit_main
 from evit.config.schema import resolve_config
 from evit.data.datasets import FashionMNIST, build_dataset
 from evit.data.loaders import build_train_data
-from evit.data.packed import INDEX, META, PackedDataset, check_pack
-from evit.errors import ConfigError, DatasetError
+from evit.data.packed import INDEX, META, PackedDataset, check_pack, pack_dataset
+from evit.errors import ConfigError, DatasetError, ImageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -77,6 +77,15 @@ def test_a_pack_holds_the_folder_sample_for_sample(folder, pack, capsys):
     assert again._fds == {} and again.encoded(3) == packed.encoded(3)
     assert evit_main(["pack", "--dataset", "folder", "--root", str(folder), "--out", str(pack)]) == 2
     assert f"evit pack: error: --out: {pack / 'train'} already exists" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_image_stops_the_pack_naming_it(folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "val" / "c2" / "notes.jpg").write_text("not an image")
+    with pytest.raises(ImageError, match=f"cannot pack {bad / 'val' / 'c2' / 'notes.jpg'}: not an image"):
+        pack_dataset(bad, tmp_path / "pack", threads=2)
+    assert sorted(p.name for p in (tmp_path / "pack").iterdir()) == ["train"]       # no val, no val.partial
 
 
 def run_config(root: Path, fmt: str, loader: str, **data) -> dict:

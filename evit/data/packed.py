@@ -201,39 +201,52 @@ def pack_dataset(root: str | Path, out: str | Path, dataset: str = "folder", sha
 
 def _write_split(folder, src: Path, out: Path, split: str, dataset: str, shard_bytes: int, threads: int,
                  every_s: float) -> dict:
-    from evit.progress import log
-
     tmp = out / f"{split}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        index, shards = _write_shards(folder, tmp, split, shard_bytes, threads, every_s)
+        np.save(tmp / INDEX, index)
+        (tmp / NAMES).write_text("".join(f"{Path(p).relative_to(src).as_posix()}\n" for p, _ in folder.samples))
+        (tmp / META).write_text(json.dumps({"format": FORMAT, "version": VERSION, "dataset": dataset,
+                                            "num_samples": len(folder), "classes": list(folder.classes),
+                                            "shards": shards}, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(out / split)
+    return {"images": len(folder), "shards": len(shards), "bytes": sum(s["bytes"] for s in shards),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _write_shards(folder, tmp: Path, split: str, shard_bytes: int, threads: int,
+                  every_s: float) -> tuple[np.ndarray, list[dict]]:
+    """The folder's files into ``tmp/shard-*.bin``, in order: the index and the shards' sizes."""
+    from evit.progress import log
+
     index = np.zeros(len(folder), dtype=INDEX_DTYPE)
     shards: list[dict] = []
     shard_file, t0, last = None, time.perf_counter(), time.perf_counter()
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="evit-pack-read") as pool:
-        for i, (data, size) in enumerate(_read_ahead(pool, [p for p, _ in folder.samples], 4 * max(1, threads))):
-            if not shards or (shards[-1]["bytes"] and shards[-1]["bytes"] + len(data) > shard_bytes):
-                if shard_file:
-                    shard_file.close()
-                shards.append({"file": f"shard-{len(shards):05d}.bin", "bytes": 0})
-                shard_file = open(tmp / shards[-1]["file"], "wb")
-            index[i] = (len(shards) - 1, shards[-1]["bytes"], len(data), folder.targets[i], *size)
-            shard_file.write(data)
-            shards[-1]["bytes"] += len(data)
-            if time.perf_counter() - last >= every_s:
-                last = time.perf_counter()
-                log(f"pack {split}: {i + 1}/{len(folder)} images, {(i + 1) / (last - t0):.0f} img/s, "
-                    f"{sum(s['bytes'] for s in shards) / (last - t0) / 1e6:.1f} MB/s")
-    if shard_file:
-        shard_file.close()
-    np.save(tmp / INDEX, index)
-    (tmp / NAMES).write_text("".join(f"{Path(p).relative_to(src).as_posix()}\n" for p, _ in folder.samples))
-    (tmp / META).write_text(json.dumps({"format": FORMAT, "version": VERSION, "dataset": dataset,
-                                        "num_samples": len(folder), "classes": list(folder.classes),
-                                        "shards": shards}, indent=1) + "\n")
-    tmp.rename(out / split)
-    seconds = time.perf_counter() - t0
-    return {"images": len(folder), "shards": len(shards), "bytes": sum(s["bytes"] for s in shards),
-            "seconds": round(seconds, 2)}
+    try:
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="evit-pack-read") as pool:
+            for i, (data, size) in enumerate(_read_ahead(pool, [p for p, _ in folder.samples], 4 * max(1, threads))):
+                if not shards or (shards[-1]["bytes"] and shards[-1]["bytes"] + len(data) > shard_bytes):
+                    if shard_file:
+                        shard_file.close()
+                    shards.append({"file": f"shard-{len(shards):05d}.bin", "bytes": 0})
+                    shard_file = open(tmp / shards[-1]["file"], "wb")
+                index[i] = (len(shards) - 1, shards[-1]["bytes"], len(data), folder.targets[i], *size)
+                shard_file.write(data)
+                shards[-1]["bytes"] += len(data)
+                if time.perf_counter() - last >= every_s:
+                    last = time.perf_counter()
+                    log(f"pack {split}: {i + 1}/{len(folder)} images, {(i + 1) / (last - t0):.0f} img/s, "
+                        f"{sum(s['bytes'] for s in shards) / (last - t0) / 1e6:.1f} MB/s")
+    finally:
+        if shard_file:
+            shard_file.close()
+    return index, shards
 
 
 def _read_ahead(pool: ThreadPoolExecutor, paths: Sequence[str], depth: int):
