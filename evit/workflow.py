@@ -20,7 +20,7 @@ import yaml
 from evit.boxes import check_mask
 from evit.methods import METHODS, check_method_param, check_trainable, method_param_keys, method_params, param_method
 from evit.config.schema import SCHEMA, resolve_config
-from evit.errors import ConfigError, EvitError
+from evit.errors import ConfigError, DatasetError, EvitError
 from evit.config.launcher import resolve_bench_launcher
 from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
 
@@ -283,7 +283,14 @@ def _resolved(run_config: dict, where: str) -> dict:
 
 def _check_data_root(config: dict) -> None:
     data = config["run_defaults"].get("data", {})
-    if data.get("dataset") in ("imagenet", "folder"):
+    if data.get("dataset") in ("imagenet", "folder") and data.get("format") == "packed":
+        from evit.data.packed import check_pack     # numpy: only for a pack
+
+        try:
+            check_pack(str(data.get("root")), data["dataset"])
+        except DatasetError as e:
+            raise ConfigError(f"config: run_defaults data.root: {e}") from None
+    elif data.get("dataset") in ("imagenet", "folder"):
         root = Path(str(data.get("root")))
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
             raise ConfigError(f"config: run_defaults data.root {root} is not a {data['dataset']} directory "

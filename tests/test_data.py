@@ -112,7 +112,8 @@ def test_imagenet_layout_and_errors(tmp_path, fashion_val):
 
 
 def test_a_folder_dataset_lists_its_files_and_labels(tmp_path, fashion_val):
-    """`ImageFolderDataset.samples` and `SeededDataset.sample` name each item's file and label, through a subset."""
+    """`ImageFolderDataset.samples` names each item's file and label; `SeededDataset.encoded` reads its file's bytes,
+    through a subset, and `SeededDataset.describe` names it."""
     root = tmp_path / "folder"
     for c in ("bags", "shirts"):
         _write_images(root / "val" / c, fashion_val.images[:3], ext=".png")
@@ -120,8 +121,9 @@ def test_a_folder_dataset_lists_its_files_and_labels(tmp_path, fashion_val):
     assert raw.samples == [(str(root / "val" / c / f"img{i}.png"), label)
                            for label, c in enumerate(("bags", "shirts")) for i in range(3)]
     ds = SeededDataset(raw, None, indices=[4, 1])
-    assert [ds.sample(i) for i in range(2)] == [(4, str(root / "val" / "shirts" / "img1.png"), 1),
-                                                (1, str(root / "val" / "bags" / "img1.png"), 0)]
+    assert [ds.encoded(i) for i in range(2)] == [((root / "val" / "shirts" / "img1.png").read_bytes(), 1),
+                                                 ((root / "val" / "bags" / "img1.png").read_bytes(), 0)]
+    assert ds.describe(ds.raw_index(0)) == f"{root / 'val' / 'shirts' / 'img1.png'} (index 4)"
     assert ds[0][1] == 1 and ds.raw_index(1) == 1
 
 

@@ -17,7 +17,8 @@ from torch._dynamo.testing import CompileCounter
 from evit import engine as E
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-TESTED = {"bench_compile.py", "bench_engine.py", "bench_explicit.py", "bench_overhead.py", "bench_worker.py",
+TESTED = {"bench_compile.py", "bench_engine.py", "bench_explicit.py", "bench_overhead.py", "bench_pack.py",
+          "bench_worker.py",
           "fashion_jpegs.py", "get_fashion_mnist.sh", "report_screenshot.sh", "slurm_cluster.sh"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,6 +105,20 @@ def test_fashion_jpegs_then_bench_worker_on_them(tmp_path):
     assert all(res[k][1] > 0 for k in ("decode", "decode_draft_half", "worker_before_float", "worker_after_uint8"))
     assert res["bytes_per_image"] == {"before": 4 * 3 * 64 ** 2, "after": 3 * 64 ** 2}
     assert 0 <= res["draft_half_possible_pct"] <= 100
+
+
+def test_bench_pack_reads_a_folder_and_its_pack_cold_and_warm(tmp_path, capsys):
+    from evit.data.packed import pack_dataset
+
+    script("fashion_jpegs").main([str(tmp_path / "folder"), "--train", "6", "--val", "2"])
+    pack_dataset(tmp_path / "folder", tmp_path / "pack", splits=("train",), threads=1)
+    res = script("bench_pack").main(["--folder", str(tmp_path / "folder"), "--pack", str(tmp_path / "pack"),
+                                     "--images", "4", "--cache", "fadvise"])
+    assert res["images"] == 4 and res["cache"] == "fadvise"
+    for name in ("folder", "pack"):
+        assert all(res[name][state]["img_s"] > 0 for state in ("cold", "warm"))
+    assert res["folder"]["cold"]["mean_kb"] == res["pack"]["warm"]["mean_kb"] > 10    # the same bytes from both
+    assert "pack / folder, cold: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", sorted(n for n in TESTED if n.endswith(".sh")))

@@ -127,6 +127,29 @@ def test_a_backbone_without_its_pretrained_tag_is_named(paper):
         plan_of(paper)
 
 
+def test_the_dry_run_checks_a_pack(paper, tmp_path):
+    """data.format packed: the pack at data.root opens (sizes and index, no shard read), or one error names its
+    file."""
+    from PIL import Image
+
+    from evit.data.packed import pack_dataset
+
+    imagenet, pack = Path(paper["run_defaults"]["data"]["root"]), tmp_path / "pack"
+    paper["run_defaults"]["data"]["format"] = "packed"
+    with pytest.raises(ValueError, match=re.escape(f"config: run_defaults data.root: data.format packed: no pack.json "
+                                                   f"in {imagenet / 'train'}")):
+        plan_of(paper)
+    for split in ("train", "val"):
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(imagenet / split / "n01440764" / "a.JPEG")
+    pack_dataset(imagenet, pack, "imagenet", threads=1)
+    paper["run_defaults"]["data"]["root"] = str(pack)
+    assert plan_of(paper).resolved["evit_s_0.7"]["data"]["format"] == "packed"
+    shard = pack / "val" / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=re.escape(f"config: run_defaults data.root: {shard}: the shard is truncated")):
+        plan_of(paper)
+
+
 def test_the_experiment_fields_are_the_schemas():
     fields = experiment_fields(ROOT)
     assert {"name", "arch", "img_size", "method", "recipe", "init", "epochs", "tables", "paper", "run"} == fields

@@ -56,6 +56,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "root": Field("path", None, nullable=True,
                       help="Dataset directory; null = /usr/share/datasets/fashion-mnist for fashion_mnist, "
                            "required otherwise."),
+        "format": Field("choice", "folder", choices=("folder", "packed"),
+                        help="imagenet/folder datasets: `folder` reads data.root's image files; `packed` reads the "
+                             "pack `evit pack` wrote of them (a few large shard files and an index per split, for "
+                             "parallel file systems; evit/data/packed.py) at data.root."),
         "loader": Field("choice", "torch", choices=("torch", "dali"),
                         help="`torch`: DataLoader workers decode and augment with PIL/timm; `dali`: NVIDIA DALI "
                              "decodes and augments on the training GPU, or in DALI's CPU mode without one "
@@ -242,6 +246,8 @@ def resolve_config(raw: dict | None) -> dict:
                               "downloads); use train.init_checkpoint")
     if d["dataset"] != "fashion_mnist" and not d["root"]:
         raise ConfigError(f"data.root: required for the {d['dataset']} dataset")
+    if d["format"] == "packed" and d["dataset"] == "fashion_mnist":
+        raise ConfigError("data.format: packed is for the imagenet and folder datasets, not fashion_mnist; use folder")
     mean, std = default_mean_std(d["dataset"])
     for k, v in (("mean", mean), ("std", std)):
         if d[k] is None:

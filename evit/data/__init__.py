@@ -3,6 +3,7 @@
 - `catalog`: the datasets and augments by name, their normalization and the files they live in (torch-free:
   the run config's schema reads it);
 - `datasets`: the raw datasets (ImageNet, any ImageFolder tree, Fashion-MNIST) and their layouts on disk;
+- `packed`: `evit pack` and the packs it writes (``data.format: packed``): shard files plus an index per split;
 - `transforms`: the per-image transforms of ``train.augment`` (the worker half of training's input);
 - `stage`: `BatchStage`, the device half of training's input (normalization, erasing, Mixup / CutMix);
 - `seeding`: per-sample seeds, and `SeededDataset`, which reseeds before transforming a sample;

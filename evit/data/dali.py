@@ -1,6 +1,7 @@
 """The NVIDIA DALI input pipeline of ``data.loader: dali`` (install with ``pip install .[dali]``).
 
-Reads the ``imagenet`` and ``folder`` layouts (`evit.data.datasets`) and covers the ``deit`` augment of the
+Reads the ``imagenet`` and ``folder`` datasets, as folders or packed (each sample's bytes from the dataset's
+``encoded(i)``: `evit.data.datasets`, `evit.data.packed`), and covers the ``deit`` augment of the
 scratch and finetune recipes:
 
 - **Training** (`DaliTrainLoader`): decode only the RandomResizedCrop window of each JPEG (an ROI decode: the
@@ -116,13 +117,11 @@ def image_size(encoded: bytes) -> tuple[int, int]:
 
 
 def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
-    """Item ``i`` of an `evit.data.seeding.SeededDataset` over an ``imagenet`` / ``folder`` set: the file's
-    bytes, its label and its (width, height) from the header. An unreadable image is the dataset's `ImageError`
-    naming the file and its index (a file-system error stays itself)."""
-    raw, path, label = dataset.sample(i)
-    with dataset.naming_errors(raw):
-        with open(path, "rb") as f:
-            encoded = f.read()
+    """Item ``i`` of an `evit.data.seeding.SeededDataset` over an ``imagenet`` / ``folder`` set (its folder or its
+    pack): the encoded image, its label and its (width, height) from the header. An unreadable image is the
+    dataset's `ImageError` naming the file and its index (a file-system error stays itself)."""
+    with dataset.naming_errors(dataset.raw_index(i)):
+        encoded, label = dataset.encoded(i)
         return np.frombuffer(encoded, dtype=np.uint8), label, image_size(encoded)
 
 
@@ -148,16 +147,16 @@ class _Reader:
         in flight that PIL cannot decode either, as the dataset's `ImageError`; else one naming them all."""
         from PIL import Image
 
-        samples = [self.dataset.sample(i) for batch in self.in_flight for i in batch]
-        for raw, path, _ in samples:
+        items = [i for batch in self.in_flight for i in batch]
+        for i in items:
             try:
-                with Image.open(path) as img:
+                with Image.open(io.BytesIO(self.dataset.encoded(i)[0])) as img:
                     img.load()
             except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is named
-                return self.dataset.image_error(raw, e)
+                return self.dataset.image_error(self.dataset.raw_index(i), e)
         cause = " ".join(f"{type(error).__name__}: {error}".split())
-        return ImageError(f"cannot decode one of the {len(samples)} images DALI was reading, from "
-                          f"{samples[0][1]} (index {samples[0][0]}) to {samples[-1][1]} (index {samples[-1][0]}), "
+        first, last = (self.dataset.describe(self.dataset.raw_index(i)) for i in (items[0], items[-1]))
+        return ImageError(f"cannot decode one of the {len(items)} images DALI was reading, from {first} to {last}, "
                           f"though PIL decodes each: {cause}")
 
 

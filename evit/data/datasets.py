@@ -7,8 +7,9 @@
   ``/usr/share/datasets/fashion-mnist``, from Debian's ``dataset-fashion-mnist``); ``train`` = the 60k
   training images, ``val`` = the 10k ``t10k`` test images. Decoded once into a uint8 tensor.
 
-A folder dataset lists its files and labels (`ImageFolderDataset.samples`), which the DALI loader reads and
-the masking experiment names images by.
+A folder dataset lists its files and labels (`ImageFolderDataset.samples`), which the masking experiment names
+images by, and reads a sample's file as it is (``encoded(i)``, which the DALI loader decodes); its pack
+(``data.format: packed``, `evit.data.packed.PackedDataset`) does both the same way.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from evit.data.catalog import DATASETS, DEFAULT_FASHION_DIR, FASHION_CLASSES, FASHION_FILES, IMG_EXTENSIONS
+from evit.data.packed import PackedDataset
 from evit.errors import DatasetError
 
 
@@ -135,16 +137,25 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int):
         return self.folder[i]
 
+    def encoded(self, i: int) -> tuple[bytes, int]:
+        """Sample ``i``'s encoded image (its file's bytes) and label."""
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            return f.read(), label
+
     def describe(self, i: int) -> str:
         return f"{self.samples[i][0]} (index {i})"
 
 
-def build_dataset(name: str, root: str | None, split: str, pil: bool = True):
-    """The raw (untransformed) dataset for ``split`` in {'train', 'val'}."""
+def build_dataset(name: str, root: str | None, split: str, pil: bool = True, fmt: str = "folder"):
+    """The raw (untransformed) dataset for ``split`` in {'train', 'val'}; ``fmt`` (``data.format``): an imagenet /
+    folder dataset's folder, or its pack (`evit.data.packed`)."""
     if name == "fashion_mnist":
         return FashionMNIST(root, split, pil=pil)
     if name in ("imagenet", "folder"):
         if not root:
             raise DatasetError(f"{name} dataset needs data.root (a directory with train/ and val/)")
+        if fmt == "packed":
+            return PackedDataset(root, split, dataset=name)
         return ImageFolderDataset(root, split, dataset=name)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -19,7 +19,8 @@ from evit.data.transforms import eval_transform, train_transform
 def raw_dataset(cfg: dict, split: str, transform) -> Dataset:
     """The config's dataset split, decoded as the transform wants it (uint8 tensors or PIL images)."""
     d = cfg["data"]
-    return build_dataset(d["dataset"], d["root"], split, pil=not getattr(transform, "accepts_tensor", False))
+    return build_dataset(d["dataset"], d["root"], split, pil=not getattr(transform, "accepts_tensor", False),
+                         fmt=d["format"])
 
 
 @dataclass

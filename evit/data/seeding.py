@@ -78,11 +78,10 @@ class SeededDataset(Dataset):
         """Item ``i``'s index in the base dataset."""
         return i if self.indices is None else self.indices[i]
 
-    def sample(self, i: int) -> tuple[int, str, int]:
-        """Item ``i``'s index in the base dataset, its file and its label, for a base that lists its
-        ``samples`` (`evit.data.datasets.ImageFolderDataset`)."""
-        raw = self.raw_index(i)
-        return (raw, *self.base.samples[raw])
+    def encoded(self, i: int) -> tuple[bytes, int]:
+        """Item ``i``'s encoded image and label, for a base that reads them (``encoded``: a folder dataset's
+        `evit.data.datasets.ImageFolderDataset`, or its pack's `evit.data.packed.PackedDataset`)."""
+        return self.base.encoded(self.raw_index(i))
 
     @contextlib.contextmanager
     def naming_errors(self, raw: int):
@@ -97,8 +96,12 @@ class SeededDataset(Dataset):
         except Exception as e:  # noqa: BLE001 - whatever the decoder or an augmentation raises, the image is named
             raise self.image_error(raw, e) from e
 
-    def image_error(self, raw: int, e: Exception) -> ImageError:
+    def describe(self, raw: int) -> str:
+        """Item ``raw`` of the base, named by the base (its file) if it can."""
         describe = getattr(self.base, "describe", None)
-        what = describe(raw) if describe else f"item {raw} of {type(self.base).__name__}"
+        return describe(raw) if describe else f"item {raw} of {type(self.base).__name__}"
+
+    def image_error(self, raw: int, e: Exception) -> ImageError:
+        what = self.describe(raw)
         cause = " ".join(f"{type(e).__name__}: {e}".split())
         return ImageError(f"cannot decode or augment the image {what}: {cause}")
