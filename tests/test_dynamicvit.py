@@ -104,8 +104,10 @@ def test_macs_equal_torchs_flop_counter():
 
 
 def test_bad_pruning_loc_and_rate_are_named():
-    with pytest.raises(ValueError, match="pruning_loc must be increasing block indices in 1..5"):
-        timm.create_model("dynamicvit_deit_small_patch16_224", pruning_loc=(0, 3), **TINY)
+    for pruning_loc in [(0, 3), (3, 3), (4, 2)]:
+        with pytest.raises(ValueError, match=fr"pruning_loc must be increasing block indices in 1..5, got "
+                                             fr"\[{', '.join(map(str, pruning_loc))}\]"):
+            timm.create_model("dynamicvit_deit_small_patch16_224", pruning_loc=pruning_loc, **TINY)
     with pytest.raises(ValueError, match="base_rate must be in"):
         timm.create_model("dynamicvit_deit_small_patch16_224", base_rate=1.5, pruning_loc=(2, 4), **TINY)
     assert isinstance(timm.create_model("dynamicvit_deit_small_patch16_224", pruning_loc=(2, 4), **TINY), DynamicViT)

@@ -142,8 +142,10 @@ def test_fused_token_is_the_unnormalized_attention_weighted_sum():
 def test_bad_keep_rate_and_drop_loc_are_named():
     with pytest.raises(ValueError, match="keep_rate"):
         make("evit_deit_tiny_patch16_224", keep_rate=1.5)
-    with pytest.raises(ValueError, match=r"drop_loc .* \[12\]"):
-        make("evit_deit_tiny_patch16_224", keep_rate=0.7, drop_loc=(3, 12))
+    for drop_loc in [(3, 12), (3, 3, 9), (9, 3, 6)]:  # a repeated block would reorganize once, labelled twice
+        with pytest.raises(ValueError, match=fr"drop_loc must be increasing block indices in 0..11, got "
+                                             fr"\[{', '.join(map(str, drop_loc))}\]"):
+            make("evit_deit_tiny_patch16_224", keep_rate=0.7, drop_loc=drop_loc)
 
 
 def test_registered_variants_and_image_sizes():
@@ -272,3 +274,65 @@ def test_the_factory_builds_each_method_of_one_backbone_with_the_same_weights():
     with pytest.raises(ConfigError, match=r"method tome has no model of arch 'vit_small_patch16_384' "
                                           r"\(timm has no 'tome_vit_small_patch16_384'\)"):
         build_model(section(method="tome", r=3) | {"arch": "vit_small_patch16_384"}, 10)
+
+
+# Every method, reduction on, at a small size: 64 patches, 4 blocks, tokens reorganized in blocks 1 and 2.
+SMALL = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+REDUCING = [  # model, its reduction, the same model reducing nothing (None: a pass always reorders its tokens)
+    ("evit_deit_tiny_patch16_224", dict(keep_rate=0.7, fuse_token=True, drop_loc=(1, 2)), dict(keep_rate=1.0)),
+    ("tome_deit_tiny_patch16_224", dict(r=6), dict(r=0)),
+    ("dynamicvit_deit_tiny_patch16_224", dict(base_rate=0.7, pruning_loc=(1, 2)), None),
+]
+
+
+@pytest.mark.parametrize("name, reduction, unreduced", REDUCING)
+def test_forward_intermediates_end_at_the_reduced_models_features(name, reduction, unreduced):
+    """timm's contract (its tests/test_models.py): the final output is `forward_features`; the intermediates are
+    the blocks' tokens before the final norm, here the reduced model's own, in NLC; NCHW only while they form a grid."""
+    from evit.methods import METHODS
+
+    model = make(name, **SMALL, **reduction)
+    assert model.pass_parameter == next(m.override for m in METHODS.values() if name.startswith(m.prefix or " "))
+    x = images(size=64)
+    with torch.inference_mode():
+        final, inter = model.forward_intermediates(x, return_prefix_tokens=True)
+        counts = model.token_counts()
+        assert [tokens.shape[1] for tokens, _ in inter] == [t.mlp - 1 for t in counts]
+        assert counts[-1].mlp < 65  # the pass reduced its tokens
+        assert torch.equal(final, model.forward_features(x))
+        tokens, cls = inter[-1]
+        assert torch.equal(model.norm(torch.cat([cls, tokens], dim=1)), final)
+    with pytest.raises(ValueError, match=fr"{type(model).__name__}.forward_intermediates: output_fmt='NCHW' needs "
+                                         r"tokens on their patch grid.*use output_fmt='NLC'"):
+        model.forward_intermediates(x, output_fmt="NCHW")
+    if unreduced:
+        _, grids = model.forward_intermediates(x, output_fmt="NCHW", **unreduced)
+        assert [g.shape for g in grids] == [(2, 32, 8, 8)] * 4
+
+
+@pytest.mark.parametrize("name, reduction, _", REDUCING)
+def test_features_only_gives_the_reduced_blocks_tokens(name, reduction, _):
+    """`features_only=True` as timm builds it for a ViT: forward_intermediates' last 3 blocks (NLC)."""
+    model = make(name, **SMALL, **reduction)
+    features = make(name, **SMALL, **reduction, features_only=True)
+    features.model.load_state_dict(model.state_dict(), strict=False)  # features_only drops the head
+    assert features.feature_info.channels() == [32] * 3 and features.output_fmt == "NLC"
+    x = images(size=64)
+    with torch.inference_mode():
+        expected = model.forward_intermediates(x, indices=3, intermediates_only=True)
+        got = features(x)
+    assert [t.shape[1] for t in got] == [t.mlp - 1 for t in model.token_counts()[1:]]
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_importing_evit_models_registers_every_builtin_methods_models():
+    """In a fresh process: importing `evit.models` alone registers the models of each method under evit/models/."""
+    import subprocess
+    import sys
+
+    program = ("import timm, evit.models\n"
+               "from evit.methods import BUILTIN_METHODS\n"
+               "for m in BUILTIN_METHODS.values():\n"
+               "    if m.prefix: print(m.prefix, len(timm.list_models(m.prefix + '*')))")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert dict(line.split() for line in out.splitlines()) == {"evit_": "7", "tome_": "3", "dynamicvit_": "3"}

@@ -11,15 +11,16 @@ decisions, attention masking and distillation losses) is not implemented.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import BlockTokens, TokenReducer, deit_cfg
+from .base import BlockTokens, TokenReducer, block_indices, build_reducer, deit_cfg
 
 DEFAULT_PRUNING_LOC = (3, 6, 9)
 
@@ -46,22 +47,57 @@ class PredictorLG(nn.Module):
         return self.out_conv(torch.cat([x[..., :half], global_x.expand(-1, x.shape[1], -1)], dim=-1))
 
 
+@dataclass
+class PruningState:
+    """What the pruning blocks of one `DynamicViT` share: its prediction modules (registered on the model only, so
+    the official names stay) and the patches each stage keeps in the current pass."""
+
+    predictors: nn.ModuleList
+    kept: list[int]
+
+
+class DynamicViTBlock(Block):
+    """A timm `Block` that, if it is stage `stage` of its model's pruning, first keeps the CLS token and the image
+    tokens its stage's prediction module scores best: the model's `PruningState` holds the module and the count."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage: int | None = None  # a `DynamicViT` sets it for the blocks of `pruning_loc`, and shares its state
+        self.pruning: PruningState | None = None
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.stage is not None:
+            score = self.pruning.predictors[self.stage](x[:, 1:])[..., 0]
+            idx = score.topk(self.pruning.kept[self.stage], dim=1).indices  # sorted, best first, as the official
+            x = torch.cat([x[:, :1], x[:, 1:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))], dim=1)
+        return super().forward(x, **kwargs)
+
+
 class DynamicViT(TokenReducer, VisionTransformer):
-    """timm `VisionTransformer` with DynamicViT's prediction modules before the blocks of `pruning_loc`."""
+    """timm `VisionTransformer` with DynamicViT's prediction modules before the blocks of `pruning_loc`.
+
+    Blocks map tensor -> tensor, so timm's feature loop, `forward_intermediates` (NLC: the kept tokens are reordered
+    by score) and `features_only=True` run the pruned model. Each stage keeps a share of the `img_size` grid (the
+    official's fixed ``init_n``), so `dynamic_img_size` is refused."""
+
+    pass_parameter = "base_rate"
 
     def __init__(self, *args, base_rate: float = 0.7, pruning_loc: Sequence[int] = DEFAULT_PRUNING_LOC, **kwargs):
-        super().__init__(*args, **kwargs)
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError("DynamicViT keeps shares of the img_size grid: dynamic_img_size is not supported")
+        super().__init__(*args, block_fn=DynamicViTBlock, **kwargs)
         if self.num_prefix_tokens != 1 or self.cls_token is None:
             raise ValueError("DynamicViT needs exactly one prefix token, the CLS token")
-        self.pruning_loc = tuple(int(i) for i in pruning_loc)
-        if list(self.pruning_loc) != sorted(set(self.pruning_loc)) or not all(
-                1 <= i < len(self.blocks) for i in self.pruning_loc):
-            raise ValueError(f"pruning_loc must be increasing block indices in 1..{len(self.blocks) - 1}, "
-                             f"got {list(pruning_loc)}")
+        self.pruning_loc = block_indices("pruning_loc", pruning_loc, len(self.blocks), lo=1)
         if not 0 < base_rate <= 1:
             raise ValueError(f"base_rate must be in (0, 1], got {base_rate}")
         self.base_rate = base_rate
         self.score_predictor = nn.ModuleList(PredictorLG(self.embed_dim) for _ in self.pruning_loc)
+        self.pruning = PruningState(self.score_predictor, self.kept(self.patch_embed.num_patches))
+        for stage, i in enumerate(self.pruning_loc):
+            self.blocks[i].stage = stage
+        for block in self.blocks:
+            block.pruning = self.pruning
 
     def kept(self, num_patches: int, base_rate: float | None = None) -> list[int]:
         """Patches kept by each stage (from the original `num_patches`, as the official `token_ratio`)."""
@@ -83,17 +119,12 @@ class DynamicViT(TokenReducer, VisionTransformer):
         """The prediction module scoring a block's output tokens (CLS excluded)."""
         return predictor_macs(tokens.mlp - 1, self.embed_dim) if tokens.reorganized else 0
 
+    def _start_pass(self, base_rate: float | None) -> None:
+        self.pruning.kept = self.kept(self.patch_embed.num_patches, base_rate)
+
     def forward_features(self, x: torch.Tensor, base_rate: float | None = None) -> torch.Tensor:
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        kept = dict(zip(self.pruning_loc, self.kept(x.shape[1] - 1, base_rate)))
-        stage = {loc: s for s, loc in enumerate(self.pruning_loc)}
-        for i, block in enumerate(self.blocks):
-            if i in kept:
-                score = self.score_predictor[stage[i]](x[:, 1:])[..., 0]
-                idx = score.topk(kept[i], dim=1).indices  # sorted, best first, as the official argsort
-                x = torch.cat([x[:, :1], x[:, 1:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))], dim=1)
-            x = block(x)
-        return self.norm(x)
+        self._start_pass(base_rate)
+        return super().forward_features(x)
 
     def forward(self, x: torch.Tensor, base_rate: float | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, base_rate))
@@ -109,7 +140,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_dynamicvit(variant: str, pretrained: bool = False, **kwargs) -> DynamicViT:
-    return build_model_with_cfg(DynamicViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_reducer(DynamicViT, variant, pretrained, **kwargs)
 
 
 @register_model

@@ -2,8 +2,9 @@
 
 Built on timm's `VisionTransformer`: only the attention (to also expose the CLS attention row) and the block
 (to reorganize tokens between attention and MLP) are ours. Blocks map tensor -> tensor like every timm block,
-so timm's own feature loop runs them, with gradient checkpointing, and `forward_intermediates` works. With
-every keep rate at 1 the model is timm's ViT, weight for weight and logit for logit.
+so timm's own feature loop runs them, with gradient checkpointing, and `forward_intermediates` (NLC for a pass
+that prunes) and `features_only=True` work. With every keep rate at 1 the model is timm's ViT, weight for weight
+and logit for logit.
 
 A reorganizing block, after attention and before the MLP:
   1. scores each non-CLS token by the CLS query's post-softmax attention to it, averaged over heads;
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import Attention
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import BlockTokens, TokenReducer, deit_cfg
+from .base import BlockTokens, TokenReducer, block_indices, build_reducer, deit_cfg
 
 DEFAULT_DROP_LOC = (3, 6, 9)
 
@@ -122,6 +123,8 @@ def reorganize_tokens(x: torch.Tensor, cls_attn: torch.Tensor, k: int, fuse_toke
 class EViT(TokenReducer, VisionTransformer):
     """timm `VisionTransformer` with EViT token reorganization in the blocks listed in `drop_loc`."""
 
+    pass_parameter = "keep_rate"
+
     def __init__(
         self,
         *args,
@@ -133,13 +136,9 @@ class EViT(TokenReducer, VisionTransformer):
         if not 0.0 < keep_rate <= 1.0:
             raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
         super().__init__(*args, block_fn=EViTBlock, **kwargs)
-        depth = len(self.blocks)
-        bad = [i for i in drop_loc if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"drop_loc {list(drop_loc)} has blocks {bad} outside 0..{depth - 1}")
+        self.drop_loc = block_indices("drop_loc", drop_loc, len(self.blocks))
         if self.num_prefix_tokens != 1 or self.cls_token is None:
             raise ValueError("EViT needs exactly one prefix token, the CLS token (no register tokens)")
-        self.drop_loc = tuple(sorted(drop_loc))
         self.fuse_token = fuse_token
         self.pass_state = PassState()
         for i, block in enumerate(self.blocks):
@@ -202,20 +201,6 @@ class EViT(TokenReducer, VisionTransformer):
                 positions = torch.cat([positions, positions.new_full((positions.shape[0], 1), -1)], dim=1)
         return kept
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None, *, keep_rate: float | None = None,
-                              output_fmt: str = "NLC", **kwargs):
-        """timm's `forward_intermediates` for a pass at `keep_rate` (None: the blocks' own rates).
-
-        The default format is NLC, not timm's NCHW: after a reorganizing block the tokens are a subset of the
-        patch grid (plus a fused token that has no cell), so they cannot be reshaped to an image. NCHW is
-        refused for a pass that prunes: timm's reshape would fail, or scramble tokens when the count divides.
-        """
-        if output_fmt == "NCHW" and any(t.reorganized for t in self.token_counts(keep_rate=keep_rate)):
-            raise ValueError("forward_intermediates: pruned tokens form no grid; use output_fmt='NLC' "
-                             "(or keep_rate=1 for NCHW)")
-        self._start_pass(keep_rate)
-        return super().forward_intermediates(x, indices, output_fmt=output_fmt, **kwargs)
-
     def forward(self, x: torch.Tensor, keep_rate: float | None = None, return_kept: bool = False):
         if return_kept:
             x, kept = self.forward_features(x, keep_rate, return_kept=True)
@@ -245,9 +230,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_evit(variant: str, pretrained: bool = False, **kwargs) -> EViT:
-    return build_model_with_cfg(
-        EViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
-    )
+    return build_reducer(EViT, variant, pretrained, **kwargs)
 
 
 @register_model

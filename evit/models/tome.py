@@ -2,7 +2,8 @@
 
 Built on timm's `VisionTransformer` as `EViT` is: only the attention (to also return the keys averaged over heads,
 and to add proportional attention) and the block (to merge tokens between attention and MLP) are ours. Blocks map
-tensor -> tensor; with r = 0 the model is timm's ViT, weight for weight and logit for logit.
+tensor -> tensor, so timm's `forward_intermediates` (NLC once tokens merge) and `features_only=True` work; with r = 0
+the model is timm's ViT, weight for weight and logit for logit.
 
 A merging block, after attention and before the MLP, with r = min(r, (N - 1) // 2) (N tokens, CLS included, so
 the CLS token and at least half of the other tokens remain):
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from timm.layers import Attention
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import BlockTokens, TokenReducer, deit_cfg
+from .base import BlockTokens, TokenReducer, build_reducer, deit_cfg
 
 
 def merge_count(num_tokens: int, r: int) -> int:
@@ -136,6 +137,8 @@ class ToMeBlock(Block):
 class ToMe(TokenReducer, VisionTransformer):
     """timm `VisionTransformer` merging `r` tokens per block: one int for every block, or a list, one per block."""
 
+    pass_parameter = "r"
+
     def __init__(self, *args, r: int | Sequence[int] = 0, **kwargs):
         super().__init__(*args, block_fn=ToMeBlock, **kwargs)
         if self.num_prefix_tokens != 1 or self.cls_token is None:
@@ -189,12 +192,6 @@ class ToMe(TokenReducer, VisionTransformer):
         self._start_pass(r)
         return super().forward_features(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None, *, r: int | Sequence[int] | None = None,
-                              output_fmt: str = "NLC", **kwargs):
-        """timm's `forward_intermediates` for a pass at `r`; NLC by default: merged tokens form no grid."""
-        self._start_pass(r)
-        return super().forward_intermediates(x, indices, output_fmt=output_fmt, **kwargs)
-
     def forward(self, x: torch.Tensor, r: int | Sequence[int] | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, r))
 
@@ -208,7 +205,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_tome(variant: str, pretrained: bool = False, **kwargs) -> ToMe:
-    return build_model_with_cfg(ToMe, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_reducer(ToMe, variant, pretrained, **kwargs)
 
 
 @register_model
