@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,8 +62,12 @@ class Checks:
         key = (d["dataset"], d["root"], splits)
         if key not in self._classes:
             self._classes[key] = self.attempt(where, dataset_classes, d["dataset"], d["root"], splits)
-        found = self._classes[key]
-        return found if cfg["model"]["num_classes"] is None else cfg["model"]["num_classes"]
+        found, wanted = self._classes[key], cfg["model"]["num_classes"]
+        if found is not None and wanted not in (None, found):
+            self.problems.append(f"{where}: model.num_classes: {wanted}, but the {d['dataset']} dataset in "
+                                 f"{d['root']} has {found} classes")
+            return None
+        return found if wanted is None else wanted
 
     def model(self, cfg: dict, num_classes: int, where: str) -> torch.nn.Module | None:
         """The run's model on the meta device, built once per distinct model section and class count."""
@@ -129,7 +134,9 @@ def check_run(checks: Checks, name: str, run: dict) -> None:
         checks.problems.append(f"{where}: a {head.shape[0]}-class head, but the {cfg['data']['dataset']} dataset "
                                f"has {num_classes} classes")
         return
-    checks.attempt(where, load_pretrained, model, run["weights"], dict(state))
+    with warnings.catch_warnings():  # loading into the meta model copies nothing, as wanted: only shapes count
+        warnings.filterwarnings("ignore", message=".*non-meta parameter")
+        checks.attempt(where, load_pretrained, model, run["weights"], dict(state))
 
 
 def check_masking(checks: Checks, raw: dict) -> None:
