@@ -100,7 +100,8 @@ def dataset_classes(dataset: str, root: str | None, splits: tuple[str, ...]) -> 
         empty = [name for name in classes[split] if not _has_image(folder / name)]
         if empty:
             raise DatasetError(f"{dataset} dataset: {len(empty)} class folder(s) of {folder} hold no image "
-                               f"({', '.join(empty[:5])}); every class needs at least one ({', '.join(IMG_EXTENSIONS)})")
+                               f"({', '.join(empty[:5])}); every class needs at least one "
+                               f"({', '.join(IMG_EXTENSIONS)})")
     if len({tuple(c) for c in classes.values()}) > 1:
         raise DatasetError(f"{dataset} dataset: the class folders of {root}/val differ from those of {root}/train; "
                            "both splits need the same classes")

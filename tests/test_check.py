@@ -165,7 +165,8 @@ def test_mapped_weights_are_read_and_fitted_to_their_model(imagenet, tiny_weight
     truncated.write_bytes(tiny_weights.read_bytes()[:20000])
     problems = run_checks(plan(imagenet, trained=False, weights=str(truncated)))
     assert len(problems) == 1
-    assert problems[0].startswith(f"experiment 'exp': checkpoints: {truncated}: {truncated} is not a readable checkpoint")
+    assert problems[0].startswith(f"experiment 'exp': checkpoints: {truncated}: {truncated} is not a readable "
+                                  "checkpoint")
     wider = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=2, embed_dim=64,
                               depth=4, num_heads=2)
     torch.save({"model": wider.state_dict()}, tiny_weights)  # another architecture's weights
