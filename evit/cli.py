@@ -22,6 +22,7 @@ COMMANDS = {
     "report": ("evit.report", "the paper's tables (.md/.csv/.tex) and figures (.png/.pdf) from results"),
     "visualize": ("evit.visualize", "figure of the patches kept per reorganizing block (paper Fig. 3)"),
     "pack": ("evit.data.packed", "write an imagenet / folder dataset as shards + index (data.format: packed)"),
+    "check": ("evit.check", "check a workflow plan's datasets, models, weights and boxes (before any job)"),
     "config": ("evit.config.reference", "the run config's reference: every key, its type, default and meaning"),
     "install-profile": ("evit.profiles", "install the Snakemake profile (default: slurm) for --profile NAME"),
 }

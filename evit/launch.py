@@ -312,9 +312,25 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+def _output_to(path: str):
+    """This process's stdout and stderr into the file ``path`` from now on; returns the former stderr."""
+    terminal = os.fdopen(os.dup(2), "w")
+    with open(path, "w") as log_file:
+        for fd in (1, 2):
+            os.dup2(log_file.fileno(), fd)
+    return terminal
+
+
 def _cmd_launch(args) -> int:
-    metrics = launch(load_config(args.config), args.run_dir, command=args.command, backend=args.backend,
-                     checkpoint=args.checkpoint, log=lambda msg: print(msg, flush=True))
+    terminal = _output_to(args.log) if args.log else None
+    try:
+        metrics = launch(load_config(args.config), args.run_dir, command=args.command, backend=args.backend,
+                         checkpoint=args.checkpoint, log=lambda msg: print(msg, flush=True))
+    except Exception as e:  # the log gets it too (evit.cli); the terminal the cause and where the log is
+        if terminal:
+            print(f"evit launch: error: {str(e).strip() or type(e).__name__}\n  log: {args.log}", file=terminal,
+                  flush=True)
+        raise
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))
     return 0
 
@@ -324,6 +340,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="the run's resolved config (YAML) with a launcher: section")
     p.add_argument("--run-dir", required=True, help="the run directory (checkpoint, logs, metrics, job.json)")
     p.add_argument("--command", choices=COMMANDS, default="train")
+    p.add_argument("--log", help="write this command's output to LOG; a failure's message and LOG's path still go "
+                   "to stderr (what Snakemake shows)")
     p.add_argument("--backend", choices=BACKENDS, help="override launcher.backend from the config")
     p.add_argument("--checkpoint", help="the weights to evaluate (--command eval; eval-backbone: a comparison "
                    "backbone's published weights, model.arch its timm name; mask: the masking experiment of "

@@ -115,7 +115,7 @@ BUILTIN_METHODS: dict[str, Method] = {
             "fuse_token": Field("bool", True,
                                 help="EViT: fuse the inattentive tokens into one extra token (weighted by their "
                                      "attention scores); false drops them."),
-            "drop_loc": Field("intlist", [3, 6, 9], lo=0,
+            "drop_loc": Field("intlist", [3, 6, 9], lo=0, distinct=True,
                               help="EViT: block indices (0-based) of the reorganizing blocks."),
         },
         override="keep_rate", shown=("keep_rate", "fuse_token"), variant=("fuse_token",), kept_patches=True,
@@ -144,7 +144,7 @@ BUILTIN_METHODS: dict[str, Method] = {
         "DynamicViT", "dynamicvit_", "evit.models.dynamicvit", {
             "base_rate": Field("float", 0.7, lo=0.0, lo_open=True, hi=1.0,
                                help="DynamicViT: stage s keeps base_rate ** (s + 1) of the patches."),
-            "pruning_loc": Field("intlist", [3, 6, 9], lo=1,
+            "pruning_loc": Field("intlist", [3, 6, 9], lo=1, distinct=True,
                                  help="DynamicViT: block indices (0-based) before which a prediction module prunes."),
         },
         override="base_rate", shown=("base_rate",), brief={"base_rate": lambda v: f"rate {v:g}"},

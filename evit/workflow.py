@@ -18,10 +18,12 @@ from pathlib import Path
 import yaml
 
 from evit.boxes import check_mask
+from evit.data.catalog import DEFAULT_FASHION_DIR, FASHION_FILES
 from evit.methods import METHODS, check_method_param, check_trainable, method_param_keys, method_params, param_method
 from evit.config.schema import SCHEMA, resolve_config
 from evit.errors import ConfigError, DatasetError, EvitError
 from evit.config.launcher import resolve_bench_launcher
+from evit.reruns import changed_runs, refuse_changed
 from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
 
 SCHEMA_FILE = "workflow/schemas/config.schema.yaml"  # the workflow config's JSON schema, under the workflow's base dir
@@ -69,6 +71,7 @@ class Workflow:
     config: dict
     experiments: dict[str, dict]
     resolved: dict[str, dict] = dataclasses.field(default_factory=dict)
+    reruns: tuple[str, ...] = ()  # changed experiments whose run moves aside before they rerun (`evit.reruns`)
 
     @property
     def results(self) -> str:
@@ -168,6 +171,34 @@ class Workflow:
             cfg["train"]["init_checkpoint"] = str(self.init_weights(exp["init"]))
         return deep_merge(cfg, exp.get("run", {}))
 
+    @property
+    def check_stamp(self) -> str:
+        """What the local `check` job writes when every check passes; every cluster job waits on it."""
+        return f"{self.results}/checks/ok.json"
+
+    def check_config(self) -> dict:
+        """What the local `check` job reads (`evit.check`): every run's config, whether it trains, and the weights
+        file it reads that no job makes (a mapped checkpoint, an init file); the masking job's config."""
+        return {
+            "runs": {name: {"config": self.run_config(name), "trained": self.is_trained(name),
+                            "weights": self.given_weights(name), "mapped": name in self.config["checkpoints"]}
+                     for name in self.experiments},
+            "masking": self.masking_config() if self.masking else None,
+        }
+
+    def given_weights(self, name: str) -> str | None:
+        """The weights file an experiment reads that no job of the workflow makes, if any."""
+        exp, init = self.experiments[name], self.experiments[name].get("init")
+        if name in self.config["checkpoints"]:
+            return self.config["checkpoints"][name]
+        if (self.is_trained(name) and exp["recipe"] != "finetune") or init in self.experiments:
+            return None
+        return None if not init or init in self.downloads else init
+
+    def trained_run_dirs(self) -> dict[str, Path]:
+        """The run dir of each experiment the workflow trains."""
+        return {name: Path(self.runs) / name for name in self.experiments if self.is_trained(name)}
+
     def run_cpus(self, name: str) -> int:
         """Cores a train/eval rule holds: its run's launcher cpus_per_task (the job uses that many threads)."""
         return self.resolved[name]["launcher"]["cpus_per_task"]
@@ -266,6 +297,11 @@ def build_workflow(config: dict, basedir: str | Path) -> Workflow:
         if name in config["tables"]:
             raise ConfigError(f"config: tables: {name!r} is {what} table; name yours otherwise")
     plan = dataclasses.replace(plan, resolved=_resolve_run_configs(plan))
+    _check_fashion_roots(plan)
+    run_dirs = plan.trained_run_dirs()
+    changed = changed_runs(run_dirs, plan.resolved)
+    refuse_changed(changed, run_dirs, config.get("rerun", []))
+    plan = dataclasses.replace(plan, reruns=tuple(name for name in config.get("rerun", []) if name in changed))
     if plan.masking:
         _check_masking(plan)
     for name in plan.backbones:
@@ -297,6 +333,17 @@ def _check_data_root(config: dict) -> None:
                              "(expected root/train/<class>/* and root/val/<class>/*): set run_defaults.data.root "
                              "to your ImageNet in workflow/config/paper.yaml, or in a site file added with "
                              "--configfile workflow/config/paper.yaml site.yaml")
+
+
+def _check_fashion_roots(plan: Workflow) -> None:
+    """Each run's Fashion-MNIST directory holds its four files (the check job reads them; this costs no torch)."""
+    for name, cfg in plan.resolved.items():
+        root = Path(cfg["data"]["root"] or DEFAULT_FASHION_DIR)
+        missing = [f for pair in FASHION_FILES.values() for f in pair if not (root / f).is_file()]
+        if cfg["data"]["dataset"] == "fashion_mnist" and missing:
+            raise ConfigError(f"config: experiment {name!r}: data.root {root} lacks the Fashion-MNIST file(s) "
+                              f"{', '.join(missing)} (`apt-get install dataset-fashion-mnist` puts them in "
+                              f"{DEFAULT_FASHION_DIR}; or point data.root at a folder holding them)")
 
 
 def _check_method_fields(name: str, entry: dict, fields: set[str]) -> None:

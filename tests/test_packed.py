@@ -208,3 +208,15 @@ def test_the_masking_experiment_reads_the_pack(folder, pack, tmp_path):
     for (x, y, m), (x2, y2, m2) in zip(*items):
         assert torch.equal(x, x2) and y == y2 and torch.equal(m, m2)
     assert len(items[1]) == SPLITS["val"] + 1
+
+
+def test_the_check_job_reads_the_pack_as_the_loaders_do(folder, pack, tmp_path):
+    from evit.check import dataset_classes
+
+    assert dataset_classes("folder", str(pack), ("train", "val"), "packed") == 10
+    assert dataset_classes("folder", str(folder), ("train", "val"), "folder") == 10
+    broken = copy_pack(pack, tmp_path / "broken")
+    shard = broken / "val" / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DatasetError, match=f"{shard}: the shard is truncated"):
+        dataset_classes("folder", str(broken), ("train", "val"), "packed")

@@ -34,6 +34,7 @@ class Field:
     hi: float | None = None         # inclusive upper bound
     lo_open: bool = False           # lower bound exclusive
     choices: tuple = ()
+    distinct: bool = False          # a list's values must differ (block indices: a repeat would be ignored)
     help: str = ""                  # the key's description (Markdown) in the reference; every SCHEMA key has one
 
 
@@ -74,6 +75,8 @@ def check_field(key: str, f: Field, v: Any) -> Any:
     elif f.kind in ("intlist", "floatlist"):
         if not isinstance(v, (list, tuple)):
             bad("a list")
+        if f.distinct and len(set(v)) != len(v):
+            bad("distinct values (each at most once)")
         elem = Field("int" if f.kind == "intlist" else "float", lo=f.lo, lo_open=f.lo_open, hi=f.hi)
         return [check_field(f"{key}[{i}]", elem, x) for i, x in enumerate(v)]
     elif f.kind == "dict":

@@ -89,7 +89,14 @@ class FashionMNIST(Dataset):
         return img.unsqueeze(0), int(self.targets[i])
 
 
-def _check_folder_split(root: Path, split: str, dataset: str) -> Path:
+# ILSVRC2012's val/ as downloaded is flat: one shell line sorts it into wnid folders from LOC_val_solution.csv.
+VAL_FIX = (". For ImageNet's val/, with Kaggle's LOC_val_solution.csv beside it: cd {d} && tail -n +2 "
+           "../LOC_val_solution.csv | while IFS=, read id boxes; do mkdir -p ${{boxes%% *}} && mv $id.JPEG "
+           "${{boxes%% *}}/; done")
+
+
+def check_folder_split(root: Path, split: str, dataset: str) -> Path:
+    """The folder of ``split`` under ``root``, its layout checked (one folder per class; ImageNet's are wnids)."""
     layout = (f"{root}/{split}/<wnid>/*.JPEG (class order = sorted wnids)" if dataset == "imagenet"
               else f"{root}/{split}/<class>/<image>")
     d = root / split
@@ -100,8 +107,8 @@ def _check_folder_split(root: Path, split: str, dataset: str) -> Path:
     subdirs = [p for p in d.iterdir() if p.is_dir()]
     if not subdirs:
         loose = any(p.suffix.lower() in IMG_EXTENSIONS for p in d.iterdir())
-        hint = (" The images lie directly in it: sort them into one folder per class (for ImageNet val, e.g. "
-                "with the usual valprep.sh script)." if loose else "")
+        hint = (f" The images lie directly in it: sort them into one folder per class{VAL_FIX.format(d=d)}"
+                if loose else "")
         raise DatasetError(f"{dataset} dataset: {d} has no class folders; expected the layout {layout}.{hint}")
     if dataset == "imagenet":
         bad = sorted(p.name for p in subdirs if not re.fullmatch(r"n\d{8}", p.name))
@@ -119,7 +126,7 @@ class ImageFolderDataset(Dataset):
         from torchvision.datasets import ImageFolder
 
         root = Path(root)
-        d = _check_folder_split(root, split, dataset)
+        d = check_folder_split(root, split, dataset)
         try:
             self.folder = ImageFolder(str(d))
         except (FileNotFoundError, RuntimeError) as e:
@@ -142,6 +149,13 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[i]
         with open(path, "rb") as f:
             return f.read(), label
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """Sample ``i``'s (width, height), from its file's header."""
+        from PIL import Image
+
+        with Image.open(self.samples[i][0]) as img:
+            return img.size
 
     def describe(self, i: int) -> str:
         return f"{self.samples[i][0]} (index {i})"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from evit.data.catalog import AUGMENTS, DEFAULT_CROP_PCT
+from evit.errors import ConfigError
 
 
 class DemoTrainTransform:
@@ -135,10 +136,15 @@ def build_transform(augment: str, is_training: bool, img_size: int, mean, std, *
     if is_training and augment == "deit":
         # DeiT main.py: create_transform(input_size, is_training=True, color_jitter, auto_augment,
         # interpolation, re_prob, re_mode='pixel', re_count=1); its resize+crop for small inputs is unused here.
-        return black_at_zero_bits(create_transform(
-            input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=aa or None,
-            interpolation=interpolation, re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std,
-            use_prefetcher=uint8))
+        try:
+            transform = create_transform(
+                input_size=img_size, is_training=True, color_jitter=color_jitter, auto_augment=aa or None,
+                interpolation=interpolation, re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std,
+                use_prefetcher=uint8)
+        except (AssertionError, KeyError, ValueError) as e:  # timm's parser of the aa spec asserts
+            raise ConfigError(f"train.aa: timm cannot parse {aa!r} ({type(e).__name__}: {e}); e.g. "
+                              "rand-m9-mstd0.5-inc1 (lower-case m)") from None
+        return black_at_zero_bits(transform)
     return create_transform(input_size=img_size, is_training=False, interpolation=interpolation,
                             crop_pct=crop_pct, mean=mean, std=std, use_prefetcher=uint8)
 

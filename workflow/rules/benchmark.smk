@@ -17,6 +17,7 @@ rule bench_config:
 
 rule benchmark:
     input:
+        check=ancient(WF.check_stamp),  # the local check job (check.smk) passed
         config=f"{WF.results}/bench/config.yaml",
         # without SLURM every run shares the bench's machine: the bench comes after them all (ancient: a run
         # redone later does not redo the bench; a deleted one does)
@@ -30,4 +31,4 @@ rule benchmark:
         run_dir=job_dir,
     threads: lambda w: workflow.cores  # a function: `snakemake --report` runs without --cores
     shell:
-        "{params.evit} launch --command bench --config {input.config} --run-dir {params.run_dir} > {log} 2>&1"
+        "{params.evit} launch --command bench --config {input.config} --run-dir {params.run_dir} --log {log}"

@@ -15,6 +15,7 @@ rule backbone_config:
 
 rule evaluate_backbone:
     input:
+        check=ancient(WF.check_stamp),  # the local check job (check.smk) passed
         config=f"{WF.results}/comparison/{{backbone}}/config.yaml",
         weights=lambda w: WF.download_file(w.backbone),
     output:
@@ -27,4 +28,4 @@ rule evaluate_backbone:
     threads: one_process_cpus
     shell:
         "{params.evit} launch --command eval-backbone --config {input.config} --checkpoint {input.weights} "
-        "--run-dir {params.run_dir} > {log} 2>&1"
+        "--run-dir {params.run_dir} --log {log}"

@@ -3,6 +3,7 @@
 
 rule evaluate:
     input:
+        check=ancient(WF.check_stamp),  # the local check job (check.smk) passed
         config=f"{WF.runs}/{{exp}}/config.yaml",
         upstream=lambda w: WF.upstream_results(w.exp),
     output:
@@ -16,4 +17,4 @@ rule evaluate:
     threads: run_cpus
     shell:
         "{params.evit} launch --command eval --config {input.config} --checkpoint {params.checkpoint} "
-        "--run-dir {params.run_dir} > {log} 2>&1"
+        "--run-dir {params.run_dir} --log {log}"

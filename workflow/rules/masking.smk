@@ -14,6 +14,7 @@ rule masking_config:
 
 rule masking:
     input:
+        check=ancient(WF.check_stamp),  # the local check job (check.smk) passed
         config=f"{WF.results}/masking/config.yaml",
         result=WF.result_file(WF.masking["experiment"]),
     output:
@@ -29,4 +30,4 @@ rule masking:
     threads: one_process_cpus
     shell:
         "{params.evit} launch --command mask --config {input.config} --checkpoint {params.weights} "
-        "--run-dir {params.run_dir} > {log} 2>&1"
+        "--run-dir {params.run_dir} --log {log}"

@@ -1,4 +1,11 @@
 # One run directory per experiment: its resolved config, then training through the launcher.
+from evit.reruns import move_aside
+
+
+# `--config rerun=[name]`: a changed experiment's finished run moves aside before any job starts (evit/reruns.py).
+onstart:
+    for name in WF.reruns:
+        print(f"rerun {name}: its run moved to {move_aside(Path(WF.runs) / name)}")
 
 
 rule run_config:
@@ -13,6 +20,7 @@ rule run_config:
 
 rule train:
     input:
+        check=ancient(WF.check_stamp),  # the local check job (check.smk) passed
         config=f"{WF.runs}/{{exp}}/config.yaml",
         upstream=lambda w: WF.upstream_results(w.exp),
     output:
@@ -24,4 +32,4 @@ rule train:
         run_dir=job_dir,
     threads: run_cpus
     shell:
-        "{params.evit} launch --command train --config {input.config} --run-dir {params.run_dir} > {log} 2>&1"
+        "{params.evit} launch --command train --config {input.config} --run-dir {params.run_dir} --log {log}"
