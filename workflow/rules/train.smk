@@ -15,6 +15,7 @@ rule train:
     input:
         config=f"{WF.runs}/{{exp}}/config.yaml",
         upstream=lambda w: WF.upstream_results(w.exp),
+        preflight=WF.preflight_files,  # the node check comes first (config: preflight)
     output:
         f"{WF.runs}/{{exp}}/metrics.json",
     log:
