@@ -324,9 +324,12 @@ def grid_cost(grid: list[dict], measured: dict[str, dict]) -> dict:
 def cost_check(grid: list[dict], rates: dict) -> dict:
     if rates["status"] != PASSED:
         return check(NOT_RUN, "no measured rates")
-    measured = rates["models"]
-    rows = [{**exp, "gmacs": model_gmacs(exp["model"], num_classes(exp)), "train_images": train_images(exp)}
-            for exp in grid]  # exp's model and data: resolved sections
+    from evit.config.schema import resolve_config
+
+    measured, rows = rates["models"], []
+    for exp in grid:
+        run = resolve_config({"model": exp["model"], "data": exp["data"]})
+        rows.append({**exp, "gmacs": model_gmacs(run["model"], num_classes(run)), "train_images": train_images(run)})
     device = next(iter(measured.values()))["device"]
     note = ("training only (no evaluation), each GPU of a run at the measured one-GPU rate" if "cpu" not in device
             else "measured on a CPU: the CPU's hours, not a GPU's")

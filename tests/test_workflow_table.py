@@ -52,7 +52,7 @@ def test_the_demo_table_holds_every_experiment_in_order_trained_or_evaluated(dem
     assert (len(plan.experiments), len(trained)) == (28, 19)
     assert plan.result_file("deit_s") == f"{demo['results']}/runs/deit_s/metrics.json"
     assert plan.result_file("evit_s_0.7_offshelf") == f"{demo['results']}/runs/evit_s_0.7_offshelf/eval.json"
-    assert plan.tables == ["main", "fusion", "resolution", "frontier", "ablation", "masking"]
+    assert plan.tables == ["main", "fusion", "resolution", "frontier", "ablation", "masking", "preflight"]
     assert "masking" in plan.figures and "comparison" not in plan.figures  # the demo has no comparison
     assert (plan.backbones, plan.weight_urls) == ({}, {})
 
