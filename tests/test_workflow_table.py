@@ -61,7 +61,7 @@ def test_the_paper_table_counts_its_runs_backbones_and_downloads(paper):
     plan = plan_of(paper)
     trained = [name for name in plan.experiments if plan.is_trained(name)]
     assert (len(plan.experiments), len(trained), len(plan.backbones), len(plan.weight_urls)) == (31, 20, 29, 30)
-    assert plan.tables[-2:] == ["masking", "comparison"] and "comparison" in plan.figures
+    assert plan.tables[-3:] == ["masking", "comparison", "preflight"] and "comparison" in plan.figures
     assert plan.download_file("dm_nfnet_f0.dm_in1k") == f"{paper['results']}/weights/dm_nfnet_f0.dm_in1k.safetensors"
     # DynamicViT: the official weights, a download (a .pth) fetched before its evaluation
     dynamicvit = f"{paper['results']}/weights/dynamicvit_deit_s_0.7.pth"

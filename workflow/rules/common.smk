@@ -28,8 +28,8 @@ def job_dir(wildcards, output):
 
 
 def report_table(table, ext):
-    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking and
-    comparison tables': masking.rst, comparison.rst)."""
+    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking,
+    comparison and preflight tables': masking.rst, comparison.rst, preflight.rst)."""
     view = {"html": "table", "csv": "csv (every column)"}[ext]
     caption = {MASKING_TABLE: "../report/masking.rst", COMPARISON_TABLE: "../report/comparison.rst",
                PREFLIGHT_TABLE: "../report/preflight.rst"}.get(
