@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import math
 import os
@@ -142,79 +143,86 @@ def nccl_check() -> dict:
 
 
 @cache
-def split_files(dataset: str, root: str, split: str) -> tuple[tuple[str, ...], int]:
-    """A folder dataset's image files of ``split`` (ImageFolder's order) and its class count."""
-    from evit.data.datasets import ImageFolderDataset
+def split_dataset(dataset: str, root: str | None, split: str):
+    """A split of the dataset (`evit.data.datasets.build_dataset`), built once per process."""
+    from evit.data.datasets import build_dataset
 
-    ds = ImageFolderDataset(root, split, dataset=dataset)
-    return tuple(path for path, _ in ds.samples), len(ds.classes)
-
-
-def spread(files: tuple[str, ...], n: int) -> list[str]:
-    """``n`` of ``files``, evenly spaced over them (every class of a sorted folder, not the first one's)."""
-    n = min(n, len(files))
-    return [files[i * len(files) // n] for i in range(n)]
+    return build_dataset(dataset, root, split, pil=False)
 
 
-def dali_decode(files: list[str], gpu: bool, batch_size: int = 32) -> list:
-    """The files decoded to RGB uint8 HWC arrays by DALI (``mixed`` on GPU 0, else its CPU decoder), with the
+def encoded(ds, i: int) -> bytes:
+    """Item ``i``'s encoded image, as the DALI loader reads it (the file's bytes)."""
+    with open(ds.samples[i][0], "rb") as f:
+        return f.read()
+
+
+def spread(n_items: int, n: int) -> list[int]:
+    """``n`` of ``n_items`` indices, evenly spaced (every class of a sorted folder, not the first one's)."""
+    n = min(n, n_items)
+    return [i * n_items // n for i in range(n)]
+
+
+def dali_decode(images: list[bytes], gpu: bool, batch_size: int = 32) -> list:
+    """Encoded images decoded to RGB uint8 HWC arrays by DALI (``mixed`` on GPU 0, else its CPU decoder), with the
     training pipelines' decoder options."""
     import numpy as np
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
     def decode():
-        encoded, _ = fn.readers.file(files=files, random_shuffle=False)
-        return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                 adjust_orientation=False, jpeg_fancy_upsampling=True)
+        return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8),
+                                 device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
+                                 jpeg_fancy_upsampling=True)
 
     pipe = decode(batch_size=batch_size, num_threads=min(4, len(os.sched_getaffinity(0))),
                   device_id=0 if gpu else None)
     pipe.build()
-    images = []
-    while len(images) < len(files):  # the reader wraps around: the last batch's extra images are dropped
+    decoded = []
+    for start in range(0, len(images), batch_size):
+        pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in images[start:start + batch_size]])
         (batch,) = pipe.run()
         batch = batch.as_cpu() if gpu else batch
-        images += [np.array(batch.at(i)) for i in range(len(batch))]
-    return images[:len(files)]
+        decoded += [np.array(batch.at(i)) for i in range(len(batch))]
+    return decoded
 
 
-def pil_decode(path: str):
-    """A file as the torch loader decodes it (PIL, converted to RGB), as a uint8 HWC array."""
+def pil_decode(image: bytes):
+    """An encoded image as the torch loader decodes it (PIL, converted to RGB), as a uint8 HWC array."""
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(image)) as im:
         return np.asarray(im.convert("RGB"))
 
 
-def compare_decodes(files: list[str], dali_images: list, tolerance: float) -> dict:
-    """DALI's images against PIL's: the mean and largest absolute level difference over all pixels, and the worst
-    image (largest mean). Failed when an image's shape differs or its mean difference exceeds ``tolerance``."""
+def compare_decodes(names: list[str], images: list[bytes], dali_images: list, tolerance: float) -> dict:
+    """DALI's decode of the ``images`` (named by ``names``) against PIL's: the mean and largest absolute level
+    difference over all pixels, and the worst image (largest mean). Failed when an image's shape differs or its mean
+    difference exceeds ``tolerance``."""
     import numpy as np
 
     total, pixels, largest, worst, reshaped = 0.0, 0, 0, {"mean": -1.0}, []
-    for path, ours in zip(files, dali_images):
-        theirs = pil_decode(path)
+    for name, image, ours in zip(names, images, dali_images):
+        theirs = pil_decode(image)
         if ours.shape != theirs.shape:
-            reshaped.append(f"{path} (DALI {ours.shape}, PIL {theirs.shape})")
+            reshaped.append(f"{name} (DALI {ours.shape}, PIL {theirs.shape})")
             continue
         diff = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
         total, pixels, largest = total + float(diff.sum()), pixels + diff.size, max(largest, int(diff.max()))
         if diff.mean() > worst["mean"]:
-            worst = {"file": path, "mean": round(float(diff.mean()), 4), "max": int(diff.max())}
-    fields = dict(images=len(files), mean_level_diff=round(total / max(pixels, 1), 4), max_level_diff=largest,
+            worst = {"image": name, "mean": round(float(diff.mean()), 4), "max": int(diff.max())}
+    fields = dict(images=len(names), mean_level_diff=round(total / max(pixels, 1), 4), max_level_diff=largest,
                   worst=worst if pixels else None, tolerance=tolerance)
     if reshaped:
         return check(FAILED, f"DALI and PIL decode {len(reshaped)} image(s) to other shapes: {reshaped[0]}", **fields)
     if worst["mean"] > tolerance:
         return check(FAILED, f"DALI's decode differs from PIL's by {worst['mean']} levels on average in "
-                     f"{worst['file']} (largest {worst['max']}), beyond the tolerance {tolerance}", **fields)
+                     f"{worst['image']} (largest {worst['max']}), beyond the tolerance {tolerance}", **fields)
     return check(PASSED, **fields)
 
 
 def decode_check(data: dict, images: int, tolerance: float, gpu: bool) -> dict:
-    """DALI's GPU (``gpu``) or CPU decode against PIL on ``images`` of the dataset's files, half from each split."""
+    """DALI's GPU (``gpu``) or CPU decode against PIL on ``images`` of the dataset's images, half from each split."""
     device = "gpu" if gpu else "cpu"
     if gpu:
         import torch
@@ -222,18 +230,19 @@ def decode_check(data: dict, images: int, tolerance: float, gpu: bool) -> dict:
         if not torch.cuda.is_available():
             return check(NOT_RUN, "no GPU", device=device)
     if data["dataset"] not in ("imagenet", "folder"):
-        return check(NOT_RUN, f"dataset {data['dataset']} has no image files to decode", device=device)
+        return check(NOT_RUN, f"dataset {data['dataset']} has no encoded images to decode", device=device)
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
         return check(NOT_RUN, "DALI is not installed (pip install .[dali])", device=device)
-    files = [f for split in ("train", "val")
-             for f in spread(split_files(data["dataset"], data["root"], split)[0], math.ceil(images / 2))]
+    splits = [split_dataset(data["dataset"], data["root"], split) for split in ("train", "val")]
+    chosen = [(ds, i) for ds in splits for i in spread(len(ds), math.ceil(images / 2))]
+    names, encoded_images = [ds.describe(i) for ds, i in chosen], [encoded(ds, i) for ds, i in chosen]
     try:
-        decoded = dali_decode(files, gpu)
+        decoded = dali_decode(encoded_images, gpu)
     except RuntimeError as e:
         return check(FAILED, f"DALI cannot decode the images: {str(e).strip().splitlines()[0]}", device=device)
-    return {**compare_decodes(files, decoded, tolerance), "device": device}
+    return {**compare_decodes(names, encoded_images, decoded, tolerance), "device": device}
 
 
 # --------------------------------------------------------------------------------------------- rates and cost
@@ -252,23 +261,16 @@ def model_gmacs(model: dict, num_classes: int) -> float:
 
 def num_classes(config: dict) -> int:
     """A resolved run config's class count: ``model.num_classes``, else its dataset's."""
-    from evit.data.catalog import FASHION_CLASSES
-
     d = config["data"]
     if config["model"]["num_classes"]:
         return config["model"]["num_classes"]
-    return len(FASHION_CLASSES) if d["dataset"] == "fashion_mnist" else split_files(d["dataset"], d["root"], "train")[1]
+    return len(split_dataset(d["dataset"], d["root"], "train").classes)
 
 
 def train_images(config: dict) -> int:
     """The images one epoch of a resolved run config trains on: its dataset's, or its ``data.train_subset``."""
     d = config["data"]
-    if d["dataset"] == "fashion_mnist":
-        from evit.data.datasets import FashionMNIST
-
-        n = len(FashionMNIST(d["root"], "train"))
-    else:
-        n = len(split_files(d["dataset"], d["root"], "train")[0])
+    n = len(split_dataset(d["dataset"], d["root"], "train"))
     return min(n, d["train_subset"] or n)
 
 
