@@ -37,6 +37,11 @@ if WF.comparison:
     include: "workflow/rules/comparison.smk"
 
 
+if WF.preflight:
+
+    include: "workflow/rules/preflight.smk"
+
+
 # The runs' results are listed here too: a deleted run (results/runs/<exp>/) is then rerun, with what depends
 # on it, even though the tables made from it are still there.
 rule all:

@@ -19,6 +19,7 @@ COMMANDS = {
     "macs": ("evit.benchmark", "GMACs per model, attention matmuls included"),
     "bench": ("evit.benchmark", "inference throughput, all models interleaved in one process"),
     "bench-input": ("evit.bench_input", "input pipeline vs training step vs the training loop, for a run config"),
+    "preflight": ("evit.preflight", "the node check before a grid: versions, NCCL, DALI vs PIL, rates, the cost"),
     "report": ("evit.report", "the paper's tables (.md/.csv/.tex) and figures (.png/.pdf) from results"),
     "visualize": ("evit.visualize", "figure of the patches kept per reorganizing block (paper Fig. 3)"),
     "pack": ("evit.data.packed", "write an imagenet / folder dataset as shards + index (data.format: packed)"),

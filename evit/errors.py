@@ -64,3 +64,8 @@ class ReportError(DeterministicError, ValueError):
 
 class LaunchError(EvitError):
     """A run could not be brought to completion; the message says why and where the logs are."""
+
+
+class PreflightError(DeterministicError):
+    """A check of `evit preflight` failed (the node, DALI's decode against PIL, a measured run): the message names
+    each failed check and the preflight.json that holds the figures."""

@@ -1,4 +1,5 @@
-"""Send one run (train, eval or the bench) to where it executes: SLURM, a local subprocess, or this process.
+"""Send one run (train, eval, the bench or the preflight) to where it executes: SLURM, a local subprocess, or
+this process.
 
 `evit launch --config run.yaml --run-dir DIR [--command eval|eval-backbone|mask --checkpoint X]` checks the run
 config (with the torch-free `evit.config`; this waiting process never imports torch), then submits it as its
@@ -48,7 +49,8 @@ from evit.config.io import load_config
 from evit.config.schema import resolve_config
 from evit.errors import ConfigError, DeterministicError, LaunchError
 
-COMMANDS = ("train", "eval", "eval-backbone", "bench", "mask")
+COMMANDS = ("train", "eval", "eval-backbone", "bench", "mask", "preflight")
+ONE_PROCESS = ("bench", "preflight")  # jobs of one process (`resolve_bench_launcher`), whose config is not a run's
 EVALUATIONS = ("eval", "eval-backbone", "mask")  # commands that read the weights of --checkpoint
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN")
@@ -89,6 +91,10 @@ class RunTask(submitit.helpers.Checkpointable):
             from evit.benchmark import bench_from_config
 
             return bench_from_config(self.config, run_dir)
+        if self.command == "preflight":
+            from evit.preflight import preflight
+
+            return preflight(self.config, run_dir)
         if self.command == "eval":
             from evit.evaluate import evaluate_checkpoint
 
@@ -116,7 +122,7 @@ class RunTask(submitit.helpers.Checkpointable):
 
 def check_run(config: dict, run_dir: Path, command: str, opts: dict, checkpoint: str | None) -> None:
     """Everything about a run that can be checked before it is queued: its config and the files it starts from."""
-    if command == "bench":
+    if command in ONE_PROCESS:
         resolve_bench_launcher(opts)
         return
     resolve_config({**config, "launcher": opts})
@@ -251,7 +257,7 @@ def launch(config: dict, run_dir: str | os.PathLike, command: str = "train", bac
     """
     if command not in COMMANDS:
         raise ConfigError(f"command must be one of {COMMANDS}, got {command!r}")
-    opts = (resolve_bench_launcher if command == "bench" else resolve_launcher)(config.get("launcher"), backend)
+    opts = (resolve_bench_launcher if command in ONE_PROCESS else resolve_launcher)(config.get("launcher"), backend)
     run_dir = Path(run_dir)
     checkpoint = None if checkpoint is None else str(checkpoint)
     check_run(config, run_dir, command, opts, checkpoint)

@@ -9,3 +9,4 @@ MASKING_FIGURE = "masking"                      # the paper's Figure 1, by the m
 FIGURES = (*REPORT_FIGURES, COMPARISON_FIGURE, KEPT_TOKENS_FIGURE, MASKING_FIGURE)
 MASKING_TABLE = "masking"                       # the paper's Table 1, by `evit report` from the masking job's result
 COMPARISON_TABLE = "comparison"                 # the backbones beside EViT, by `evit report`
+PREFLIGHT_TABLE = "preflight"                   # the grid's cost and the node's checks, by `evit report`

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -22,9 +23,10 @@ from evit.data.catalog import DEFAULT_FASHION_DIR, FASHION_FILES
 from evit.methods import METHODS, check_method_param, check_trainable, method_param_keys, method_params, param_method
 from evit.config.schema import SCHEMA, resolve_config
 from evit.errors import ConfigError, DatasetError, EvitError
-from evit.config.launcher import resolve_bench_launcher
+from evit.config.launcher import resolve_bench_launcher, resolve_launcher
 from evit.reruns import changed_runs, refuse_changed
-from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, MASKING_FIGURE, MASKING_TABLE, REPORT_FIGURES
+from evit.layout import (COMPARISON_FIGURE, COMPARISON_TABLE, FIGURES, MASKING_FIGURE, MASKING_TABLE, PREFLIGHT_TABLE,
+                         REPORT_FIGURES)
 
 SCHEMA_FILE = "workflow/schemas/config.schema.yaml"  # the workflow config's JSON schema, under the workflow's base dir
 EVIT = f"{sys.executable} -m evit.cli"  # the command line of `evit`, in the interpreter that runs Snakemake
@@ -107,9 +109,20 @@ class Workflow:
         return {**self.downloads, **{name: self.comparison["weights"].format(name=name) for name in self.backbones}}
 
     @property
+    def preflight(self) -> dict | None:
+        """The preflight job's options (workflow/rules/preflight.smk), if it is enabled."""
+        section = self.config.get("preflight") or {}
+        return section if section.get("enabled") else None
+
+    @property
+    def preflight_files(self) -> list[str]:
+        """What every training job waits for: the preflight's result, if it is enabled."""
+        return [f"{self.results}/preflight/preflight.json"] if self.preflight else []
+
+    @property
     def tables(self) -> list[str]:
         return [*self.config["tables"], *([MASKING_TABLE] if self.masking else []),
-                *([COMPARISON_TABLE] if self.comparison else [])]
+                *([COMPARISON_TABLE] if self.comparison else []), *([PREFLIGHT_TABLE] if self.preflight else [])]
 
     @property
     def figures(self) -> list[str]:
@@ -214,6 +227,21 @@ class Workflow:
         a node it may share: it counts top-1s, it does not time anything."""
         return {**self.bench_launcher(), "exclusive": False}
 
+    def preflight_config(self) -> dict:
+        """The preflight job's config (`evit.preflight`): its options, the run configs it measures, and every trained
+        experiment's model, data, epochs and GPUs (the grid's cost); on one node with the runs' GPUs, one process."""
+        opts = self.preflight
+        launcher = {**self.config["launcher"], "nodes": 1, "tasks_per_node": 1, "exclusive": True,
+                    "backend": self.config["backend"]}
+        return {
+            "preflight": {k: opts[k] for k in ("images", "tolerance", "steps", "warmup", "rounds")},
+            "measure": {name: self.resolved[name] for name in opts["measure"]},
+            "grid": [{"name": name, "model": run["model"], "data": run["data"], "epochs": run["train"]["epochs"],
+                      "gpus": math.prod(resolve_launcher(run["launcher"])[k] for k in ("nodes", "tasks_per_node"))}
+                     for name, run in self.resolved.items() if self.is_trained(name)],
+            "launcher": launcher,
+        }
+
     def bench_config(self) -> dict:
         """The bench job's config: every experiment's model (built from its run config's model section, as in
         training) and every backbone by timm name; `after_runs` when the runs share its machine (no SLURM)."""
@@ -262,6 +290,7 @@ class Workflow:
         comparison results."""
         masking, comparison = self.masking, self.comparison
         return {
+            **({"preflight": {"result": self.preflight_files[0]}} if self.preflight else {}),
             "dataset": self.config["dataset"],
             "tables": self.config["tables"],
             **({"masking": {"result": f"{self.results}/masking/masking.json", "experiment": masking["experiment"],
@@ -293,7 +322,8 @@ def build_workflow(config: dict, basedir: str | Path) -> Workflow:
     plan = Workflow(config, _experiment_table(config, experiment_fields(basedir)))
     if plan.comparison:
         _check_comparison(plan)
-    for name, what in ((MASKING_TABLE, "the masking experiment's"), (COMPARISON_TABLE, "the comparison's")):
+    for name, what in ((MASKING_TABLE, "the masking experiment's"), (COMPARISON_TABLE, "the comparison's"),
+                       (PREFLIGHT_TABLE, "the preflight's")):
         if name in config["tables"]:
             raise ConfigError(f"config: tables: {name!r} is {what} table; name yours otherwise")
     plan = dataclasses.replace(plan, resolved=_resolve_run_configs(plan))
@@ -304,6 +334,8 @@ def build_workflow(config: dict, basedir: str | Path) -> Workflow:
     plan = dataclasses.replace(plan, reruns=tuple(name for name in config.get("rerun", []) if name in changed))
     if plan.masking:
         _check_masking(plan)
+    if plan.preflight:
+        _check_preflight(plan)
     for name in plan.backbones:
         _resolved(plan.backbone_config(name), f"comparison.backbones: {name!r}")
     return plan
@@ -457,3 +489,11 @@ def _check_masking(plan: Workflow) -> None:
         check_mask(cfg["mask"])
     except ConfigError as e:
         raise ConfigError(f"config: masking: {e}") from None
+
+
+def _check_preflight(plan: Workflow) -> None:
+    """The preflight measures runs the workflow trains (their training settings are what it measures)."""
+    for name in plan.preflight["measure"]:
+        if name not in plan.experiments or not plan.is_trained(name):
+            raise ConfigError(f"config: preflight.measure: {name!r} is not an experiment the workflow trains; name "
+                             f"trained ones (e.g. the baseline and EViT at 0.7), or set preflight.enabled: false")

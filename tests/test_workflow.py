@@ -40,6 +40,7 @@ def tiny_config(results: Path, experiments: list[dict], **extra) -> dict:
     cfg["masking"].update(experiment=experiments[0]["name"], val_subset=256, figure_images=2)
     cfg["tables"] = {"main": {"title": "tiny", "baseline": experiments[0]["name"]}}
     cfg["experiments"] = experiments
+    cfg["preflight"] = {"enabled": False}  # its measured runs are the demo's (tests/test_preflight.py)
     cfg.update(extra)
     return cfg
 

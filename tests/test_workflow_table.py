@@ -52,7 +52,7 @@ def test_the_demo_table_holds_every_experiment_in_order_trained_or_evaluated(dem
     assert (len(plan.experiments), len(trained)) == (28, 19)
     assert plan.result_file("deit_s") == f"{demo['results']}/runs/deit_s/metrics.json"
     assert plan.result_file("evit_s_0.7_offshelf") == f"{demo['results']}/runs/evit_s_0.7_offshelf/eval.json"
-    assert plan.tables == ["main", "fusion", "resolution", "frontier", "ablation", "masking"]
+    assert plan.tables == ["main", "fusion", "resolution", "frontier", "ablation", "masking", "preflight"]
     assert "masking" in plan.figures and "comparison" not in plan.figures  # the demo has no comparison
     assert (plan.backbones, plan.weight_urls) == ({}, {})
 
@@ -61,7 +61,7 @@ def test_the_paper_table_counts_its_runs_backbones_and_downloads(paper):
     plan = plan_of(paper)
     trained = [name for name in plan.experiments if plan.is_trained(name)]
     assert (len(plan.experiments), len(trained), len(plan.backbones), len(plan.weight_urls)) == (31, 20, 29, 30)
-    assert plan.tables[-2:] == ["masking", "comparison"] and "comparison" in plan.figures
+    assert plan.tables[-3:] == ["masking", "comparison", "preflight"] and "comparison" in plan.figures
     assert plan.download_file("dm_nfnet_f0.dm_in1k") == f"{paper['results']}/weights/dm_nfnet_f0.dm_in1k.safetensors"
     # DynamicViT: the official weights, a download (a .pth) fetched before its evaluation
     dynamicvit = f"{paper['results']}/weights/dynamicvit_deit_s_0.7.pth"

@@ -9,8 +9,9 @@ and parameters (`evit.methods.METHODS`) and by how the weights were trained (the
 draws the rows of the table named `frontier` (top-1 against img/s, one line per method and training), or, if
 there is none, every run at the baseline's image size. With a `comparison` section, the `comparison` table and
 figure (the paper's Figure 4: top-1 against img/s of experiments beside other backbones' timm pretrained weights)
-follow; without one (the demo: no pretrained weights offline), one line says they are skipped. Everything is built
-in memory first, so bad input writes nothing.
+follow; without one (the demo: no pretrained weights offline), one line says they are skipped. With a `preflight`
+section (``result``: its preflight.json), the `preflight` table: the grid's estimated cost and the node's checks.
+Everything is built in memory first, so bad input writes nothing.
 
 This module builds them all and writes them (`report`), and is the `evit report` command; its parts: `load` (the
 results frames, and the experiments file's format), `tables`, `figures` (one registry, figure name -> plot function)
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import seaborn as sns
 
-from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, MASKING_TABLE
+from evit.layout import COMPARISON_FIGURE, COMPARISON_TABLE, MASKING_TABLE, PREFLIGHT_TABLE
 from evit.report.figures import PLOTS, plot_comparison, render
 from evit.report.load import load_comparison, load_results, read_experiments
-from evit.report.tables import comparison_table, make_table, masking_table
+from evit.report.tables import comparison_table, make_table, masking_table, preflight_table
 
 
 def report(experiments, bench, reference="results/reference/paper.csv", out_dir="results", log=print) -> list[Path]:
@@ -41,6 +42,9 @@ def report(experiments, bench, reference="results/reference/paper.csv", out_dir=
         dataset = results["dataset"].dropna().iloc[0] if results["dataset"].notna().any() else None
         files |= {out_dir / "tables" / f"{MASKING_TABLE}.{ext}": text
                   for ext, text in masking_table(spec["masking"], dataset).items()}
+    if spec.get("preflight"):
+        files |= {out_dir / "tables" / f"{PREFLIGHT_TABLE}.{ext}": text
+                  for ext, text in preflight_table(spec["preflight"]).items()}
     comparison = spec.get("comparison")
     skipped = not comparison or isinstance(comparison, dict) and not comparison.get("backbones")
     rows = None if skipped else load_comparison(comparison, results, bench)

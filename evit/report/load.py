@@ -23,6 +23,8 @@ The experiments file (YAML, written by the workflow's `experiments_file` rule):
       result: results/masking/masking.json  # the masking job's result (evit/masking.py)
       experiment: deit_s              # whose weights were masked
       paper: {none: 79.8}             # the paper's top-1 per way (none, background, object, random), if given
+    preflight:                        # optional: the `preflight` table, see `tables.preflight_table`
+      result: results/preflight/preflight.json  # `evit preflight`'s result: the grid's cost, the node's checks
     comparison:                       # optional: the `comparison` table and figure, see `load_comparison`
       experiments: [deit_s, evit_s_0.7, dynamicvit_s_0.7]  # names of experiments above, their rows first
       backbones:                      # then one row each, in this order

@@ -1,6 +1,6 @@
 """The report's tables, each as {"md", "csv", "tex", "html"} text: one table of the results frame (`make_table`), the
-masking job's (`masking_table`) and the backbones comparison (`comparison_table`), each captioned with where and how
-its throughput was measured."""
+masking job's (`masking_table`), the backbones comparison (`comparison_table`), each captioned with where and how
+its throughput was measured, and the preflight's grid cost (`preflight_table`)."""
 from __future__ import annotations
 
 import html
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from evit.errors import ReportError
 from evit.methods import METHODS
-from evit.layout import COMPARISON_TABLE
+from evit.layout import COMPARISON_TABLE, PREFLIGHT_TABLE
 from evit.report.load import COMPARISON_COLUMNS, read_result
 from evit.report.measurement import ISOLATION, PROVENANCE, precisions_of, provenance
 
@@ -142,3 +143,41 @@ def comparison_table(rows: pd.DataFrame) -> dict[str, str]:
               "the experiments: their own weights. GMACs: the bench's count per image.")
     csv = rows[["kind", *columns, "dataset", *PROVENANCE, "isolation"]].to_csv(index=False, float_format="%.8g")
     return {**_render_table(shown, align, caption, notes, COMPARISON_TABLE), "csv": csv}
+
+
+def _check_words(name: str, c: dict) -> str:
+    """One check of preflight.json in a few words: its status, and its figures or the reason."""
+    if c["status"] != "passed" or name not in ("nccl", "decode_gpu", "decode_cpu", "rates"):
+        return f"{name} {c['status']}" + (f" ({c['reason']})" if c.get("reason") else "")
+    if name == "nccl":
+        return f"nccl passed ({c['bus_bandwidth_gb_s']} GB/s bus bandwidth across {c['gpus']} GPUs)"
+    if name == "rates":
+        return "rates: loop / step " + ", ".join(f"{label} {m['loop_over_step']:.2f} (limited by {m['limited_by']})"
+                                                 for label, m in c["models"].items())
+    return (f"{name} passed (DALI vs PIL over {c['images']} images: mean {c['mean_level_diff']:.3g}, "
+            f"largest {c['max_level_diff']} levels)")
+
+
+def preflight_table(spec: dict) -> dict[str, str]:
+    """The `preflight` table from the preflight's result (``spec["result"]``, evit/preflight.py): each trained
+    experiment's estimated device-hours, with every check's status in the notes."""
+    result = read_result(Path(spec["result"]), "the preflight", ("checks",))
+    cost = result["checks"]["cost"]
+    if cost["status"] != "passed":
+        raise ReportError(f"the preflight: result file {spec['result']} has no cost ({_check_words('cost', cost)})")
+    hours = "GPU-hours" if result["gpu"] else "CPU-hours"
+    frame = pd.DataFrame(cost["rows"])
+    headers = {"name": "experiment", "epochs": "epochs", "train_images": "train images", "gmacs": "GMACs",
+               "measured_as": "measured as", "img_s": "img/s", "hours": hours, "gpus": "GPUs",
+               "wall_hours": "wall hours"}
+    formats = {"name": str, "epochs": "{:g}".format, "train_images": "{:,}".format, "gmacs": "{:.3g}".format,
+               "measured_as": str, "img_s": "{:.1f}".format, "hours": "{:.3g}".format, "gpus": "{:d}".format,
+               "wall_hours": "{:.3g}".format}
+    shown = frame[list(headers)].apply(lambda col: col.map(formats[col.name])).rename(columns=headers)
+    caption = f"The grid's cost, estimated by the preflight on {cost['device']}: {cost['total_hours']:.3g} {hours}."
+    notes = (f"Each run at the training loop's rate (evit bench-input) of the measured model nearest in GMACs "
+             f"(measured as); {cost['note']}; wall hours: on the run's GPUs. Checks: "
+             + "; ".join(_check_words(name, c) for name, c in result["checks"].items() if name != "cost") + ".")
+    csv = frame.assign(device=cost["device"]).to_csv(index=False, float_format="%.8g")
+    align = "lrrrlrrrr"
+    return {**_render_table(shown, align, caption, notes, PREFLIGHT_TABLE), "csv": csv}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from evit.layout import COMPARISON_TABLE, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE
+from evit.layout import COMPARISON_TABLE, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, PREFLIGHT_TABLE
 from evit.workflow import EVIT, SCHEMA_FILE, build_workflow, download, one_of, write_yaml
 
 validate(config, str(Path(workflow.basedir) / SCHEMA_FILE))
@@ -28,10 +28,11 @@ def job_dir(wildcards, output):
 
 
 def report_table(table, ext):
-    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking and
-    comparison tables': masking.rst, comparison.rst)."""
+    """A table's .html or .csv, flagged for the report with its caption: workflow/report/table.rst (the masking,
+    comparison and preflight tables': masking.rst, comparison.rst, preflight.rst)."""
     view = {"html": "table", "csv": "csv (every column)"}[ext]
-    caption = {MASKING_TABLE: "../report/masking.rst", COMPARISON_TABLE: "../report/comparison.rst"}.get(
+    caption = {MASKING_TABLE: "../report/masking.rst", COMPARISON_TABLE: "../report/comparison.rst",
+               PREFLIGHT_TABLE: "../report/preflight.rst"}.get(
         table, "../report/table.rst")
     return report(f"{WF.results}/tables/{table}.{ext}", caption=caption, category="Tables",
                   labels={"table": table, "view": view})

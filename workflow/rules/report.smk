@@ -21,6 +21,7 @@ rule report:
         results=[WF.result_file(name) for name in WF.experiments],
         masking=[f"{WF.results}/masking/masking.json"] if WF.masking else [],
         backbones=expand(f"{WF.results}/comparison/{{backbone}}/eval.json", backbone=WF.backbones),
+        preflight=WF.preflight_files,
         reference="results/reference/paper.csv",
     output:
         expand(f"{WF.results}/tables/{{table}}.{{ext}}", table=WF.tables, ext=("md", "tex")),

@@ -23,6 +23,7 @@ rule train:
         check=ancient(WF.check_stamp),  # the local check job (check.smk) passed
         config=f"{WF.runs}/{{exp}}/config.yaml",
         upstream=lambda w: WF.upstream_results(w.exp),
+        preflight=WF.preflight_files,  # the node check comes first (config: preflight)
     output:
         f"{WF.runs}/{{exp}}/metrics.json",
     log:
