@@ -21,7 +21,7 @@ rule report:
         results=[WF.result_file(name) for name in WF.experiments],
         masking=[f"{WF.results}/masking/masking.json"] if WF.masking else [],
         backbones=expand(f"{WF.results}/comparison/{{backbone}}/eval.json", backbone=WF.backbones),
-        reference="results/reference/paper.csv",
+        reference=f"{workflow.basedir}/results/reference/paper.csv",  # the checkout's, in any working directory
     output:
         expand(f"{WF.results}/tables/{{table}}.{{ext}}", table=WF.tables, ext=("md", "tex")),
         [report_table(table, ext) for table in WF.tables for ext in ("html", "csv")],
