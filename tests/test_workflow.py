@@ -79,7 +79,7 @@ WEIGHTS = "https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
     (lambda c: c["experiments"][1].update(tabels=["main"]),
      "config: experiment 'evit_s_0.9': tabels: unknown experiment field (fields: arch, epochs, img_size, init, "),
     (lambda c: c["experiments"][1].update(recipe="distill"),
-     "config: experiment 'evit_s_0.9': recipe: 'distill' is not one of ['scratch', 'finetune', 'demo', 'none']"),
+     "experiment 'evit_s_0.9': recipe: 'distill' is not one of ['scratch', 'finetune', 'demo', 'none']"),
     (lambda c: c["experiments"][1].update(init="deit_x"), "has init 'deit_x', which is neither an experiment"),
     (lambda c: c["tables"]["main"].update(baseline="nope"), "table 'main' has unknown baseline experiment 'nope'"),
     (lambda c: c.update(checkpoints={"ghost": "/x.pth"}), "checkpoints maps unknown experiment 'ghost'"),
