@@ -4,14 +4,22 @@
 #   snakemake --profile slurm all --configfile workflow/config/demo.yaml   # the demo on the cluster
 #   snakemake --profile workflow/profiles/local all   # here, the Fashion-MNIST miniature (what `make demo` runs)
 # Without a --configfile (from the command line or a profile) the config is the demo.
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
+
+from evit.config.io import yaml_file_error
 
 min_version("8.0")
 
 # The demo is the default; a --configfile (paper.yaml, ...) replaces it rather than being merged into it.
+DEMO_CONFIG = f"{workflow.basedir}/workflow/config/demo.yaml"  # this checkout's, in any working directory
 if not workflow.overwrite_configfiles:
+    try:
 
-    configfile: "workflow/config/demo.yaml"
+        configfile: DEMO_CONFIG
+
+    except WorkflowError as e:  # Snakemake names neither the file nor the line of a YAML error
+        raise yaml_file_error(DEMO_CONFIG, e) from None
 
 
 # `snakemake --report results/report.html`: this page, then every table and figure with its caption.

@@ -8,6 +8,7 @@ by `safetensors.torch.load_file`.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import tempfile
@@ -19,14 +20,21 @@ import torch
 from evit.errors import CheckpointError, CheckpointMismatchError
 
 
+def _temp_prefix_suffix(path: Path) -> tuple[str, str]:
+    """The names of `save_atomic`'s temp files for ``path``: ``.<name>.<random>.tmp`` beside it."""
+    return f".{path.name}.", ".tmp"
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same directory, fsync, then rename over `path`.
 
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one; a process killed while
+    writing (SIGKILL, or SIGTERM without a handler) leaves its temp file, which `remove_stale_temps` removes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temp_prefix_suffix(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -36,6 +44,17 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files an interrupted `save_atomic` of ``path`` left beside it (only those: named
+    ``.<name>.*.tmp``); call it before the one process that writes ``path`` starts. Returns what it removed."""
+    path = Path(path)
+    prefix, suffix = _temp_prefix_suffix(path)
+    stale = sorted(path.parent.glob(f"{glob.escape(prefix)}*{suffix}")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "state", "config")  # what `evit.trainer` resumes from

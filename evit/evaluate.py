@@ -16,7 +16,7 @@ from evit import engine as E
 from evit.checkpoint import load_pretrained, read_checkpoint, state_dict_of
 from evit.errors import CheckpointMismatchError, ConfigError
 from evit.methods import METHODS, method_params
-from evit.config.io import apply_overrides, config_hash, load_config
+from evit.config.io import apply_overrides, config_hash, load_config, parse_value
 from evit.config.schema import resolve_config
 from evit.data.catalog import DATASETS
 from evit.data.loaders import build_eval_loader, num_classes_of, shutdown_workers
@@ -138,6 +138,7 @@ def _cmd_eval(args) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. keep_rate=0.7")
+        parse_value("--param", item, value)  # a syntax error names --param, not the --set it becomes
         overrides.append(f"model.{key.strip()}={value}")
     config = load_config(args.config) if args.config else None
     if args.backbone:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from evit.distributed import DistInfo, barrier, cleanup_distributed, dist_env, i
 from evit.models.factory import build_model, count_params
 from evit.progress import Progress, log
 from evit.provenance import device_name, provenance
+from evit.checkpoint import remove_stale_temps
 from evit.run_checkpoint import load_run_checkpoint, restore_run, save_run
 
 
@@ -45,6 +48,15 @@ class _Training:
     run: E.BuiltRun
     state: E.TrainState
     epoch_started: float | None = None      # perf_counter at the start of the running epoch
+    interrupt_after_step: bool = False      # `Trainer.interrupt` came during an optimizer update
+
+
+class Interrupted(KeyboardInterrupt):
+    """`Trainer.interrupt` stopped the training; ``step``: the global step it saved, or None if it saved nothing."""
+
+    def __init__(self, step: int | None):
+        super().__init__(step)
+        self.step = step
 
 
 class Trainer:
@@ -123,6 +135,16 @@ class Trainer:
         save_run(self.checkpoint_path, training.run, state, self.config)
         return True
 
+    def interrupt(self) -> None:
+        """Stop the running training on request (SIGINT: `stop_on_sigint`): write the step reached, as
+        `checkpoint_now` does, and raise `Interrupted`; during an optimizer update, once that step has ended."""
+        training = self._training
+        if training is not None and training.state.phase == "update":
+            training.interrupt_after_step = True
+            return
+        step = training.state.step if training is not None else None
+        raise Interrupted(step if self.checkpoint_now() else None)
+
     # ------------------------------------------------------------------ setup
 
     def _setup(self, info: DistInfo, device: torch.device) -> E.BuiltRun:
@@ -133,6 +155,8 @@ class Trainer:
         ckpt = load_run_checkpoint(self.checkpoint_path, self.config)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for tmp in remove_stale_temps(self.checkpoint_path):
+                log(f"removed {tmp}, left by a checkpoint write that was killed")
             (self.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
         data = self._build_data(info, device)
         model, train_model, override_fn, target = self._build_model(info, device, data, init=ckpt is None)
@@ -255,10 +279,15 @@ class Trainer:
         progress = Progress(run.info.is_main, run.ipe, f"epoch {state.epoch + 1}/{t['epochs']}", t["log_every"],
                              state.epoch_step)
         training.epoch_started = time.perf_counter()
+
+        def on_step(s, loss, lr, override):
+            progress.update(s.epoch_step, run.world_batch, loss=loss, lr=lr, **(override or {}))
+            if training.interrupt_after_step:
+                self.interrupt()
+
         try:
             run.steps(run.epoch(state.epoch, start=state.epoch_step * run.batch), state, max_step=max_steps,
-                      on_step=lambda s, loss, lr, override: progress.update(
-                          s.epoch_step, run.world_batch, loss=loss, lr=lr, **(override or {})))
+                      on_step=on_step)
         finally:
             training.epoch_started = None
             progress.close()
@@ -344,13 +373,39 @@ def _truncatelog(path: Path, epochs_done: int) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+INTERRUPTED = 130  # `evit train`'s exit status after SIGINT (Ctrl-C), as a shell reports a command it interrupted
+
+
+@contextlib.contextmanager
+def stop_on_sigint(trainer: Trainer) -> Iterator[None]:
+    """SIGINT (Ctrl-C) stops the training with the step it has reached saved (`Trainer.interrupt`), as USR2 does
+    under the launcher; a second SIGINT interrupts at once (a checkpoint being written then leaves no temp file)."""
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        trainer.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_train(args) -> int:
     raw = apply_overrides(load_config(args.config), args.set)
-    metrics = Trainer(raw, args.run_dir).run(max_steps=args.max_steps)
+    trainer = Trainer(raw, args.run_dir)
+    try:
+        with stop_on_sigint(trainer):
+            metrics = trainer.run(max_steps=args.max_steps)
+    except KeyboardInterrupt as e:
+        step, path = getattr(e, "step", None), trainer.checkpoint_path
+        saved = (f"saved step {step} to {path}" if step is not None else
+                 f"nothing saved, {path} is as it was" if path.is_file() else "no checkpoint written")
+        print(f"evit train: interrupted; {saved}; the same command resumes the run", file=sys.stderr, flush=True)
+        return INTERRUPTED
     if metrics is not None and dist_env().is_main:
         print(json.dumps({k: metrics[k] for k in ("top1", "top5", "num_eval_images", "train_time_s")}))
     return 0
-
 
 
 def add_commands(sub) -> None:

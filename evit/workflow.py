@@ -384,6 +384,9 @@ def _check_method_fields(name: str, entry: dict, fields: set[str]) -> None:
     if entry.get("method", "none") not in METHODS:
         raise ConfigError(f"config: {name}: method {entry['method']!r} is not one of {list(METHODS)}")
     for key in sorted(set(entry) - fields):
+        if param_method(key) is None:
+            raise ConfigError(f"config: {name}: {key}: unknown experiment field (fields: {', '.join(sorted(fields))}; "
+                              f"the methods' parameters: {', '.join(method_param_keys())})")
         try:
             check_method_param(key, entry[key])
         except ConfigError as e:

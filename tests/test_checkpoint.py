@@ -1,13 +1,14 @@
 """Loading DeiT / official EViT / our checkpoints, written by the tests themselves."""
 import argparse
 import os
+import signal
 
 import pytest
 import timm
 import torch
 
 import evit.models  # noqa: F401  (registers the EViT models with timm)
-from evit.checkpoint import load_checkpoint, load_pretrained, read_state_dict, save_atomic
+from evit.checkpoint import load_checkpoint, load_pretrained, read_state_dict, remove_stale_temps, save_atomic
 from evit.errors import CheckpointError, CheckpointMismatchError
 
 
@@ -193,3 +194,27 @@ def test_save_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path):
         save_atomic({"a": Unpicklable()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(3))  # old file intact
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pth"]
+
+
+def test_a_checkpoint_write_killed_by_sigterm_leaves_a_temp_file_that_the_next_start_removes(tmp_path):
+    """SIGTERM kills a process without unwinding it, so `save_atomic`'s own cleanup cannot run: its temp file
+    stays, until `remove_stale_temps` (which `evit train` calls at every start) removes it, and nothing else."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "checkpoint.pth"
+    writer = ("import os, signal, sys, torch\n"
+              "from evit.checkpoint import save_atomic\n"
+              "def save(obj, f):\n"
+              "    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGTERM)\n"
+              "torch.save = save\n"
+              "save_atomic({}, sys.argv[1])\n")
+    proc = subprocess.run([sys.executable, "-c", writer, str(path)], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGTERM
+    stale = [p for p in tmp_path.iterdir()]
+    assert len(stale) == 1 and stale[0].name.startswith(".checkpoint.pth.") and stale[0].name.endswith(".tmp")
+    others = [tmp_path / n for n in (".other.pth.abc.tmp", ".checkpoint.pth.abc.part", "checkpoint.pth.tmp")]
+    for other in others:
+        other.write_bytes(b"")
+    assert remove_stale_temps(path) == stale
+    assert sorted(tmp_path.iterdir()) == sorted(others)

@@ -32,7 +32,7 @@ def test_an_evit_error_is_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     assert cli.main(["launch", "--config", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
-    assert capsys.readouterr().err.startswith(f"evit launch: error: {bad}: not valid YAML")
+    assert capsys.readouterr().err.startswith(f"evit launch: error: {bad}, line 2, column 1: not valid YAML")
 
 
 def test_an_unknown_command_is_an_argparse_error(capsys):

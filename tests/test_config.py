@@ -142,3 +142,35 @@ def test_evit_config_prints_the_reference_without_torch():
             "assert 'torch' not in sys.modules, 'evit config imported torch'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout == config_reference()
+
+
+# ------------------------------------------------------------------------------------------ YAML syntax errors
+
+
+def test_a_yaml_syntax_error_in_a_run_config_is_one_line_with_its_file_line_and_column(tmp_path):
+    from evit.config.io import load_config
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model:\n  arch: deit_tiny_patch16_224\ntrain: {epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value) == (f"{bad}, line 4, column 1: not valid YAML: while parsing a flow mapping; "
+                            "expected ',' or '}', but got '<stream end>'")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set", "train.lr=[1"],
+     "evit train: error: --set 'train.lr=[1', column 3 of the value: not valid YAML: while parsing a flow sequence; "
+     "expected ',' or ']', but got '<stream end>'"),
+    (["eval", "--param", "keep_rate=a: b: c"],
+     "evit eval: error: --param 'keep_rate=a: b: c', column 5 of the value: not valid YAML: mapping values are not "
+     "allowed here"),
+])
+def test_a_malformed_set_or_param_value_is_one_line_naming_the_argument(tmp_path, argv, message):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"model": {"method": "evit"}, "data": FASHION}))
+    (tmp_path / "weights.pth").write_bytes(b"")
+    paths = {"train": ["--config", "run.yaml", "--run-dir", "run"], "eval": ["--checkpoint", "weights.pth"]}
+    proc = subprocess.run([sys.executable, "-m", "evit.cli", *argv[:1], *paths[argv[0]], *argv[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr) == (2, message + "\n")
+    assert not (tmp_path / "run").exists()

@@ -294,6 +294,53 @@ def test_checkpoint_on_request_during_update_keeps_the_last_one(tmp_path, monkey
     assert (ckpt["epoch"], ckpt["step"]) == (1, 8)
 
 
+def test_an_interrupt_during_the_update_saves_that_step_once_it_has_ended(tmp_path, monkeypatch):
+    """SIGINT's `Trainer.interrupt` arriving while the optimizer updates: the step ends, is saved, then the run
+    stops (`checkpoint_now` alone would save nothing then)."""
+    trainer = T.Trainer(tiny_config(train={"clip_grad": 1.0, "epochs": 2}), tmp_path)
+    real_clip, n = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm):          # called inside the update phase
+        n.append(1)
+        if len(n) == 11:                 # the update of step 10 (global), 11 steps done once it ends
+            assert trainer.interrupt() is None
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(T.Interrupted) as e:
+        trainer()
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert e.value.step == ckpt["step"] == 11 and (ckpt["epoch"], ckpt["state"]["epoch_step"]) == (1, 3)
+
+
+def test_sigint_to_evit_train_saves_the_step_reached_and_exits_with_one_line(tmp_path):
+    """Ctrl-C: the step reached is in checkpoint.pth, stderr is one line, the exit status 130; a temp file that a
+    killed checkpoint write left is gone at the start; the same command resumes from the step saved."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = _write(tmp_path / "run.yaml", tiny_config(train={"epochs": 2, "log_every": 1}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".checkpoint.pth.k1ll3d.tmp").write_bytes(b"\0" * 1024)  # as a SIGTERM mid-write leaves it
+    argv = [sys.executable, "-m", "evit.cli", "train", "--config", str(cfg), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "epoch 1/2 step 2/8" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert proc.returncode == 130 and ckpt["step"] >= 2
+    assert err == (f"evit train: interrupted; saved step {ckpt['step']} to {run_dir / 'checkpoint.pth'}; the same "
+                   "command resumes the run\n")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")) == []
+    resumed = subprocess.run([*argv, "--max-steps", str(ckpt["step"] + 1)], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0 and f"at epoch 0, step {ckpt['step']}" in resumed.stdout, resumed.stderr
+
+
 def test_trainer_pickles_and_finished_runs_return_metrics(straight_run, tmp_path):
     ref_dir, ref = straight_run
     trainer = T.Trainer(tiny_config(), ref_dir)

@@ -1,4 +1,6 @@
 """The Snakemake workflow: config validation, the paper grid's dry run, tables from checkpoints, and SLURM."""
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,12 +71,16 @@ WEIGHTS = "https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update(epochs_total=3), "Additional properties are not allowed ('epochs_total' was unexpected)"),
+    (lambda c: c.update(epochs_total=3), "epochs_total: unknown key (known: backend, bench, bench_launcher, "),
     (lambda c: c["experiments"][1].update(keep_rate=1.7),
      "config: experiment 'evit_s_0.9': model.keep_rate: expected a value <= 1.0, got 1.7"),
     (lambda c: c["experiments"][1].update(keep_rat=0.7),
-     "config: experiment 'evit_s_0.9': model.keep_rat: not a parameter of any method"),
-    (lambda c: c["experiments"][1].update(recipe="distill"), "'distill' is not one of"),
+     "config: experiment 'evit_s_0.9': keep_rat: unknown experiment field (fields: arch, epochs, img_size, init, "
+     "method, name, paper, recipe, run, tables; the methods' parameters: keep_rate, fuse_token, drop_loc, r, "),
+    (lambda c: c["experiments"][1].update(tabels=["main"]),
+     "config: experiment 'evit_s_0.9': tabels: unknown experiment field (fields: arch, epochs, img_size, init, "),
+    (lambda c: c["experiments"][1].update(recipe="distill"),
+     "experiment 'evit_s_0.9': recipe: 'distill' is not one of ['scratch', 'finetune', 'demo', 'none']"),
     (lambda c: c["experiments"][1].update(init="deit_x"), "has init 'deit_x', which is neither an experiment"),
     (lambda c: c["tables"]["main"].update(baseline="nope"), "table 'main' has unknown baseline experiment 'nope'"),
     (lambda c: c.update(checkpoints={"ghost": "/x.pth"}), "checkpoints maps unknown experiment 'ghost'"),
@@ -136,6 +142,61 @@ def test_bad_config_is_named_before_anything_runs(tmp_path, mutate, message):
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("site, key, message", [
+    ({"experimnts": []}, "experimnts", "unknown key (known: backend, bench, bench_launcher, checkpoints, comparison, "),
+    ({"run_defautls": {}}, "run_defautls", "unknown key (known: backend, bench, bench_launcher, checkpoints, "),
+    ({"masking": {"share": "half"}}, "masking.share", "'half' is not of type 'number'"),
+    ({"tables": {"main": {"title": "x", "baselin": "deit_s"}}}, "tables.main.baselin", "unknown key (known: baseline, "
+                                                                                        "title)"),
+])
+def test_a_schema_violation_is_one_line_naming_the_key_and_the_file_that_sets_it(tmp_path, site, key, message):
+    """No schema and config dump: the line names the key, the file that sets it (here the site file given after
+    paper.yaml) and what the schema allows."""
+    site_file = write_config(tmp_path / "site.yaml", site)
+    proc = snakemake("-n", "--configfile", "workflow/config/paper.yaml", str(site_file), check=False)
+    assert proc.returncode != 0
+    output = (proc.stdout + proc.stderr).strip().splitlines()
+    assert output[1].startswith(f"config {site_file}: {key}: {message}"), output[:3]
+    assert len(output) == 3 and "Failed validating" not in proc.stderr  # Snakemake's header, the line, its frame
+
+
+def test_a_yaml_syntax_error_in_the_default_config_names_its_file_and_line(tmp_path):
+    """Snakemake reads the Snakefile's own config file (the demo) and names neither file nor line; the workflow
+    does. (A --configfile is read by Snakemake's command line before the workflow: its one line names no file.)"""
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    shutil.copy(ROOT / "Snakefile", tmp_path / "Snakefile")
+    demo = tmp_path / "workflow/config/demo.yaml"
+    lines = demo.read_text().splitlines()
+    demo.write_text("\n".join([*lines, "results: [oops"]) + "\n")
+    proc = subprocess.run([SNAKEMAKE, "--snakefile", str(tmp_path / "Snakefile"), "-n"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (f"{demo}, line {len(lines) + 2}, column 1: not valid YAML: while parsing a flow sequence; expected ',' "
+            "or ']', but got '<stream end>'") in (proc.stdout + proc.stderr).splitlines()
+
+
+def test_the_installed_slurm_profile_runs_from_another_directory(tmp_path):
+    """`evit install-profile` writes the profile's config file and this checkout's Snakefile by absolute path:
+    `snakemake --profile slurm all` dry-runs the paper grid in any directory (here with data.root and the boxes on
+    the command line, as a site file would set them)."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    evit = str(Path(sys.executable).parent / "evit")
+    subprocess.run([evit, "install-profile"], env=env, check=True, capture_output=True, timeout=120)
+    installed = yaml.safe_load((tmp_path / "xdg/snakemake/slurm/config.yaml").read_text())
+    assert (installed["configfile"], installed["snakefile"]) == (
+        str(ROOT / "workflow/config/paper.yaml"), str(ROOT / "Snakefile"))
+    site = yaml.safe_load(imagenet_site(tmp_path).read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([SNAKEMAKE, "--profile", "slurm", "-n", "all", "--config", "backend=slurm",
+                           f"run_defaults={{data: {{root: {site['run_defaults']['data']['root']}}}}}",
+                           f"masking={{boxes: {site['masking']['boxes']}}}"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert job_counts(proc.stdout)["train"] == 20 and "results/runs/deit_s/metrics.json" in proc.stdout
+    assert sorted(p.name for p in elsewhere.iterdir()) == [".snakemake"]
 
 
 def test_paper_dry_run_lists_the_paper_grid_and_the_frontier(tmp_path):

@@ -1,5 +1,5 @@
 """Run configs as files: reading one (`load_config`), `--set` overrides, the config hash, and the keys in which a
-checkpoint's config differs from a resuming run's. Imports no torch.
+checkpoint's config differs from a resuming run's; a YAML syntax error as one line (`yaml_error`). Imports no torch.
 """
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ def resume_mismatch(saved: dict, current: dict) -> list[str]:
             if k not in RESUME_FREE and a.get(k) != b.get(k)]
 
 
+def yaml_error(where: str, error: yaml.YAMLError, in_value: bool = False) -> ConfigError:
+    """A YAML syntax error as one line: ``where``, the line and column (1-based; the column alone ``in_value``, a
+    one-line command-line value) and PyYAML's own words."""
+    mark = getattr(error, "problem_mark", None)
+    at = "" if mark is None else (f", column {mark.column + 1} of the value" if in_value
+                                  else f", line {mark.line + 1}, column {mark.column + 1}")
+    words = "; ".join(filter(None, (getattr(error, "context", None), getattr(error, "problem", None))))
+    return ConfigError(f"{where}{at}: not valid YAML: {words or type(error).__name__}")
+
+
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -43,7 +53,26 @@ def load_config(path: str | Path) -> dict:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise yaml_error(str(path), e) from None
+
+
+def yaml_file_error(path: str | Path, error: Exception) -> Exception:
+    """The one-line YAML syntax error of the file at ``path`` if it has one, else ``error`` (e.g. Snakemake's
+    "Config file is not valid JSON or YAML", which names neither file nor line)."""
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        return yaml_error(str(path), e)
+    return error
+
+
+def parse_value(flag: str, item: str, value: str):
+    """The YAML value of a command-line ``flag``'s ``item`` (e.g. ``--set 'train.lr=0.1'``); a syntax error names
+    the argument."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise yaml_error(f"{flag} {item!r}", e, in_value=True) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -59,6 +88,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse_value("--set", item, value)
     return raw
 

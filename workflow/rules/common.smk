@@ -3,13 +3,22 @@
 # rules ask the plan, `WF`. Here only what needs Snakemake: validation, the wildcard constraints, report entries.
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from evit.errors import ConfigError
 from evit.layout import COMPARISON_TABLE, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, PREFLIGHT_TABLE
 from evit.workflow import EVIT, SCHEMA_FILE, build_workflow, download, one_of, write_yaml
+from evit.workflow_schema import schema_error
 
-validate(config, str(Path(workflow.basedir) / SCHEMA_FILE))
-WF = build_workflow(config, workflow.basedir)
+try:
+    validate(config, str(Path(workflow.basedir) / SCHEMA_FILE))
+except WorkflowError as e:  # its message dumps the schema and the config: one line naming the key and the file
+    raise schema_error(e, config, workflow.configfiles, workflow.config_settings.config) from None
+try:
+    WF = build_workflow(config, workflow.basedir)
+except ConfigError as e:  # one line naming the files, without evit.workflow's frames
+    raise ConfigError(f"{e} (config files: {', '.join(map(str, workflow.configfiles))})") from None
 
 
 def run_cpus(wildcards):

@@ -22,7 +22,7 @@ rule report:
         masking=[f"{WF.results}/masking/masking.json"] if WF.masking else [],
         backbones=expand(f"{WF.results}/comparison/{{backbone}}/eval.json", backbone=WF.backbones),
         preflight=WF.preflight_files,
-        reference="results/reference/paper.csv",
+        reference=f"{workflow.basedir}/results/reference/paper.csv",  # the checkout's, in any working directory
     output:
         expand(f"{WF.results}/tables/{{table}}.{{ext}}", table=WF.tables, ext=("md", "tex")),
         [report_table(table, ext) for table in WF.tables for ext in ("html", "csv")],
