@@ -17,7 +17,7 @@ from evit.launch import launch
 from evit.preflight import GPU_CHECKS, grid_cost
 from evit.report.tables import preflight_table
 from test_report import REFERENCE, write_inputs
-from test_workflow import ROOT, TINY_MODEL, job_counts, snakemake, write_config
+from test_workflow import TINY_MODEL, job_counts, snakemake, write_config
 from test_workflow_table import paper, plan_of  # noqa: F401 (paper: a fixture)
 
 TINY_RUN = {"model": {**TINY_MODEL, "arch": "deit_tiny_patch16_224", "img_size": 28, "num_classes": 2},

@@ -105,7 +105,7 @@ def test_the_masking_config_is_its_experiments_in_one_process_with_the_figure(de
     (lambda c: c["experiments"][1].update(keep_rate=1.7),
      "config: experiment 'evit_s_0.9': model.keep_rate: expected a value <= 1.0, got 1.7"),
     (lambda c: c["experiments"][1].update(keep_rat=0.7),
-     "config: experiment 'evit_s_0.9': model.keep_rat: not a parameter of any method"),
+     "config: experiment 'evit_s_0.9': keep_rat: unknown experiment field"),
     (lambda c: c["experiments"][1].update(r=4),
      "config: experiment 'evit_s_0.9' (method evit) sets r, a parameter of method tome"),
     (lambda c: c["experiments"].append({"name": "evit_s_0.9", "keep_rate": 0.5}),
