@@ -350,20 +350,36 @@ def truncated_jpeg(root: Path) -> bytes:
     return (root / "val" / "c0" / "photo.jpg").read_bytes()[:2000] + bytes(64)
 
 
+def with_broken_image(root: Path, tmp_path: Path, split: str, content: bytes) -> Path:
+    """A copy of the dataset at ``root`` (as links) with ``split/c1/broken.jpg`` holding ``content``."""
+    bad = tmp_path / "jpegs"
+    for s in ("train", "val"):
+        for f in (root / s).rglob("*.jpg"):
+            (bad / f.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            (bad / f.relative_to(root)).symlink_to(f)
+    (bad / split / "c1" / "broken.jpg").write_bytes(content)
+    return bad
+
+
 @pytest.mark.parametrize("content", [lambda root: b"not a JPEG at all", truncated_jpeg],
                          ids=["no-header", "corrupt-data"])
 def test_an_unreadable_image_is_named(jpeg_root, tmp_path, content):
     """A file that is not an image (one `ImageError` naming it and its index, before DALI gets it), or whose
     data DALI cannot decode (the same error, once DALI fails)."""
-    bad = tmp_path / "jpegs"
-    for split in ("train", "val"):
-        for f in (jpeg_root / split).rglob("*.jpg"):
-            (bad / f.relative_to(jpeg_root)).parent.mkdir(parents=True, exist_ok=True)
-            (bad / f.relative_to(jpeg_root)).symlink_to(f)
-    (bad / "val" / "c1" / "broken.jpg").write_bytes(content(jpeg_root))
+    bad = with_broken_image(jpeg_root, tmp_path, "val", content(jpeg_root))
     cfg = resolve_config(dali_config(bad))
     loader, _, raw = build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     index = [Path(p).name for p, _ in raw.samples].index("broken.jpg")
+    with pytest.raises(ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
+        list(loader)
+
+
+def test_an_unreadable_training_image_is_named(jpeg_root, tmp_path):
+    """A training file that is not an image: read in DALI's worker process, one `ImageError` naming it and its
+    index in the training process."""
+    bad = with_broken_image(jpeg_root, tmp_path, "train", b"not a JPEG at all")
+    loader, sampler, ds = train_loader(dali_config(bad), seed=0)
+    index = [Path(p).name for p, _ in ds.base.samples].index("broken.jpg")
     with pytest.raises(ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
         list(loader)
 

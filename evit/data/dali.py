@@ -104,7 +104,8 @@ class _Epochs:
     """Runs a pipeline one pass of its source per `epoch` call; the pipeline is built once, on first use, and
     reset for the next pass when the previous one ran to its end and ``reusable(source, pass)`` (otherwise,
     e.g. after a pass was left half-way, what it prefetched is dropped with it and a new one is built). An
-    image that cannot be read or decoded is one `ImageError` naming it (the source's ``undecodable``)."""
+    image that cannot be read or decoded is one `ImageError` naming it (the source's ``undecodable``: DALI
+    names no file, and a worker's error reaches this process as a RuntimeError holding only its message)."""
 
     def __init__(self, make_source: Callable, make_pipeline: Callable, reusable: Callable = lambda source, i: True):
         self.make_source, self.make_pipeline, self.reusable = make_source, make_pipeline, reusable
@@ -127,11 +128,7 @@ class _Epochs:
                 done += 1
         except (EvitError, OSError):
             raise
-        except Exception as e:  # noqa: BLE001 - a worker's error comes back as an Exception from the original
-            if isinstance(e.__cause__, (EvitError, OSError)):
-                raise e.__cause__ from None
-            if not isinstance(e, RuntimeError):
-                raise
+        except Exception as e:  # noqa: BLE001 - DALI's decoder, or a worker's error (which comes back a RuntimeError)
             raise self.source.undecodable(e, self.pass_idx, done) from e
         self.finished = True
 

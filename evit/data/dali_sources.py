@@ -64,14 +64,16 @@ def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
 
 
 def undecodable(dataset, indices: Sequence[int], error: Exception) -> ImageError:
-    """DALI's decoder names no file when one fails (its header parsed, its data corrupt): the first of the
-    ``indices`` DALI may have been decoding that PIL cannot decode either, as the dataset's `ImageError`; else
-    one naming them all."""
+    """What failed among the ``indices`` DALI may have been reading (DALI names no file when its decoder fails,
+    and a worker's error reaches the training process as a RuntimeError): the first that cannot be read
+    raises its error, else the first that PIL cannot decode either is the dataset's `ImageError`; else one
+    `ImageError` naming them all."""
     from PIL import Image
 
     for i in indices:
+        data, _, _ = read_image(dataset, i)
         try:
-            with Image.open(io.BytesIO(read_encoded(dataset, i)[0])) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 img.load()
         except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is named
             return dataset.image_error(dataset.raw_index(i), e)
@@ -130,8 +132,8 @@ class TrainBatches:
         return jpegs, labels, draws
 
     def undecodable(self, error: Exception, epoch_idx: int, batches_done: int) -> ImageError:
-        """The image DALI failed on, among the batches it may have been decoding in pass ``epoch_idx``."""
-        near = range(max(0, batches_done - 1), batches_done + PREFETCH_DEPTH + 1)
+        """The image DALI failed on, among the batches it may have been reading in pass ``epoch_idx``."""
+        near = range(max(0, batches_done - 1), batches_done + 2 * PREFETCH_DEPTH + 2)   # the pipeline's and ours
         return undecodable(self.dataset, [i for it in near for i, _ in self.pairs(epoch_idx, it)], error)
 
 
