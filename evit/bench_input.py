@@ -132,7 +132,8 @@ def table(res: dict) -> str:
     ]
     lines = ["| what | img/s | img/s per core | / step |", "|---|---:|---:|---:|"]
     lines += [f"| {what} | {rate:.1f} | {core} | {ratio:.2f} |" for what, rate, core, ratio in rows]
-    lines += ["", f"The loader took {res['input_thread_us_per_img']:.1f} us of the training thread's CPU time per image."]
+    lines += ["", f"The loader took {res['input_thread_us_per_img']:.1f} us of the training thread's CPU time "
+              "per image."]
     limit = ("the input pipeline: the device waits for data" if res["limited_by"] == "input"
              else "the training step: the input pipeline keeps up")
     return "\n".join(lines) + (

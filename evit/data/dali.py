@@ -22,8 +22,10 @@ torch loader: the same seed gives the same batches, and a run resumed mid-epoch 
 
 Devices. With a CUDA training device DALI decodes and augments on that GPU; on a machine without one it runs
 in DALI's CPU mode (``device_id=None``) on ``data.num_workers`` threads, and the trainer says so in its log.
-On the host, the batch's files are read on ``data.num_workers`` threads and the draws made in the training
-process (about 40 us per image).
+Both decoders upsample JPEG chroma as libjpeg-turbo and PIL do (``jpeg_fancy_upsampling``; DALI's GPU decoder
+does not by default). On the host (`evit.data.dali_sources`), a training batch's files are read and its draws
+made in ``data.num_workers`` spawned worker processes (DALI's parallel external source), off the training
+thread; evaluation reads its files on threads of the training process.
 
 Where it differs from timm's PIL transforms (measured in tests/test_dali.py, README "Input pipeline"): the
 RandAugment ops' differences (`evit.data.dali_augment`); resizes use DALI's antialiased cubic filter, which does
@@ -136,8 +138,9 @@ class _Epochs:
 class DaliTrainLoader:
     """Training batches ``(uint8 images (N, 3, S, S) on the device, int64 labels)`` from DALI.
 
-    Each iteration is one pass of ``batch_sampler`` (a `BatchSampler` over `TrainSampler`, at the
-    epoch and start set when the iteration begins: DALI starts reading a pass only then).
+    Each iteration is one pass of ``batch_sampler`` (a `BatchSampler` over `TrainSampler`, at the epoch and
+    start set when the iteration begins). The pipeline and its workers are kept for the next pass when the
+    sampler is then set to the next epoch from its start (`TrainBatches.follows`), else built anew.
     """
 
     def __init__(self, cfg: dict, dataset, batch_sampler, device: torch.device):
