@@ -4,7 +4,8 @@ For a run config, in one process, after warm-up, in interleaved rounds, three ra
 
 - **input**: the training loader the Trainer builds (whichever the run config chooses) and its batch stage
   (`evit.data.stage.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
-  loader's ``num_workers``, or its ``num_threads``);
+  loader's ``num_workers``, or its ``num_threads``), and the training thread's CPU time per image in the loader
+  (``time.thread_time`` around each ``next``: what the loader costs the thread that launches the step);
 - **step**: the training step (`evit.engine.BuiltRun.steps`: forward, backward, optimizer, with ``train.amp`` and
   ``train.compile``) on one staged batch held on the device, at the model's target keep rate;
 - **loop**: `evit train`'s loop over the real loader, as a run trains.
@@ -39,18 +40,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(batches: Iterator, warmup: int, steps: int, device: torch.device, marks: list[float]) -> Iterator:
+def timed(batches: Iterator, warmup: int, steps: int, device: torch.device, marks: list[float],
+          thread_s: list[float] | None = None) -> Iterator:
     """Yields ``warmup + steps`` batches; appends to ``marks`` the times (device synchronized) when the last
-    ``steps`` of them start being consumed and when they are done."""
-    for i, batch in enumerate(batches):
+    ``steps`` of them start being consumed and when they are done, and to ``thread_s`` (if given) the CPU time
+    this thread (the training thread) spent getting each of them from ``batches``."""
+    it = iter(batches)
+    for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
             marks.append(time.perf_counter())
-        if i == warmup + steps:
-            _sync(device)
-            marks.append(time.perf_counter())
-            return
+        cpu = time.thread_time()
+        batch = next(it)
+        if i >= warmup and thread_s is not None:
+            thread_s.append(time.thread_time() - cpu)
         yield batch
+    _sync(device)
+    marks.append(time.perf_counter())
 
 
 def cpu_cores(loader) -> int | None:
@@ -73,9 +79,13 @@ def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) ->
     with trainer.build() as run:
         device, stage = run.device, run.stage
 
+        thread_us: list[float] = []       # the training thread's CPU time per image in the loader, per round
+
         def run_input(marks):
-            for images, targets in timed(run.batches(), warmup, steps, device, marks):
+            thread_s: list[float] = []
+            for images, targets in timed(run.batches(), warmup, steps, device, marks, thread_s):
                 stage(images, targets)
+            thread_us.append(1e6 * sum(thread_s) / (steps * run.batch))
 
         staged = stage(*next(run.batches()))
 
@@ -99,6 +109,7 @@ def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) ->
         res = {
             "input_img_s": med["input"], "step_img_s": med["step"], "loop_img_s": med["loop"],
             "input_img_s_per_core": med["input"] / cores if cores else None, "input_cores": cores,
+            "input_thread_us_per_img": statistics.median(thread_us), "input_thread_us": thread_us,
             "input_over_step": med["input"] / med["step"], "loop_over_step": med["loop"] / med["step"],
             "limited_by": "input" if med["input"] < med["step"] else "step",
             "rates": rates, "loader": d.get("loader", "torch"), "dataset": d["dataset"], "augment": t["augment"],
@@ -121,6 +132,8 @@ def table(res: dict) -> str:
     ]
     lines = ["| what | img/s | img/s per core | / step |", "|---|---:|---:|---:|"]
     lines += [f"| {what} | {rate:.1f} | {core} | {ratio:.2f} |" for what, rate, core, ratio in rows]
+    lines += ["", f"The loader took {res['input_thread_us_per_img']:.1f} us of the training thread's CPU time "
+              "per image."]
     limit = ("the input pipeline: the device waits for data" if res["limited_by"] == "input"
              else "the training step: the input pipeline keeps up")
     return "\n".join(lines) + (

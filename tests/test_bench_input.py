@@ -29,8 +29,10 @@ def test_bench_input_reports_three_rates_and_what_limits(tmp_path, capsys):
     assert res["limited_by"] == ("input" if res["input_img_s"] < res["step_img_s"] else "step")
     assert res["input_cores"] == 1 and res["input_img_s_per_core"] == res["input_img_s"]
     assert res["loop_over_step"] == pytest.approx(res["loop_img_s"] / res["step_img_s"])
+    assert len(res["input_thread_us"]) == 2 and res["input_thread_us_per_img"] > 0   # torch: all on the thread
     assert "| input pipeline alone (loader + batch stage) |" in printed and "Limited by the" in printed
     assert "loader torch, batch 16" in printed
+    assert f"The loader took {res['input_thread_us_per_img']:.1f} us of the training thread's CPU time" in printed
 
 
 def test_bench_input_names_a_bad_config(tmp_path, capsys):

@@ -18,7 +18,7 @@ from PIL import Image
 from evit.config.schema import resolve_config
 from evit.errors import ConfigError, ImageError
 import evit.trainer as T
-from evit.data import dali as DL, dali_augment as DA
+from evit.data import dali as DL, dali_augment as DA, dali_sources as DS
 from evit.data.datasets import FashionMNIST, build_dataset
 from evit.data.loaders import build_eval_loader
 from evit.data.samplers import TrainSampler
@@ -86,10 +86,9 @@ class Batches:
         if self.done:
             raise StopIteration
         self.done = True
-        n, i32 = len(self.draws), (lambda v: np.asarray(v, dtype=np.int32))
-        return [[self.encoded] * n, [np.asarray(0, dtype=np.int64)] * n, [i32([0, 0])] * n,
-                [i32([self.size, self.size])] * n, [i32(0)] * n, *[[i32([d[j]]) for d in self.draws]
-                                                                  for j in range(3)]]
+        n = len(self.draws)
+        draws = np.array([[0, 0, self.size, self.size, 0, *d] for d in self.draws], dtype=np.int32)
+        return [[self.encoded] * n, np.zeros(n, dtype=np.int64), draws]
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -235,8 +234,7 @@ def test_the_pipeline_decodes_the_window_and_resizes_it_like_timm():
     class Windows(Batches):
         def __next__(self):
             cols = super().__next__()
-            cols[2] = [np.asarray(w[:2], dtype=np.int32) for w in windows]
-            cols[3] = [np.asarray(w[2:], dtype=np.int32) for w in windows]
+            cols[2][:, :4] = windows
             return cols
 
     S = 64
@@ -252,6 +250,28 @@ def test_the_pipeline_decodes_the_window_and_resizes_it_like_timm():
         assert (diff <= 1).mean() > 0.97 and diff.mean() < 0.5, (x, y, w, h)
 
 
+@pytest.mark.parametrize("gpu", [True, False], ids=["mixed", "cpu"])
+def test_both_decoders_upsample_chroma_as_pil(gpu):
+    """Both decoders take jpeg_fancy_upsampling (DALI's default is off), which makes the GPU's ("mixed")
+    chroma upsampling libjpeg-turbo's and PIL's: in the graphs DALI builds for device 0 (a graph needs no GPU;
+    CI has none) and for its CPU mode."""
+    device = dict(device_id=0 if gpu else None, gpu=gpu, batch_size=2, num_threads=1)
+    pipes = [DL.train_pipeline(source=iter([]), img_size=32, interpolation="bicubic", names=[], fill=(0, 0, 0),
+                               num_layers=0, **device),
+             DL.eval_pipeline(source=iter([]), img_size=32, interpolation="bicubic", mean=(0.5,) * 3,
+                              std=(0.5,) * 3, **device)]
+    decoders = []
+    for pipe in pipes:
+        pipe._build_graph()                # the operators and their arguments, without a device
+        decoders += [str(op.spec) for op in pipe._ops if str(op.spec).startswith("OpSpec for decoders__")]
+    assert [spec.split(":")[0] for spec in decoders] == ["OpSpec for decoders__ImageSlice",
+                                                         "OpSpec for decoders__Image"]
+    for spec in decoders:
+        args = dict(line.strip().split(": ", 1) for line in spec.split("Arguments:")[1].splitlines() if ": " in line)
+        assert args["device"] == ("mixed" if gpu else "cpu"), spec
+        assert args["jpeg_fancy_upsampling"] == "True", spec
+
+
 # --------------------------------------------------------------------------------------------- eval
 
 
@@ -265,10 +285,10 @@ def test_eval_transform_matches_timm(jpeg_root):
     loader, n, raw = build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     assert isinstance(loader, DL.DaliEvalLoader) and n == len(raw) > 16
     for path, _ in raw.samples:          # the JPEG header walk reads the sizes PIL reads
-        assert DL.image_size(Path(path).read_bytes()) == Image.open(path).size
+        assert DS.image_size(Path(path).read_bytes()) == Image.open(path).size
     png = io.BytesIO()
     Image.new("RGB", (37, 21)).save(png, format="PNG")
-    assert DL.image_size(png.getvalue()) == (37, 21)
+    assert DS.image_size(png.getvalue()) == (37, 21)
     tf = eval_transform(cfg)
     got = [(x, y) for x, y in loader]
     assert [len(y) for _, y in got] == [16, n - 16]
@@ -330,20 +350,36 @@ def truncated_jpeg(root: Path) -> bytes:
     return (root / "val" / "c0" / "photo.jpg").read_bytes()[:2000] + bytes(64)
 
 
+def with_broken_image(root: Path, tmp_path: Path, split: str, content: bytes) -> Path:
+    """A copy of the dataset at ``root`` (as links) with ``split/c1/broken.jpg`` holding ``content``."""
+    bad = tmp_path / "jpegs"
+    for s in ("train", "val"):
+        for f in (root / s).rglob("*.jpg"):
+            (bad / f.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            (bad / f.relative_to(root)).symlink_to(f)
+    (bad / split / "c1" / "broken.jpg").write_bytes(content)
+    return bad
+
+
 @pytest.mark.parametrize("content", [lambda root: b"not a JPEG at all", truncated_jpeg],
                          ids=["no-header", "corrupt-data"])
 def test_an_unreadable_image_is_named(jpeg_root, tmp_path, content):
     """A file that is not an image (one `ImageError` naming it and its index, before DALI gets it), or whose
     data DALI cannot decode (the same error, once DALI fails)."""
-    bad = tmp_path / "jpegs"
-    for split in ("train", "val"):
-        for f in (jpeg_root / split).rglob("*.jpg"):
-            (bad / f.relative_to(jpeg_root)).parent.mkdir(parents=True, exist_ok=True)
-            (bad / f.relative_to(jpeg_root)).symlink_to(f)
-    (bad / "val" / "c1" / "broken.jpg").write_bytes(content(jpeg_root))
+    bad = with_broken_image(jpeg_root, tmp_path, "val", content(jpeg_root))
     cfg = resolve_config(dali_config(bad))
     loader, _, raw = build_eval_loader(cfg, 0, 1, torch.device("cpu"))
     index = [Path(p).name for p, _ in raw.samples].index("broken.jpg")
+    with pytest.raises(ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
+        list(loader)
+
+
+def test_an_unreadable_training_image_is_named(jpeg_root, tmp_path):
+    """A training file that is not an image: read in DALI's worker process, one `ImageError` naming it and its
+    index in the training process."""
+    bad = with_broken_image(jpeg_root, tmp_path, "train", b"not a JPEG at all")
+    loader, sampler, ds = train_loader(dali_config(bad), seed=0)
+    index = [Path(p).name for p, _ in ds.base.samples].index("broken.jpg")
     with pytest.raises(ImageError, match=f"broken.jpg.*index {index}|index {index}.*broken.jpg"):
         list(loader)
 

@@ -23,8 +23,10 @@ torch loader: the same seed gives the same batches, and a run resumed mid-epoch 
 
 Devices. With a CUDA training device DALI decodes and augments on that GPU; on a machine without one it runs
 in DALI's CPU mode (``device_id=None``) on ``data.num_workers`` threads, and the trainer says so in its log.
-On the host, the batch's files are read on ``data.num_workers`` threads and the draws made in the training
-process (about 40 us per image).
+Both decoders upsample JPEG chroma as libjpeg-turbo and PIL do (``jpeg_fancy_upsampling``; DALI's GPU decoder
+does not by default). On the host (`evit.data.dali_sources`), a training batch's files are read and its draws
+made in ``data.num_workers`` spawned worker processes (DALI's parallel external source), off the training
+thread; evaluation reads its files on threads of the training process.
 
 Where it differs from timm's PIL transforms (measured in tests/test_dali.py, README "Input pipeline"): the
 RandAugment ops' differences (`evit.data.dali_augment`); resizes use DALI's antialiased cubic filter, which does
@@ -32,24 +34,18 @@ not clip PIL's intermediate (between passes) values.
 """
 from __future__ import annotations
 
-import collections
-import functools
-import io
 import math
-import random
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select, signed_bin
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from evit.errors import ConfigError, ImageError
-from evit.data.dali_augment import NUM_MAGNITUDE_BINS, RandAugmentSpec, crop_window, rand_augment_ops
+from evit.errors import ConfigError, EvitError
+from evit.data.dali_augment import NUM_MAGNITUDE_BINS, RandAugmentSpec, rand_augment_ops
+from evit.data.dali_sources import PREFETCH_DEPTH, EvalSource, TrainBatches
 from evit.data.samplers import ShardSampler
-from evit.data.transforms import eval_geometry
 
 
 # --------------------------------------------------------------------------------------------- pipelines
@@ -59,21 +55,25 @@ INTERPOLATIONS = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source, img_size: int, interpolation: str, names: Sequence[str], fill: Sequence[int],
-                   num_layers: int, gpu: bool):
-    """Training images as uint8 (3, img_size, img_size) and labels, from `TrainSource`'s batches."""
-    jpegs, labels, start, shape, flip, ops, bins, signs = fn.external_source(
-        source, num_outputs=8, batch=True, cycle="raise",
-        dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.INT32, types.INT32, types.INT32,
-               types.INT32])
-    images = fn.decoders.image_slice(jpegs, start, shape, device="mixed" if gpu else "cpu",
+                   num_layers: int, gpu: bool, parallel: bool = False):
+    """Training images as uint8 (3, img_size, img_size) and labels, from batches of `TrainBatches`' columns:
+    the encoded images, the labels, and each sample's draws. ``parallel``: ``source`` is a `TrainBatches`,
+    called in DALI's worker processes (the pipeline's ``py_num_workers``)."""
+    kind = (dict(parallel=True, batch_info=True, prefetch_queue_depth=PREFETCH_DEPTH) if parallel
+            else dict(cycle="raise"))
+    jpegs, labels, draws = fn.external_source(source, num_outputs=3, batch=True, dtype=[types.UINT8, types.INT64,
+                                                                                       types.INT32], **kind)
+    images = fn.decoders.image_slice(jpegs, draws[0:2], draws[2:4], device="mixed" if gpu else "cpu",
                                      output_type=types.RGB, normalized_anchor=False, normalized_shape=False,
-                                     adjust_orientation=False)      # as PIL opens it (no EXIF rotation)
+                                     adjust_orientation=False,      # as PIL opens it (no EXIF rotation)
+                                     jpeg_fancy_upsampling=True)    # the GPU's chroma upsampling as PIL's
     images = fn.resize(images, size=[img_size, img_size], interp_type=INTERPOLATIONS[interpolation],
                        antialias=True)
-    images = fn.flip(images, horizontal=flip)
+    images = fn.flip(images, horizontal=draws[4])
     augs = rand_augment_ops(names, img_size, fill)
     for layer in range(num_layers):
-        images = select(augs, ops[layer], images, magnitude_bin=signed_bin(bins[layer], signs[layer]),
+        op, magnitude_bin, sign = (draws[5 + layer + k * num_layers] for k in range(3))
+        images = select(augs, op, images, magnitude_bin=signed_bin(magnitude_bin, sign),
                         num_magnitude_bins=NUM_MAGNITUDE_BINS)
     return fn.transpose(images, perm=[2, 0, 1]), labels
 
@@ -85,138 +85,12 @@ def eval_pipeline(source, img_size: int, interpolation: str, mean: Sequence[floa
     jpegs, labels, size, start = fn.external_source(
         source, num_outputs=4, batch=True, cycle="raise", dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32])
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                               adjust_orientation=False)
+                               adjust_orientation=False, jpeg_fancy_upsampling=True)
     images = fn.resize(images, size=size, interp_type=INTERPOLATIONS[interpolation], antialias=True)
     images = fn.slice(images, start=start, shape=[img_size, img_size], axis_names="WH")
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                       mean=[255 * m for m in mean], std=[255 * s for s in std])
     return images, labels
-
-
-# --------------------------------------------------------------------------------------------- sources
-
-
-def image_size(encoded: bytes) -> tuple[int, int]:
-    """(width, height) from an encoded image's header, without decoding it: a JPEG's frame header found by
-    walking its markers (a tenth of the time PIL takes to open it), other formats (or a JPEG this walk does
-    not follow) by PIL."""
-    if encoded[:2] == b"\xff\xd8":
-        i, n = 2, len(encoded)
-        while i + 9 < n and encoded[i] == 0xFF:
-            marker = encoded[i + 1]
-            if marker == 0xFF:                               # fill byte
-                i += 1
-            elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # SOFn: precision, height, width
-                return (encoded[i + 7] << 8) | encoded[i + 8], (encoded[i + 5] << 8) | encoded[i + 6]
-            else:
-                i += 2 + ((encoded[i + 2] << 8) | encoded[i + 3])
-    from PIL import Image
-
-    with Image.open(io.BytesIO(encoded)) as im:
-        return im.size
-
-
-def read_image(dataset, i: int) -> tuple[np.ndarray, int, tuple[int, int]]:
-    """Item ``i`` of an `evit.data.seeding.SeededDataset` over an ``imagenet`` / ``folder`` set (its folder or its
-    pack): the encoded image, its label and its (width, height) from the header. An unreadable image is the
-    dataset's `ImageError` naming the file and its index (a file-system error stays itself)."""
-    with dataset.naming_errors(dataset.raw_index(i)):
-        encoded, label = dataset.encoded(i)
-        return np.frombuffer(encoded, dtype=np.uint8), label, image_size(encoded)
-
-
-PREFETCH_DEPTH = 2   # batches DALI reads ahead of the one it hands over
-
-
-class _Reader:
-    """Reads a batch's files with `read_image` on ``threads`` threads (file reads release the GIL; on a
-    network file system each read waits), and remembers the batches DALI may still be decoding."""
-
-    def __init__(self, dataset, threads: int):
-        self.dataset, self.threads, self.pool = dataset, threads, None
-        self.in_flight = collections.deque(maxlen=PREFETCH_DEPTH + 1)
-
-    def read(self, indices: Sequence[int]) -> list:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="evit-dali-read")
-        self.in_flight.append(list(indices))
-        return list(self.pool.map(functools.partial(read_image, self.dataset), indices))
-
-    def undecodable(self, error: Exception) -> ImageError:
-        """DALI's decoder names no file when one fails (its header parsed, its data corrupt): the first image
-        in flight that PIL cannot decode either, as the dataset's `ImageError`; else one naming them all."""
-        from PIL import Image
-
-        items = [i for batch in self.in_flight for i in batch]
-        for i in items:
-            try:
-                with Image.open(io.BytesIO(self.dataset.encoded(i)[0])) as img:
-                    img.load()
-            except Exception as e:  # noqa: BLE001 - whatever PIL raises, the image is named
-                return self.dataset.image_error(self.dataset.raw_index(i), e)
-        cause = " ".join(f"{type(error).__name__}: {error}".split())
-        first, last = (self.dataset.describe(self.dataset.raw_index(i)) for i in (items[0], items[-1]))
-        return ImageError(f"cannot decode one of the {len(items)} images DALI was reading, from {first} to {last}, "
-                          f"though PIL decodes each: {cause}")
-
-
-class TrainSource(_Reader):
-    """The training pipeline's input: for each batch of ``(index, sample_seed)`` pairs (a `TrainSampler`
-    under a `BatchSampler`) over ``dataset``, the encoded files, labels, and each sample's draws (crop window,
-    flip, RandAugment ops / magnitude bins / signs) from ``random.Random(sample_seed)``, in timm's order."""
-
-    def __init__(self, dataset, batches: Iterable, spec: RandAugmentSpec | None, threads: int = 1):
-        super().__init__(dataset, threads)
-        self.batches, self.spec = batches, spec
-
-    def __iter__(self):
-        self._it = None         # DALI restarts the source as a pass ends: read the sampler at the next one's start
-        return self
-
-    def __next__(self):
-        if self._it is None:
-            self._it = iter(self.batches)
-        cols = [[] for _ in range(8)]
-        pairs = next(self._it)
-        for (_, seed), (data, label, size) in zip(pairs, self.read([i for i, _ in pairs])):
-            rng = random.Random(seed)
-            x, y, w, h = crop_window(rng, *size)
-            flip = int(rng.random() < 0.5)
-            ops, bins, signs = self.spec.draw(rng) if self.spec else ([], [], [])
-            cols[0].append(data)
-            cols[1].append(np.asarray(label, dtype=np.int64))
-            for col, v in zip(cols[2:], ((x, y), (w, h), flip, ops, bins, signs)):
-                col.append(np.asarray(v, dtype=np.int32))
-        return cols
-
-
-class EvalSource(_Reader):
-    """The evaluation pipeline's input: ``indices`` of ``dataset`` in batches of ``batch`` (the last one
-    shorter), with each image's resize and crop from `eval_geometry`."""
-
-    def __init__(self, dataset, indices: Sequence[int], batch: int, img_size: int, crop_pct: float,
-                 threads: int = 1):
-        super().__init__(dataset, threads)
-        self.indices, self.batch = list(indices), batch
-        self.img_size, self.crop_pct = img_size, crop_pct
-
-    def __iter__(self):
-        self._pos = 0
-        return self
-
-    def __next__(self):
-        chunk = self.indices[self._pos: self._pos + self.batch]
-        if not chunk:
-            raise StopIteration
-        self._pos += len(chunk)
-        cols = [[] for _ in range(4)]
-        for data, label, (width, height) in self.read(chunk):
-            size, start = eval_geometry(width, height, self.img_size, self.crop_pct)
-            cols[0].append(data)
-            cols[1].append(np.asarray(label, dtype=np.int64))
-            cols[2].append(np.asarray(size, dtype=np.float32))
-            cols[3].append(np.asarray(start, dtype=np.int32))
-        return cols
 
 
 # --------------------------------------------------------------------------------------------- loaders
@@ -231,39 +105,43 @@ def pipeline_args(device: torch.device, num_workers: int) -> dict:
 
 class _Epochs:
     """Runs a pipeline one pass of its source per `epoch` call; the pipeline is built once, on first use, and
-    reset for the next pass when the previous one ran to its end (otherwise, e.g. after a pass was left
-    half-way, what it prefetched is dropped with it and a new one is built). An image DALI cannot decode is
-    one `ImageError` naming it (`_Reader.undecodable`)."""
+    reset for the next pass when the previous one ran to its end and ``reusable(source, pass)`` (otherwise,
+    e.g. after a pass was left half-way, what it prefetched is dropped with it and a new one is built). An
+    image that cannot be read or decoded is one `ImageError` naming it (the source's ``undecodable``: DALI
+    names no file, and a worker's error reaches this process as a RuntimeError holding only its message)."""
 
-    def __init__(self, make_source: Callable, make_pipeline: Callable):
-        self.make_source, self.make_pipeline = make_source, make_pipeline
-        self.source, self.iterator, self.finished = None, None, False
+    def __init__(self, make_source: Callable, make_pipeline: Callable, reusable: Callable = lambda source, i: True):
+        self.make_source, self.make_pipeline, self.reusable = make_source, make_pipeline, reusable
+        self.source, self.iterator, self.finished, self.pass_idx = None, None, False, 0
 
     def epoch(self):
-        if self.iterator is not None and self.finished:
+        if self.iterator is not None and self.finished and self.reusable(self.source, self.pass_idx + 1):
             self.iterator.reset()
+            self.pass_idx += 1
         else:
-            self.source = self.make_source()
+            self.source, self.pass_idx = self.make_source(), 0
             pipe = self.make_pipeline(self.source)
             pipe.build()
             self.iterator = DALIGenericIterator([pipe], ["images", "labels"], prepare_first_batch=False,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL)
-        self.finished = False
+        self.finished, done = False, 0
         try:
             for out in self.iterator:
                 yield out[0]["images"], out[0]["labels"]
-        except ImageError:
+                done += 1
+        except (EvitError, OSError):
             raise
-        except RuntimeError as e:
-            raise self.source.undecodable(e) from e
+        except Exception as e:  # noqa: BLE001 - DALI's decoder, or a worker's error (which comes back a RuntimeError)
+            raise self.source.undecodable(e, self.pass_idx, done) from e
         self.finished = True
 
 
 class DaliTrainLoader:
     """Training batches ``(uint8 images (N, 3, S, S) on the device, int64 labels)`` from DALI.
 
-    Each iteration is one pass of ``batch_sampler`` (a `BatchSampler` over `TrainSampler`, at the
-    epoch and start set when the iteration begins: DALI starts reading a pass only then).
+    Each iteration is one pass of ``batch_sampler`` (a `BatchSampler` over `TrainSampler`, at the epoch and
+    start set when the iteration begins). The pipeline and its workers are kept for the next pass when the
+    sampler is then set to the next epoch from its start (`TrainBatches.follows`), else built anew.
     """
 
     def __init__(self, cfg: dict, dataset, batch_sampler, device: torch.device):
@@ -279,8 +157,11 @@ class DaliTrainLoader:
             num_layers=self.spec.num_layers if self.spec else 0, batch_size=batch_sampler.batch_size,
             prefetch_queue_depth=PREFETCH_DEPTH, **pipeline_args(device, d["num_workers"]))
         self.num_threads = self.kwargs["num_threads"]
-        self.epochs = _Epochs(lambda: TrainSource(self.dataset, self.batch_sampler, self.spec, self.num_threads),
-                              lambda source: train_pipeline(source=source, **self.kwargs))
+        self.epochs = _Epochs(
+            lambda: TrainBatches(self.dataset, batch_sampler.sampler, batch_sampler.batch_size, self.spec),
+            lambda source: train_pipeline(source=source, parallel=True, py_num_workers=self.num_threads,
+                                          py_start_method="spawn", **self.kwargs),
+            lambda source, pass_idx: source.follows(batch_sampler.sampler, pass_idx))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
