@@ -98,7 +98,7 @@ def test_imagenet_layout_and_errors(tmp_path, fashion_val):
     flat = tmp_path / "flat"
     _write_images(flat / "train" / "n01440764", fashion_val.images[:2])
     _write_images(flat / "val", fashion_val.images[:2])     # ImageNet val as downloaded: no class folders
-    with pytest.raises(DatasetError, match="valprep") as e:
+    with pytest.raises(DatasetError, match="LOC_val_solution.csv") as e:
         build_dataset("imagenet", str(flat), "val")
     assert str(flat / "val") in str(e.value)
 
