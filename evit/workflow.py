@@ -100,8 +100,10 @@ class Workflow:
 
     @property
     def backbones(self) -> dict[str, str]:
-        """The comparison's backbones: timm name with its pretrained tag -> family."""
-        return self.comparison["backbones"] if self.comparison else {}
+        """The comparison's backbones: timm name with its pretrained tag -> family (one mapped to null is left out:
+        an overlay config's way to drop it)."""
+        backbones = self.comparison["backbones"] if self.comparison else {}
+        return {name: family for name, family in backbones.items() if family is not None}
 
     @property
     def weight_urls(self) -> dict[str, str]:

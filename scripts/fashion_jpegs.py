@@ -21,8 +21,8 @@ from evit.data.datasets import FashionMNIST
 SIZE = (500, 375)
 
 
-def garment_photo(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """One 28 x 28 grey garment as a 500 x 375 RGB photo."""
+def garment_photo(img: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One 28 x 28 grey garment as a 500 x 375 RGB photo, and the garment's box (xmin, ymin, xmax, ymax)."""
     w, h = SIZE
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
@@ -34,7 +34,7 @@ def garment_photo(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
     tint = rng.uniform(60, 255, 3)
     patch = photo[top:top + side, left:left + side]
     photo[top:top + side, left:left + side] = patch * (1 - g) + tint * g
-    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)), (left, top, left + side, top + side)
 
 
 def write_split(root: Path, split: str, n: int, seed: int) -> list[Path]:
@@ -47,7 +47,7 @@ def write_split(root: Path, split: str, n: int, seed: int) -> list[Path]:
         d = root / split / names[label]
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{i:06d}.JPEG"
-        garment_photo(ds.images[i].numpy(), rng).save(path, format="JPEG", quality=90)
+        garment_photo(ds.images[i].numpy(), rng)[0].save(path, format="JPEG", quality=90)
         paths.append(path)
     return paths
 
