@@ -179,7 +179,8 @@ class Workflow:
         cfg = deep_merge(self.config["run_defaults"], {
             "model": {key: exp[key] for key in ("arch", "img_size", "method", *METHODS[exp["method"]].params)
                       if key in exp},
-            "train": {"recipe": exp["recipe"] if self.is_trained(name) else "none", "epochs": exp["epochs"]},
+            "train": {"recipe": exp["recipe"] if self.is_trained(name) else "none",
+                      "epochs": min(exp["epochs"], self.config.get("max_epochs") or exp["epochs"])},
             "launcher": {**self.config["launcher"], "backend": self.config["backend"]},
         })
         if self.is_trained(name) and exp["recipe"] == "finetune":

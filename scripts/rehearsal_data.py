@@ -13,12 +13,13 @@
 
     .venv/bin/python scripts/rehearsal_data.py workflow/config/paper.yaml workflow/config/rehearsal.yaml
 
-The images are written once (a stamp file in the root records how many); the weights every time.
+The images are written once (a stamp file in the root records their layout); the weights every time.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
 import urllib.parse
 from pathlib import Path
@@ -32,6 +33,9 @@ from fashion_jpegs import garment_photo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP = ".rehearsal_images"
+# Each garment covers about half of the 224 px centre crop (the masking experiment masks half the patches, at most
+# the object's and the background's count): its side (px) and how far it strays from the centre.
+GARMENT = dict(sides=(220, 235), spread=0.3)
 
 
 def merged_config(files: list[str]) -> dict:
@@ -45,13 +49,16 @@ def merged_config(files: list[str]) -> dict:
     return config
 
 
-def write_imagenet(root: Path, boxes_csv: Path, per_class: int) -> int:
-    """The train and val splits under ``root`` and the val boxes; returns the number of JPEGs written."""
+def imagenet_wnids() -> list[str]:
     from timm.data import ImageNetInfo
 
+    return sorted(ImageNetInfo().label_names())
+
+
+def write_imagenet(root: Path, boxes_csv: Path, per_class: int, wnids: list[str]) -> int:
+    """The train and val splits of ``wnids`` under ``root`` and the val boxes; returns the number of JPEGs written."""
     from evit.data.datasets import FashionMNIST
 
-    wnids = sorted(ImageNetInfo().label_names())
     rng = np.random.default_rng(0)
     rows = []
     for split in ("train", "val"):
@@ -61,7 +68,7 @@ def write_imagenet(root: Path, boxes_csv: Path, per_class: int) -> int:
             for k in range(per_class):
                 n = c * per_class + k
                 stem = f"{wnid}_{k}" if split == "train" else f"ILSVRC2012_val_{n + 1:08d}"
-                photo, box = garment_photo(garments[n].numpy(), rng)
+                photo, box = garment_photo(garments[n].numpy(), rng, **GARMENT)
                 photo.save(root / split / wnid / f"{stem}.JPEG", format="JPEG", quality=90)
                 if split == "val":
                     rows.append((stem, " ".join(map(str, (wnid, *box)))))
@@ -121,12 +128,14 @@ def main(argv=None) -> None:
     config = merged_config(args.configfiles)
     root = Path(config["run_defaults"]["data"]["root"])
     boxes = Path(config["masking"]["boxes"])
-    stamp = root / STAMP
-    if stamp.is_file() and boxes.is_file() and stamp.read_text() == f"{args.per_class}\n":
+    stamp, layout = root / STAMP, f"{args.per_class} per class, {GARMENT}\n"
+    if stamp.is_file() and boxes.is_file() and stamp.read_text() == layout:
         print(f"rehearsal_data: {root} is there ({args.per_class} image(s) per wnid and split)")
     else:
-        n = write_imagenet(root, boxes, args.per_class)
-        stamp.write_text(f"{args.per_class}\n")
+        for split in ("train", "val"):
+            shutil.rmtree(root / split, ignore_errors=True)
+        n = write_imagenet(root, boxes, args.per_class, imagenet_wnids())
+        stamp.write_text(layout)
         print(f"rehearsal_data: wrote {n} JPEGs to {root}/{{train,val}}/<wnid>/ and their boxes to {boxes}")
     for path in publish_weights(config):
         print(f"rehearsal_data: wrote {path}")
