@@ -16,7 +16,8 @@ LOCATIONS = {"results", "run_defaults.data.root", "masking.boxes", "downloads.*"
 SIZES = {"max_epochs", "run_defaults.data.train_subset", "run_defaults.data.val_subset",
          "run_defaults.train.batch_size", "run_defaults.eval.batch_size", "run_defaults.model.kwargs.embed_dim",
          "run_defaults.model.kwargs.num_heads",
-         "bench.batch_size", "bench.warmup", "bench.rounds", "bench.iters", "comparison.backbones.*"}
+         "bench.batch_size", "bench.warmup", "bench.rounds", "bench.iters", "comparison.backbones.*",
+         "preflight.images", "preflight.steps", "preflight.warmup", "preflight.rounds"}
 MACHINE = {"launcher.tasks_per_node", "launcher.gpus_per_node", "launcher.cpus_per_task", "launcher.mem_gb",
            "launcher.timeout_min", "launcher.signal_delay_s", "bench_launcher.gpus_per_node",
            "bench_launcher.cpus_per_task", "bench_launcher.timeout_min", "run_defaults.data.num_workers",
