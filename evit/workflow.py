@@ -100,8 +100,10 @@ class Workflow:
 
     @property
     def backbones(self) -> dict[str, str]:
-        """The comparison's backbones: timm name with its pretrained tag -> family."""
-        return self.comparison["backbones"] if self.comparison else {}
+        """The comparison's backbones: timm name with its pretrained tag -> family (one mapped to null is left out:
+        an overlay config's way to drop it)."""
+        backbones = self.comparison["backbones"] if self.comparison else {}
+        return {name: family for name, family in backbones.items() if family is not None}
 
     @property
     def weight_urls(self) -> dict[str, str]:
@@ -177,7 +179,8 @@ class Workflow:
         cfg = deep_merge(self.config["run_defaults"], {
             "model": {key: exp[key] for key in ("arch", "img_size", "method", *METHODS[exp["method"]].params)
                       if key in exp},
-            "train": {"recipe": exp["recipe"] if self.is_trained(name) else "none", "epochs": exp["epochs"]},
+            "train": {"recipe": exp["recipe"] if self.is_trained(name) else "none",
+                      "epochs": min(exp["epochs"], self.config.get("max_epochs") or exp["epochs"])},
             "launcher": {**self.config["launcher"], "backend": self.config["backend"]},
         })
         if self.is_trained(name) and exp["recipe"] == "finetune":

@@ -21,20 +21,23 @@ from evit.data.datasets import FashionMNIST
 SIZE = (500, 375)
 
 
-def garment_photo(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    """One 28 x 28 grey garment as a 500 x 375 RGB photo."""
+def garment_photo(img: np.ndarray, rng: np.random.Generator, sides: tuple[int, int] = (150, SIZE[1]),
+                  spread: float = 1.0) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One 28 x 28 grey garment as a 500 x 375 RGB photo, and the garment's box (xmin, ymin, xmax, ymax). Its side
+    is drawn from ``sides`` (px), its offset from the centre from ``spread`` times the room on either side."""
     w, h = SIZE
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
     t = (xx / w * rng.uniform(0.3, 1) + yy / h * rng.uniform(0.3, 1))[..., None] / 2
     photo = c0 * (1 - t) + c1 * t + rng.normal(0, 20, (h, w, 3))
-    side = int(rng.integers(150, h + 1))
+    side = int(rng.integers(sides[0], sides[1] + 1))
     g = np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC), dtype=np.float32)[..., None] / 255
-    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    top, left = (round(room / 2 + (int(rng.integers(0, room + 1)) - room / 2) * spread)
+                 for room in (h - side, w - side))
     tint = rng.uniform(60, 255, 3)
     patch = photo[top:top + side, left:left + side]
     photo[top:top + side, left:left + side] = patch * (1 - g) + tint * g
-    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)), (left, top, left + side, top + side)
 
 
 def write_split(root: Path, split: str, n: int, seed: int) -> list[Path]:
@@ -47,7 +50,7 @@ def write_split(root: Path, split: str, n: int, seed: int) -> list[Path]:
         d = root / split / names[label]
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{i:06d}.JPEG"
-        garment_photo(ds.images[i].numpy(), rng).save(path, format="JPEG", quality=90)
+        garment_photo(ds.images[i].numpy(), rng)[0].save(path, format="JPEG", quality=90)
         paths.append(path)
     return paths
 

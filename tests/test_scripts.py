@@ -19,7 +19,8 @@ from evit import engine as E
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TESTED = {"bench_compile.py", "bench_engine.py", "bench_explicit.py", "bench_overhead.py", "bench_pack.py",
           "bench_worker.py",
-          "fashion_jpegs.py", "get_fashion_mnist.sh", "report_screenshot.sh", "slurm_cluster.sh"}
+          "fashion_jpegs.py", "get_fashion_mnist.sh", "report_screenshot.sh", "slurm_cluster.sh",
+          "rehearsal.sh", "rehearsal_data.py"}  # the rehearsal's: tests/test_rehearsal.py, and CI runs them
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
