@@ -100,7 +100,7 @@ def publish_weights(config: dict) -> list[Path]:
     import timm
 
     from evit.models.factory import build_model
-    from evit.workflow import build_workflow
+    from evit.workflow_build import build_workflow
 
     plan = build_workflow(config, REPO)
     written = []

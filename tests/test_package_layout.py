@@ -11,7 +11,7 @@ EVIT = Path(__file__).resolve().parents[1] / "evit"
 TORCH_FREE = ["evit.cli", "evit.errors", "evit.methods", "evit.workflow", "evit.launch", "evit.layout",
               "evit.config.schema", "evit.config.io", "evit.config.launcher", "evit.config.masking",
               "evit.config.reference", "evit.data.catalog", "evit.data.packed", "evit.boxes", "evit.profiles",
-              "evit.reruns", "evit.workflow_schema"]
+              "evit.reruns", "evit.workflow_schema", "evit.workflow_build"]
 
 
 def module_name(path: Path) -> str:

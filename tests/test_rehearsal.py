@@ -78,7 +78,7 @@ def test_the_overlay_changes_only_sizes_and_locations(configs):
 def test_the_rehearsal_runs_every_experiment_of_paper_yaml_with_its_own_run_config(configs, tmp_path):
     """The plans of both (their data redirected to one stand-in folder): the same experiments, tables, masking and
     comparison experiments; each run's resolved config differs only where the overlay's keys reach."""
-    from evit.workflow import build_workflow
+    from evit.workflow_build import build_workflow
 
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
@@ -111,7 +111,7 @@ def test_rehearsal_data_writes_an_imagenet_layout_its_boxes_and_the_file_weights
     from evit.checkpoint import load_pretrained, read_state_dict
     from evit.data.datasets import ImageFolderDataset
     from evit.models.factory import build_model
-    from evit.workflow import build_workflow
+    from evit.workflow_build import build_workflow
 
     data = rehearsal_data()
     root, wnids = tmp_path / "imagenet", data.imagenet_wnids()[:2]

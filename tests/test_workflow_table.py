@@ -9,7 +9,8 @@ import yaml
 from snakemake.utils import validate
 
 from evit.methods import method_params
-from evit.workflow import SCHEMA_FILE, build_workflow, experiment_fields, one_of
+from evit.workflow import SCHEMA_FILE, one_of
+from evit.workflow_build import build_workflow, experiment_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 

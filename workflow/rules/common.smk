@@ -8,7 +8,8 @@ from snakemake.utils import validate
 
 from evit.errors import ConfigError
 from evit.layout import COMPARISON_TABLE, KEPT_TOKENS_FIGURE, MASKING_FIGURE, MASKING_TABLE, PREFLIGHT_TABLE
-from evit.workflow import EVIT, SCHEMA_FILE, build_workflow, download, one_of, write_yaml
+from evit.workflow import EVIT, SCHEMA_FILE, download, one_of, write_yaml
+from evit.workflow_build import build_workflow
 from evit.workflow_schema import schema_error
 
 try:
@@ -17,7 +18,7 @@ except WorkflowError as e:  # its message dumps the schema and the config: one l
     raise schema_error(e, config, workflow.configfiles, workflow.config_settings.config) from None
 try:
     WF = build_workflow(config, workflow.basedir)
-except ConfigError as e:  # one line naming the files, without evit.workflow's frames
+except ConfigError as e:  # one line naming the files, without evit.workflow_build's frames
     raise ConfigError(f"{e} (config files: {', '.join(map(str, workflow.configfiles))})") from None
 
 
