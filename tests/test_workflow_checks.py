@@ -15,13 +15,14 @@ EXPERIMENTS = [
 ]
 
 
-def config_file(tmp_path: Path, **extra) -> Path:
-    cfg = tiny_config(tmp_path / "results", [dict(e) for e in EXPERIMENTS], backend="inline", **extra)
+def config_file(tmp_path: Path, experiments: list[dict] = EXPERIMENTS, **extra) -> Path:
+    cfg = tiny_config(tmp_path / "results", [dict(e) for e in experiments], backend="inline", **extra)
     return write_config(tmp_path / "c.yaml", cfg)
 
 
 def test_the_check_job_comes_before_every_cluster_job(tmp_path):
-    dry_run = snakemake("-n", "all", "--configfile", str(config_file(tmp_path)))
+    off_the_shelf = {"name": "evit_off", "keep_rate": 0.5, "recipe": "none", "tables": ["main"]}  # an evaluate job
+    dry_run = snakemake("-n", "all", "--configfile", str(config_file(tmp_path, [*EXPERIMENTS, off_the_shelf])))
     assert job_counts(dry_run.stdout)["check"] == 1
     for rule in ("train", "evaluate", "benchmark", "masking"):  # each waits on the check's stamp
         block = dry_run.stdout.split(f"rule {rule}:")[1].split("jobid")[0]
