@@ -44,7 +44,7 @@ def folder(tmp_path_factory) -> Path:
         for k in range(n):
             path = root / split / f"c{k % 10}" / f"{split}_{k:03d}.JPEG"
             path.parent.mkdir(parents=True, exist_ok=True)
-            photo(garments[k], rng).save(path, format="JPEG", quality=90)
+            photo(garments[k], rng)[0].save(path, format="JPEG", quality=90)
     Image.fromarray(garments[0]).convert("RGB").save(root / "val" / "c3" / "small.png")
     return root
 
