@@ -325,12 +325,12 @@ def cost_check(grid: list[dict], rates: dict) -> dict:
 
     measured, rows = rates["models"], []
     for exp in grid:
-        run = resolve_config({"model": exp["model"], "data": exp["data"]})
+        run = resolve_config({"model": exp["model"], "data": exp["data"], "train": exp["train"]})
         rows.append({**exp, "gmacs": model_gmacs(run["model"], num_classes(run)), "train_images": train_images(run)})
     device = next(iter(measured.values()))["device"]
     note = ("training only (no evaluation), each GPU of a run at the measured one-GPU rate" if "cpu" not in device
             else "measured on a CPU: the CPU's hours, not a GPU's")
-    return {**grid_cost([{k: v for k, v in r.items() if k not in ("model", "data")} for r in rows], measured),
+    return {**grid_cost([{k: v for k, v in r.items() if k not in ("model", "data", "train")} for r in rows], measured),
             "device": device, "note": note}
 
 

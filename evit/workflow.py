@@ -231,7 +231,8 @@ class Workflow:
         return {
             "preflight": {k: opts[k] for k in ("images", "tolerance", "steps", "warmup", "rounds")},
             "measure": {name: self.resolved[name] for name in opts["measure"]},
-            "grid": [{"name": name, "model": run["model"], "data": run["data"], "epochs": run["train"]["epochs"],
+            "grid": [{"name": name, "model": run["model"], "data": run["data"], "train": run["train"],
+                      "epochs": run["train"]["epochs"],
                       "gpus": math.prod(resolve_launcher(run["launcher"])[k] for k in ("nodes", "tasks_per_node"))}
                      for name, run in self.resolved.items() if self.is_trained(name)],
             "launcher": launcher,

@@ -43,7 +43,8 @@ def preflight_config(root: Path, **options) -> dict:
     evit = {**run, "model": {**run["model"], "method": "evit", "keep_rate": 0.7, "drop_loc": [1, 2]}}
     return {"preflight": {"images": 6, "steps": 1, "warmup": 0, "rounds": 1, **options},
             "measure": {"base": run, "evit": evit},
-            "grid": [{"name": name, "model": cfg["model"], "data": data, "epochs": epochs, "gpus": 1}
+            "grid": [{"name": name, "model": cfg["model"], "data": data, "train": cfg.get("train", {}),
+                      "epochs": epochs, "gpus": 1}
                      for name, cfg, epochs in (("base", run, 3), ("evit", evit, 2))],
             "launcher": TINY_RUN["launcher"]}
 
