@@ -5,7 +5,8 @@ For a run config, in one process, after warm-up, in interleaved rounds, three ra
 - **input**: the training loader the Trainer builds (whichever the run config chooses) and its batch stage
   (`evit.data.stage.BatchStage`: normalization, erasing, Mixup on the device), with no model; also per CPU core (the
   loader's ``num_workers``, or its ``num_threads``), and the training thread's CPU time per image in the loader
-  (``time.thread_time`` around each ``next``: what the loader costs the thread that launches the step);
+  (``time.thread_time`` around each ``next``: what the loader costs the thread that launches the step), and, for
+  the DALI loader, the CPU time per image of its feeding thread (which runs DALI off the training thread);
 - **step**: the training step (`evit.engine.BuiltRun.steps`: forward, backward, optimizer, with ``train.amp`` and
   ``train.compile``) on one staged batch held on the device, at the model's target keep rate;
 - **loop**: `evit train`'s loop over the real loader, as a run trains.
@@ -80,12 +81,16 @@ def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) ->
         device, stage = run.device, run.stage
 
         thread_us: list[float] = []       # the training thread's CPU time per image in the loader, per round
+        feeder_us: list[float] = []       # the DALI loader's feeding thread's, per round
 
         def run_input(marks):
             thread_s: list[float] = []
+            fed = getattr(run.loader, "feeder_cpu_s", None)
             for images, targets in timed(run.batches(), warmup, steps, device, marks, thread_s):
                 stage(images, targets)
             thread_us.append(1e6 * sum(thread_s) / (steps * run.batch))
+            if fed is not None:
+                feeder_us.append(1e6 * (run.loader.feeder_cpu_s - fed) / ((warmup + steps) * run.batch))
 
         staged = stage(*next(run.batches()))
 
@@ -110,6 +115,7 @@ def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) ->
             "input_img_s": med["input"], "step_img_s": med["step"], "loop_img_s": med["loop"],
             "input_img_s_per_core": med["input"] / cores if cores else None, "input_cores": cores,
             "input_thread_us_per_img": statistics.median(thread_us), "input_thread_us": thread_us,
+            "input_feeder_us_per_img": statistics.median(feeder_us) if feeder_us else None,
             "input_over_step": med["input"] / med["step"], "loop_over_step": med["loop"] / med["step"],
             "limited_by": "input" if med["input"] < med["step"] else "step",
             "rates": rates, "loader": d.get("loader", "torch"), "dataset": d["dataset"], "augment": t["augment"],
@@ -133,7 +139,9 @@ def table(res: dict) -> str:
     lines = ["| what | img/s | img/s per core | / step |", "|---|---:|---:|---:|"]
     lines += [f"| {what} | {rate:.1f} | {core} | {ratio:.2f} |" for what, rate, core, ratio in rows]
     lines += ["", f"The loader took {res['input_thread_us_per_img']:.1f} us of the training thread's CPU time "
-              "per image."]
+              "per image." + ("" if res["input_feeder_us_per_img"] is None else
+                              f" DALI's feeding thread took {res['input_feeder_us_per_img']:.1f} us per image, off "
+                              "the training thread (its Python parts hold the GIL).")]
     limit = ("the input pipeline: the device waits for data" if res["limited_by"] == "input"
              else "the training step: the input pipeline keeps up")
     return "\n".join(lines) + (

@@ -7,6 +7,8 @@ import io
 import math
 import random
 import sys
+import threading
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -344,6 +346,45 @@ def test_training_batches_follow_the_sampler_and_the_seed(jpeg_root):
     rest = list(again)
     assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(epochs[1][1:], rest))
 
+
+
+def test_a_feeding_thread_runs_the_pipeline(jpeg_root, monkeypatch):
+    """DALI's pipeline is built, fed and run on the loader's feeding thread, so the training thread only takes
+    finished batches; a pass left half-way ends its thread before the next pass, which gives the same batches."""
+    runs_on = []
+    take = DL.DALIGenericIterator.__next__
+    monkeypatch.setattr(DL.DALIGenericIterator, "__next__",
+                        lambda self: (runs_on.append(threading.current_thread().name), take(self))[1])
+    loader, sampler, _ = train_loader(dali_config(jpeg_root), seed=3)
+    whole = list(loader)
+    assert len(whole) == len(loader) == 6 and set(runs_on) == {"evit-dali-feed"}
+    assert loader.feeder_cpu_s > 0
+    half = iter(loader)
+    assert torch.equal(next(half)[0], whole[0][0])
+    left = loader.epochs.feeder
+    again = list(loader)
+    assert not left.thread.is_alive() and next(half, None) is None
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, again))
+    assert len(again) == len(whole)
+
+
+def test_the_feeder_hands_over_a_failure_and_holds_no_batch():
+    """`Feeder`: the exception that ends its batches reaches the iterating thread after the batches before it;
+    the batches it has handed over are the iterating thread's alone."""
+    def batches():
+        yield torch.ones(2)
+        yield torch.zeros(2)
+        raise ImageError("cannot decode c1/broken.jpg")
+
+    class Counter:
+        feeder_cpu_s = 0.0
+
+    feeder = DL.Feeder(batches(), None, Counter())
+    first = weakref.ref(next(feeder))
+    assert torch.equal(next(feeder), torch.zeros(2)) and first() is None
+    with pytest.raises(ImageError, match="c1/broken.jpg"):
+        next(feeder)
+    assert not feeder.thread.is_alive() and next(feeder, None) is None
 
 def truncated_jpeg(root: Path) -> bytes:
     """A JPEG whose header parses but whose data stops short: DALI's decoder fails on it, naming no file."""

@@ -26,7 +26,9 @@ in DALI's CPU mode (``device_id=None``) on ``data.num_workers`` threads, and the
 Both decoders upsample JPEG chroma as libjpeg-turbo and PIL do (``jpeg_fancy_upsampling``; DALI's GPU decoder
 does not by default). On the host (`evit.data.dali_sources`), a training batch's files are read and its draws
 made in ``data.num_workers`` spawned worker processes (DALI's parallel external source), off the training
-thread; evaluation reads its files on threads of the training process.
+thread; evaluation reads its files on threads of the training process. A feeding thread of the training
+process runs each pipeline (receives the workers' batches, feeds them to DALI, schedules its runs) and hands its
+finished batches over through a queue (`Feeder`): the training thread only takes them.
 
 Where it differs from timm's PIL transforms (measured in tests/test_dali.py, README "Input pipeline"): the
 RandAugment ops' differences (`evit.data.dali_augment`); resizes use DALI's antialiased cubic filter, which does
@@ -35,7 +37,10 @@ not clip PIL's intermediate (between passes) values.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import queue
+import threading
+import time
+from typing import Callable, Iterator, Sequence
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -108,14 +113,29 @@ class _Epochs:
     reset for the next pass when the previous one ran to its end and ``reusable(source, pass)`` (otherwise,
     e.g. after a pass was left half-way, what it prefetched is dropped with it and a new one is built). An
     image that cannot be read or decoded is one `ImageError` naming it (the source's ``undecodable``: DALI
-    names no file, and a worker's error reaches this process as a RuntimeError holding only its message)."""
+    names no file, and a worker's error reaches this process as a RuntimeError holding only its message).
 
-    def __init__(self, make_source: Callable, make_pipeline: Callable, reusable: Callable = lambda source, i: True):
+    The pipeline is run by a feeding thread (`Feeder`), so receiving the source's batches, feeding them to DALI
+    and scheduling its runs cost the training thread nothing; ``feeder_cpu_s`` adds up that thread's CPU time."""
+
+    def __init__(self, make_source: Callable, make_pipeline: Callable, device_index: int | None,
+                 reusable: Callable = lambda source, i: True):
         self.make_source, self.make_pipeline, self.reusable = make_source, make_pipeline, reusable
+        self.device_index, self.feeder = device_index, None
         self.source, self.iterator, self.finished, self.pass_idx = None, None, False, 0
+        self.feeder_cpu_s = 0.0
 
     def epoch(self):
-        if self.iterator is not None and self.finished and self.reusable(self.source, self.pass_idx + 1):
+        if self.feeder is not None:
+            self.feeder.stop()               # a pass left half-way: its thread ends before anything is reused
+        reuse = self.iterator is not None and self.finished and self.reusable(self.source, self.pass_idx + 1)
+        self.finished = False
+        self.feeder = Feeder(self._pass(reuse), self.device_index, self)
+        return self.feeder
+
+    def _pass(self, reuse: bool):
+        """The next pass, on the feeding thread: the pipeline reset for it (``reuse``) or built anew."""
+        if reuse:
             self.iterator.reset()
             self.pass_idx += 1
         else:
@@ -124,7 +144,7 @@ class _Epochs:
             pipe.build()
             self.iterator = DALIGenericIterator([pipe], ["images", "labels"], prepare_first_batch=False,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL)
-        self.finished, done = False, 0
+        done = 0
         try:
             for out in self.iterator:
                 yield out[0]["images"], out[0]["labels"]
@@ -134,6 +154,73 @@ class _Epochs:
         except Exception as e:  # noqa: BLE001 - DALI's decoder, or a worker's error (which comes back a RuntimeError)
             raise self.source.undecodable(e, self.pass_idx, done) from e
         self.finished = True
+
+
+class Feeder:
+    """Iterates ``batches`` on a daemon thread, one batch ahead of the thread iterating the `Feeder` (the
+    training thread), which receives them, or the exception that ended them, in order. It holds no batch it has
+    handed over, so the training thread frees each when it is done with it. `stop`, or dropping the `Feeder`,
+    ends the thread after the batch it is taking. The thread's CPU time is added to ``counter.feeder_cpu_s``.
+    On a GPU the thread uses ``device_index``; DALI's batches come on the default stream, as the training
+    step's kernels do."""
+
+    def __init__(self, batches: Iterator, device_index: int | None, counter):
+        self.queue, self.stopped, self.ended = queue.Queue(maxsize=1), threading.Event(), False
+        self.thread = threading.Thread(target=_feed, args=(batches, self.queue, self.stopped, device_index, counter),
+                                       name="evit-dali-feed", daemon=True)
+        self.thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.ended:
+            raise StopIteration
+        batch, error = self.queue.get()
+        if error is not None or batch is _END:
+            self.stop()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return batch
+
+    def stop(self):
+        self.ended = True
+        self.stopped.set()
+        self.thread.join()
+
+    def __del__(self):
+        self.stopped.set()
+
+
+_END = object()
+
+
+def _feed(batches: Iterator, out: queue.Queue, stopped: threading.Event, device_index: int | None, counter):
+    """`Feeder`'s thread: puts ``(batch, None)`` for each batch, then ``(_END, None)`` or ``(_END, error)``."""
+    def put(item) -> bool:
+        while not stopped.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    if device_index is not None:
+        torch.cuda.set_device(device_index)
+    cpu = time.thread_time()
+    try:
+        for batch in batches:
+            counter.feeder_cpu_s += time.thread_time() - cpu
+            if not put((batch, None)):
+                return
+            cpu = time.thread_time()
+        put((_END, None))
+    except BaseException as e:  # noqa: BLE001 - raised again on the iterating thread
+        put((_END, e))
+    finally:
+        counter.feeder_cpu_s += time.thread_time() - cpu
 
 
 class DaliTrainLoader:
@@ -161,10 +248,15 @@ class DaliTrainLoader:
             lambda: TrainBatches(self.dataset, batch_sampler.sampler, batch_sampler.batch_size, self.spec),
             lambda source: train_pipeline(source=source, parallel=True, py_num_workers=self.num_threads,
                                           py_start_method="spawn", **self.kwargs),
-            lambda source, pass_idx: source.follows(batch_sampler.sampler, pass_idx))
+            self.kwargs["device_id"], lambda source, pass_idx: source.follows(batch_sampler.sampler, pass_idx))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
+
+    @property
+    def feeder_cpu_s(self) -> float:
+        """The CPU time its feeding threads have spent so far (`Feeder`)."""
+        return self.epochs.feeder_cpu_s
 
     def __iter__(self):
         return self.epochs.epoch()
@@ -185,7 +277,7 @@ class DaliEvalLoader:
                            **pipeline_args(device, d["num_workers"]))
         self.epochs = _Epochs(lambda: EvalSource(self.dataset, self.indices, self.batch, self.img_size,
                                                  self.crop_pct, self.kwargs["num_threads"]),
-                              lambda source: eval_pipeline(source=source, **self.kwargs))
+                              lambda source: eval_pipeline(source=source, **self.kwargs), self.kwargs["device_id"])
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch)

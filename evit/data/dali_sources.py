@@ -3,9 +3,11 @@
 - `read_encoded`: one sample's encoded bytes and label; the only place that opens a sample's file.
 - `TrainBatches`: the training pipeline's parallel external source, a batch callable that DALI calls in its
   spawned worker processes with the pass and the batch's number in it (DALI's ``BatchInfo``). It computes that
-  batch from `evit.data.samplers.TrainSampler`'s order and per-sample seeds alone, so the training thread only
-  receives finished batches: the encoded files, the labels, and every sample's draws as one dense array.
-- `EvalSource`: the evaluation pipeline's source, reading a batch's files on threads of the training process.
+  batch from `evit.data.samplers.TrainSampler`'s order and per-sample seeds alone, so the process running the
+  pipeline only receives finished batches: the encoded files, the labels, and every sample's draws as one dense
+  array.
+- `EvalSource`: the evaluation pipeline's source, reading a batch's files on threads of the training process
+  (those of the pipeline's feeding thread, `evit.data.dali.Feeder`).
 """
 from __future__ import annotations
 
