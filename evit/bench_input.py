@@ -85,12 +85,14 @@ def _bench_input(trainer: Trainer, steps: int, warmup: int, rounds: int, log) ->
 
         def run_input(marks):
             thread_s: list[float] = []
-            fed = getattr(run.loader, "feeder_cpu_s", None)
-            for images, targets in timed(run.batches(), warmup, steps, device, marks, thread_s):
+            fed = None
+            for k, (images, targets) in enumerate(timed(run.batches(), warmup, steps, device, marks, thread_s)):
+                if k == warmup:         # the feeding thread is a batch or two ahead, past building the pipeline
+                    fed = getattr(run.loader, "feeder_cpu_s", None)
                 stage(images, targets)
             thread_us.append(1e6 * sum(thread_s) / (steps * run.batch))
             if fed is not None:
-                feeder_us.append(1e6 * (run.loader.feeder_cpu_s - fed) / ((warmup + steps) * run.batch))
+                feeder_us.append(1e6 * (run.loader.feeder_cpu_s - fed) / (steps * run.batch))
 
         staged = stage(*next(run.batches()))
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from evit.data.loaders import shutdown_workers
+from evit.data.loaders import close_loader
 from evit.data.samplers import TrainSampler
 from evit.data.seeding import mix_seed, seed_all
 from evit.distributed import DistInfo, all_reduce_sum
@@ -311,9 +311,9 @@ class BuiltRun:
         return state
 
     def close(self) -> None:
-        """Stop persistent DataLoader workers now, rather than whenever the garbage collector gets to them."""
+        """Close the loaders now (`close_loader`): their workers, and DALI's feeding threads."""
         for loader in (self.loader, self.eval_loader):
-            shutdown_workers(loader)
+            close_loader(loader)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -19,7 +19,7 @@ from evit.methods import METHODS, method_params
 from evit.config.io import apply_overrides, config_hash, load_config, parse_value
 from evit.config.schema import resolve_config
 from evit.data.catalog import DATASETS
-from evit.data.loaders import build_eval_loader, num_classes_of, shutdown_workers
+from evit.data.loaders import build_eval_loader, close_loader, num_classes_of
 from evit.distributed import cleanup_distributed, dist_env, init_distributed, resolve_device
 from evit.models.factory import build_model, count_params
 from evit.provenance import provenance
@@ -103,7 +103,7 @@ def _evaluate(cfg: dict, checkpoint: Path, model_for, transform, described: dict
         try:
             res = E.evaluate(model, loader, device, amp_dtype=amp_dtype)
         finally:
-            shutdown_workers(loader)
+            close_loader(loader)
         dt = time.perf_counter() - t0
         result = {
             "checkpoint": str(checkpoint), "top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"],

@@ -22,7 +22,7 @@ from evit.errors import ConfigError, ImageError
 import evit.trainer as T
 from evit.data import dali as DL, dali_augment as DA, dali_sources as DS
 from evit.data.datasets import FashionMNIST, build_dataset
-from evit.data.loaders import build_eval_loader
+from evit.data.loaders import build_eval_loader, close_loader
 from evit.data.samplers import TrainSampler
 from evit.data.seeding import SeededDataset
 from evit.data.transforms import eval_transform
@@ -366,6 +366,10 @@ def test_a_feeding_thread_runs_the_pipeline(jpeg_root, monkeypatch):
     assert not left.thread.is_alive() and next(half, None) is None
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, again))
     assert len(again) == len(whole)
+    next(iter(loader))
+    left = loader.epochs.feeder
+    close_loader(loader)                        # as a run's end does: the thread ends now, mid-pass
+    assert not left.thread.is_alive() and loader.epochs.iterator is None
 
 
 def test_the_feeder_hands_over_a_failure_and_holds_no_batch():

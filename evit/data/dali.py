@@ -133,6 +133,12 @@ class _Epochs:
         self.feeder = Feeder(self._pass(reuse), self.device_index, self)
         return self.feeder
 
+    def close(self):
+        """End the feeding thread and drop the pipeline (and its workers) now."""
+        if self.feeder is not None:
+            self.feeder.stop()
+        self.feeder = self.iterator = self.source = None
+
     def _pass(self, reuse: bool):
         """The next pass, on the feeding thread: the pipeline reset for it (``reuse``) or built anew."""
         if reuse:
@@ -159,8 +165,8 @@ class _Epochs:
 class Feeder:
     """Iterates ``batches`` on a daemon thread, one batch ahead of the thread iterating the `Feeder` (the
     training thread), which receives them, or the exception that ended them, in order. It holds no batch it has
-    handed over, so the training thread frees each when it is done with it. `stop`, or dropping the `Feeder`,
-    ends the thread after the batch it is taking. The thread's CPU time is added to ``counter.feeder_cpu_s``.
+    handed over, so the training thread frees each when it is done with it. `stop` ends the thread after the
+    batch it is taking. The thread's CPU time is added to ``counter.feeder_cpu_s``.
     On a GPU the thread uses ``device_index``; DALI's batches come on the default stream, as the training
     step's kernels do."""
 
@@ -188,9 +194,6 @@ class Feeder:
         self.ended = True
         self.stopped.set()
         self.thread.join()
-
-    def __del__(self):
-        self.stopped.set()
 
 
 _END = object()
@@ -258,6 +261,9 @@ class DaliTrainLoader:
         """The CPU time its feeding threads have spent so far (`Feeder`)."""
         return self.epochs.feeder_cpu_s
 
+    def close(self):
+        self.epochs.close()
+
     def __iter__(self):
         return self.epochs.epoch()
 
@@ -281,6 +287,9 @@ class DaliEvalLoader:
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch)
+
+    def close(self):
+        self.epochs.close()
 
     def __iter__(self):
         return self.epochs.epoch()

@@ -107,8 +107,12 @@ def num_classes_of(cfg: dict, raw) -> int:
     return n
 
 
-def shutdown_workers(loader) -> None:
-    """Stop a DataLoader's persistent workers now (the garbage collector may take seconds to join them)."""
+def close_loader(loader) -> None:
+    """Stop a loader's workers now, rather than whenever the garbage collector gets to them: a DataLoader's
+    persistent workers, or a DALI loader's feeding thread and pipeline (its ``close``)."""
+    if hasattr(loader, "close"):
+        loader.close()
+        return
     it = getattr(loader, "_iterator", None)
     if it is not None and hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
