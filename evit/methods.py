@@ -194,9 +194,14 @@ def check_trainable(method: str) -> None:
                           "evaluate its weights (recipe none, or `evit eval`)")
 
 
-def param_method(key: str) -> str | None:
-    """The method whose parameter ``model.<key>`` is, or None."""
-    return next((name for name, m in METHODS.items() if key in m.params), None)
+def own_keys(method: Method, section: str) -> dict[str, Field]:
+    """A method's own keys in a run config section: its parameters in ``model``, its schedule's in ``train``."""
+    return method.params if section == "model" else method.train_params
+
+
+def key_owner(section: str, key: str) -> str | None:
+    """The method whose own key ``<section>.<key>`` is (`own_keys`), or None."""
+    return next((name for name, m in METHODS.items() if key in own_keys(m, section)), None)
 
 
 def method_param_keys() -> list[str]:
@@ -216,7 +221,7 @@ def describe_method(method: str, params: dict) -> str:
 
 def check_method_param(key: str, value: Any) -> Any:
     """A method parameter's value, checked against its `Field` (`ConfigError` naming ``model.<key>``)."""
-    method = param_method(key)
+    method = key_owner("model", key)
     if method is None:
         raise ConfigError(f"model.{key}: not a parameter of any method ({', '.join(method_param_keys())})")
     return check_field(f"model.{key}", METHODS[method].params[key], value)

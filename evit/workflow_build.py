@@ -16,7 +16,7 @@ from evit.config.schema import SCHEMA, resolve_config
 from evit.data.catalog import DEFAULT_FASHION_DIR, FASHION_FILES
 from evit.errors import ConfigError, DatasetError
 from evit.layout import COMPARISON_TABLE, MASKING_TABLE, PREFLIGHT_TABLE
-from evit.methods import METHODS, check_method_param, check_trainable, method_param_keys, param_method
+from evit.methods import METHODS, check_method_param, check_trainable, key_owner, method_param_keys
 from evit.reruns import changed_runs, refuse_changed
 from evit.workflow import SCHEMA_FILE, Workflow, deep_merge
 
@@ -100,7 +100,7 @@ def _check_method_fields(name: str, entry: dict, fields: set[str]) -> None:
     if entry.get("method", "none") not in METHODS:
         raise ConfigError(f"config: {name}: method {entry['method']!r} is not one of {list(METHODS)}")
     for key in sorted(set(entry) - fields):
-        if param_method(key) is None:
+        if key_owner("model", key) is None:
             raise ConfigError(f"config: {name}: {key}: unknown experiment field (fields: {', '.join(sorted(fields))}; "
                               f"the methods' parameters: {', '.join(method_param_keys())})")
         try:
@@ -120,10 +120,10 @@ def _experiment_table(config: dict, fields: set[str]) -> dict[str, dict]:
         exp.setdefault("method", SCHEMA["model"]["method"].default)
         if exp["name"] in experiments:
             raise ConfigError(f"config: experiment {exp['name']!r} is defined twice")
-        foreign = [k for k in entry if (param_method(k) or exp["method"]) != exp["method"]]
+        foreign = [k for k in entry if (key_owner("model", k) or exp["method"]) != exp["method"]]
         if foreign:
             raise ConfigError(f"config: experiment {exp['name']!r} (method {exp['method']}) sets {foreign[0]}, a "
-                             f"parameter of method {param_method(foreign[0])}")
+                             f"parameter of method {key_owner('model', foreign[0])}")
         experiments[exp["name"]] = exp
     for name, path in checkpoints.items():
         if name not in experiments:

@@ -384,15 +384,17 @@ def test_slurm_training_completes_and_preemption_resumes_bitwise(tmp_path, refer
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_time_limit_checkpoints_and_requeues(tmp_path):
-    """A 1-minute time limit with USR2 30 s before it: the run is requeued (maybe more than once) and resumes.
+    """A 1-minute time limit with USR2 20 s before it: the run is requeued (maybe more than once) and resumes.
 
-    100 epochs take 60-70 s on one core here, well past the first signal (60 epochs could finish before it).
+    100 epochs take 60-70 s on one core here, well past the first signal (60 epochs could finish before it). The
+    signal comes 40 s into the job, so that a job whose start is slowed by a loaded machine has installed
+    submitit's handler by then.
     """
     epochs = 100
     reference = tmp_path / "reference"
     launch(tiny_run(epochs, "inline"), reference)
     run_dir = tmp_path / "run"
-    launch(tiny_run(epochs, "slurm", timeout_min=1, signal_delay_s=30), run_dir, poll_s=1)
+    launch(tiny_run(epochs, "slurm", timeout_min=1, signal_delay_s=20), run_dir, poll_s=1)
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
     jid = job_id(run_dir)
     log = (run_dir / "submitit" / f"{jid}_0_log.err").read_text()

@@ -20,7 +20,7 @@ from evit.config.launcher import resolve_launcher
 from evit.config.recipes import RECIPE_NAMES, recipe_defaults
 from evit.data.catalog import AUGMENTS, DATASETS, DEFAULT_CROP_PCT, FASHION_CLASSES, default_mean_std
 from evit.errors import ConfigError
-from evit.methods import METHODS, method_param_keys
+from evit.methods import METHODS, key_owner, method_param_keys, own_keys
 
 SECTION_HELP: dict[str, str] = {
     "model": "The network: a timm backbone and the token-reduction method applied to it (`METHODS`).",
@@ -181,16 +181,16 @@ def _model_fields(given: dict) -> dict[str, Field]:
 def _with_method_keys(section: str, given: dict, method: str) -> dict[str, Field]:
     """A section's keys for ``method``: `SCHEMA`'s and the method's own (its parameters in the model section, the
     training keys of its schedule in the train section). Another method's key is an error naming that method."""
-    what, own = (("parameter", lambda m: m.params) if section == "model" else
-                 ("training key", lambda m: m.train_params))
-    owner = {k: name for name, m in METHODS.items() for k in own(m)}
-    foreign = [k for k in given if owner.get(k, method) != method]
+    what = "parameter" if section == "model" else "training key"
+    foreign = [k for k in given if (key_owner(section, k) or method) != method]
     if foreign:
-        raise ConfigError(f"{section}.{foreign[0]}: a {what} of method {owner[foreign[0]]}, not of {method}")
-    clash = sorted(set(SCHEMA[section]) & set(own(METHODS[method])))
+        raise ConfigError(f"{section}.{foreign[0]}: a {what} of method {key_owner(section, foreign[0])}, not of "
+                          f"{method}")
+    own = own_keys(METHODS[method], section)
+    clash = sorted(set(SCHEMA[section]) & set(own))
     if clash:
         raise ConfigError(f"{section}.{clash[0]}: method {method} declares a {what} that is a generic key")
-    return {**SCHEMA[section], **own(METHODS[method])}
+    return {**SCHEMA[section], **own}
 
 
 def resolve_config(raw: dict | None) -> dict:
