@@ -215,10 +215,10 @@ def _feed(batches: Iterator, out: queue.Queue, stopped: threading.Event, device_
     cpu = time.thread_time()
     try:
         for batch in batches:
-            counter.feeder_cpu_s += time.thread_time() - cpu
+            now = time.thread_time()
+            counter.feeder_cpu_s, cpu = counter.feeder_cpu_s + now - cpu, now
             if not put((batch, None)):
                 return
-            cpu = time.thread_time()
         put((_END, None))
     except BaseException as e:  # noqa: BLE001 - raised again on the iterating thread
         put((_END, e))
