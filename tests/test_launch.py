@@ -384,17 +384,22 @@ def test_slurm_training_completes_and_preemption_resumes_bitwise(tmp_path, refer
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_time_limit_checkpoints_and_requeues(tmp_path):
-    """A 1-minute time limit with USR2 20 s before it: the run is requeued (maybe more than once) and resumes.
+    """SLURM's own time limit, 1 minute with USR2 15 s before it: the run is checkpointed, requeued (maybe more
+    than once) and resumed, and ends with bitwise the weights of an uninterrupted run.
 
-    100 epochs take 60-70 s on one core here, well past the first signal (60 epochs could finish before it). The
-    signal comes 40 s into the job, so that a job whose start is slowed by a loaded machine has installed
-    submitit's handler by then.
-    """
-    epochs = 100
-    reference = tmp_path / "reference"
+    slurmctld checks time limits every 30 s and signals at the last check before the signal is due, so USR2
+    comes 15-45 s into each start of the job: after submitit has installed its handler, even on a loaded
+    machine. The run is sized from this machine's epoch time, measured first, to train for about 50 s, so that
+    it is still running at the first signal whatever the load. The uninterrupted run trains meanwhile, on the
+    other core."""
+    calibration = tmp_path / "calibration"
+    launch(tiny_run(4, "inline"), calibration)
+    epoch_s = min(json.loads(line)["epoch_time_s"] for line in (calibration / "log.jsonl").read_text().splitlines())
+    epochs = round(50 / epoch_s)
+    run_dir, reference = tmp_path / "run", tmp_path / "reference"
+    slurm_run = in_thread(launch, tiny_run(epochs, "slurm", timeout_min=1, signal_delay_s=15), run_dir, poll_s=1)
     launch(tiny_run(epochs, "inline"), reference)
-    run_dir = tmp_path / "run"
-    launch(tiny_run(epochs, "slurm", timeout_min=1, signal_delay_s=20), run_dir, poll_s=1)
+    slurm_run(timeout=900)
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
     jid = job_id(run_dir)
     log = (run_dir / "submitit" / f"{jid}_0_log.err").read_text()
