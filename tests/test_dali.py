@@ -347,7 +347,6 @@ def test_training_batches_follow_the_sampler_and_the_seed(jpeg_root):
     assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(epochs[1][1:], rest))
 
 
-
 def test_a_feeding_thread_runs_the_pipeline(jpeg_root, monkeypatch):
     """DALI's pipeline is built, fed and run on the loader's feeding thread, so the training thread only takes
     finished batches; a pass left half-way ends its thread before the next pass, which gives the same batches."""
@@ -355,7 +354,7 @@ def test_a_feeding_thread_runs_the_pipeline(jpeg_root, monkeypatch):
     take = DL.DALIGenericIterator.__next__
     monkeypatch.setattr(DL.DALIGenericIterator, "__next__",
                         lambda self: (runs_on.append(threading.current_thread().name), take(self))[1])
-    loader, sampler, _ = train_loader(dali_config(jpeg_root), seed=3)
+    loader, _, _ = train_loader(dali_config(jpeg_root), seed=3)
     whole = list(loader)
     assert len(whole) == len(loader) == 6 and set(runs_on) == {"evit-dali-feed"}
     assert loader.feeder_cpu_s > 0
@@ -389,6 +388,7 @@ def test_the_feeder_hands_over_a_failure_and_holds_no_batch():
     with pytest.raises(ImageError, match="c1/broken.jpg"):
         next(feeder)
     assert not feeder.thread.is_alive() and next(feeder, None) is None
+
 
 def truncated_jpeg(root: Path) -> bytes:
     """A JPEG whose header parses but whose data stops short: DALI's decoder fails on it, naming no file."""
